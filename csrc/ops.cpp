@@ -1,0 +1,71 @@
+// The operator's one schema and its per-backend registration, plus the Python module
+// sparq_ext._C (pybind11), which also exposes the shared math of csrc/include/sparq/math.h
+// to the CPU tests so they exercise the code the GPU kernels run.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "sparq/math.h"
+#include "sparq_ops.h"
+
+// Must match sparq_ext/ops.py:SCHEMA (tests/test_registration.py checks it).
+TORCH_LIBRARY(sparq_ext, m) {
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
+      "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
+      "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor");
+}
+
+// Dispatch keys without a native kernel get the pure-torch reference from Python.
+#ifdef SPARQ_WITH_CPU
+TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) { m.impl("attention", &sparq::attention_cpu); }
+#endif
+#ifdef SPARQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) { m.impl("attention", &sparq::attention_cuda); }
+#endif
+
+namespace {
+
+// Exact top-k indices of a 1-D float32 tensor by sequential radix select (test hook).
+at::Tensor radix_topk_host(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.dim() == 1 && scores.scalar_type() == at::kFloat && scores.is_cpu(),
+              "scores must be a 1-D float32 CPU tensor");
+  const auto x = scores.contiguous();
+  const float* data = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "], got ", k);
+  int64_t above = 0;
+  const uint32_t threshold = sparq::radix_select_kth_key(
+      [data](int64_t i) { return sparq::float_to_ordered(data[i]); }, n, k, &above);
+  std::vector<int64_t> picked;
+  int64_t ties_left = k - above;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = sparq::float_to_ordered(data[i]);
+    if (key > threshold || (key == threshold && ties_left-- > 0)) picked.push_back(i);
+  }
+  return torch::tensor(picked, torch::kLong);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparq_ext native kernels (operator registered as torch.ops.sparq_ext.attention)";
+#ifdef SPARQ_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("_float_to_ordered", [](float x) { return sparq::float_to_ordered(x); });
+  m.def("_ordered_to_float", [](uint32_t key) { return sparq::ordered_to_float(key); });
+  m.def("_radix_digit", [](uint32_t key, int pass) { return sparq::radix_digit(key, pass); });
+  m.def("_radix_topk", &radix_topk_host, "exact top-k indices by radix select (unsorted)");
+  m.def("_softmax_push", [](float m_, float l, float x) {
+    const auto s = sparq::softmax_push({m_, l}, x);
+    return std::make_pair(s.m, s.l);
+  });
+  m.def("_softmax_merge", [](float m1, float l1, float m2, float l2) {
+    const auto s = sparq::softmax_merge({m1, l1}, {m2, l2});
+    return std::make_pair(s.m, s.l);
+  });
+  m.def("_approx_logit_scale", &sparq::approx_logit_scale);
+}

@@ -1,0 +1,109 @@
+// Host-side interface shared by the operator's backends: the argument checks every backend
+// runs (same words as the Python wrapper's errors) and the per-backend entry points that
+// csrc/ops.cpp registers. Light on purpose: ATen's Tensor header only, no torch/extension.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace sparq {
+
+// Dimensions of one call, after the checks.
+struct AttentionDims {
+  int64_t B, Hq, Hkv, G, S, D;
+};
+
+inline void check_same(const at::Tensor& t, const at::Tensor& query, const char* name) {
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the query's dtype ",
+              query.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == query.device(), name, " must be on the query's device ",
+              query.device(), ", got ", t.device());
+}
+
+// Mirrors sparq_ext.ops.check_attention_inputs (which raises first when called from Python);
+// here for direct torch.ops calls. Data-dependent checks (seq_lens values) stay in Python:
+// reading them would synchronise the device.
+inline AttentionDims check_attention_args(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t r,
+    int64_t k, const std::optional<at::Tensor>& key_t,
+    const std::optional<at::Tensor>& value_mean, const std::optional<at::Tensor>& seq_lens,
+    const std::optional<at::Tensor>& attn_mask, int64_t local_window) {
+  TORCH_CHECK(query.dim() == 4, "query must have 4 dims (B, H, T, D), got ", query.sizes());
+  TORCH_CHECK(key.dim() == 4, "key must have 4 dims (B, H, T, D), got ", key.sizes());
+  TORCH_CHECK(value.dim() == 4, "value must have 4 dims (B, H, T, D), got ", value.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "query must be float32, float16 or bfloat16, got ", dtype);
+  AttentionDims d{query.size(0), query.size(1), key.size(1), 0, key.size(2), query.size(3)};
+  TORCH_CHECK(query.size(2) == 1, "query must hold one decode position (B, Hq, 1, D), got T = ",
+              query.size(2));
+  TORCH_CHECK(d.Hq >= 1 && d.D >= 1, "query must have at least one head and head_dim >= 1");
+  TORCH_CHECK(key.size(0) == d.B && key.size(3) == d.D, "key must be (B=", d.B, ", Hkv, S, D=",
+              d.D, "), got ", key.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), "value must have key's shape ", key.sizes(),
+              ", got ", value.sizes());
+  TORCH_CHECK(d.Hkv >= 1 && d.Hq % d.Hkv == 0, "key heads (", d.Hkv,
+              ") must divide query heads (", d.Hq, ")");
+  TORCH_CHECK(d.S >= 1, "key must hold at least one position (S >= 1)");
+  d.G = d.Hq / d.Hkv;
+  check_same(key, query, "key");
+  check_same(value, query, "value");
+  if (key_t) {
+    TORCH_CHECK(key_t->sizes() == at::IntArrayRef({d.B, d.Hkv, d.D, d.S}),
+                "key_t must have shape (B, Hkv, D, S) = (", d.B, ", ", d.Hkv, ", ", d.D, ", ",
+                d.S, "), got ", key_t->sizes());
+    check_same(*key_t, query, "key_t");
+  }
+  if (value_mean) {
+    TORCH_CHECK(value_mean->sizes() == at::IntArrayRef({d.B, d.Hkv, 1, d.D}),
+                "value_mean must have shape (B, Hkv, 1, D), got ", value_mean->sizes());
+    check_same(*value_mean, query, "value_mean");
+  }
+  TORCH_CHECK(r >= 1 && r <= d.D, "r must be an int in [1, head_dim=", d.D, "], got ", r);
+  TORCH_CHECK(k >= 1, "k must be an int >= 1, got ", k);
+  TORCH_CHECK(local_window >= 0 && local_window <= k, "local_window must be an int in [0, k=", k,
+              "], got ", local_window);
+  if (seq_lens) {
+    TORCH_CHECK(seq_lens->scalar_type() == at::kInt || seq_lens->scalar_type() == at::kLong,
+                "seq_lens must be int32 or int64, got ", seq_lens->scalar_type());
+    TORCH_CHECK(seq_lens->dim() == 1 && seq_lens->size(0) == d.B,
+                "seq_lens must have shape (B,) = (", d.B, ",), got ", seq_lens->sizes());
+    TORCH_CHECK(seq_lens->device() == query.device(), "seq_lens must be on the query's device");
+  }
+  if (attn_mask) {
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool,
+                "attn_mask must be a bool tensor (True = may attend), got ",
+                attn_mask->scalar_type());
+    const auto m = attn_mask->sizes();
+    bool ok = m.size() <= 4;
+    const int64_t target[4] = {d.B, 1, 1, d.S};
+    for (size_t i = 0; ok && i < m.size(); ++i) {
+      const int64_t want = target[4 - m.size() + i];
+      ok = m[i] == want || m[i] == 1;
+    }
+    TORCH_CHECK(ok, "attn_mask must be broadcastable to (B, 1, 1, S) = (", d.B, ", 1, 1, ", d.S,
+                "), got ", m);
+    TORCH_CHECK(attn_mask->device() == query.device(), "attn_mask must be on the query's device");
+  }
+  return d;
+}
+
+// attn_mask as a contiguous (B, S) bool tensor (a view when it already is one).
+inline at::Tensor mask_as_batch_by_seq(const at::Tensor& attn_mask, int64_t B, int64_t S) {
+  return attn_mask.expand({B, 1, 1, S}).reshape({B, S}).contiguous();
+}
+
+// Backend entry points (same arguments as the schema in csrc/ops.cpp).
+#define SPARQ_ATTENTION_ARGS                                                              \
+  const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, int64_t r,     \
+      int64_t k, const std::optional<at::Tensor>&key_t,                                   \
+      const std::optional<at::Tensor>&value_mean, const std::optional<at::Tensor>&seq_lens, \
+      const std::optional<at::Tensor>&attn_mask, int64_t local_window, bool reallocate,   \
+      std::optional<double> scale
+
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS);   // csrc/cpu/
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
+
+}  // namespace sparq

@@ -1,0 +1,21 @@
+"""sparq_ext: SparQ Attention (arXiv 2312.04985) as a PyTorch C++/CUDA extension.
+
+``sparq_ext.attention(query, key, value, r=..., k=...)`` runs one bandwidth-efficient decode
+step. The compiled kernels are used where built; otherwise a pure-torch implementation runs.
+"""
+
+from .budget import rk_for_ratio, transfer_bytes
+from .ops import attention, check_attention_inputs, extension_error, has_native_kernel
+from .reference import sparq_attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "check_attention_inputs",
+    "extension_error",
+    "has_native_kernel",
+    "rk_for_ratio",
+    "sparq_attention_reference",
+    "transfer_bytes",
+]

@@ -1,0 +1,216 @@
+"""``sparq_ext.attention``: validation at the boundary, then one dispatcher operator.
+
+The operator ``torch.ops.sparq_ext.attention`` is defined once: by the compiled extension
+(``csrc/ops.cpp``, ``TORCH_LIBRARY``) when it is built, else here from the same schema. Each
+backend registers under its dispatch key; where no native kernel exists for a key, the
+pure-torch reference (:mod:`sparq_ext.reference`) is registered in its place, so the operator
+always works. A fake implementation makes it traceable by ``torch.compile`` and capturable in
+CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+
+import torch
+
+from .reference import sparq_attention_reference
+
+# Must match the schema in csrc/ops.cpp (tests/test_registration.py checks it).
+SCHEMA = (
+    "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
+    "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
+    "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor"
+)
+QUALNAME = "sparq_ext::attention"
+
+extension_error: str | None = None  # why the compiled extension is not in use, if it is not
+_C = None
+if importlib.util.find_spec("sparq_ext._C") is None:
+    extension_error = "the compiled extension sparq_ext._C was not built"
+else:
+    try:
+        from . import _C  # noqa: F401  (registers the schema and the native kernels)
+    except ImportError as error:  # built but broken (ABI, missing library): say so, keep working
+        extension_error = f"{type(error).__name__}: {error}"
+        warnings.warn(f"sparq_ext: compiled extension failed to load ({extension_error}); "
+                      "using the pure-torch implementation", RuntimeWarning, stacklevel=2)
+
+_libraries = []  # keep the torch.library handles alive
+if _C is None:
+    _def_lib = torch.library.Library("sparq_ext", "DEF")
+    _def_lib.define(SCHEMA)
+    _libraries.append(_def_lib)
+
+
+def has_native_kernel(device_type: str) -> bool:
+    """Whether the compiled extension provides the kernel for ``"cpu"`` or ``"cuda"``."""
+    return device_type in _native_device_types
+
+
+_native_device_types = {
+    device_type
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, key)
+}
+
+
+def _reference_kernel(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
+                      attn_mask=None, local_window=0, reallocate=True, scale=None):
+    return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
+                                     attn_mask, local_window, reallocate, scale)
+
+
+_impl_lib = torch.library.Library("sparq_ext", "IMPL")
+_libraries.append(_impl_lib)
+for _key in ("CPU", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, _key):
+        _impl_lib.impl("attention", _reference_kernel, _key)
+
+
+@torch.library.register_fake(QUALNAME)
+def _attention_fake(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
+                    attn_mask=None, local_window=0, reallocate=True, scale=None):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Data checks need the values on the host: skip them while tracing or capturing."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None,
+                           attn_mask=None, local_window=0, reallocate=True, scale=None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``attention``."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, T, D), got shape {tuple(t.shape)}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"query must be float32, float16 or bfloat16, got {query.dtype}")
+    B, Hq, T, D = query.shape
+    if T != 1:
+        raise ValueError(f"query must hold one decode position (B, Hq, 1, D), got T = {T}")
+    if Hq < 1 or D < 1:
+        raise ValueError(f"query must have at least one head and head_dim >= 1, got {tuple(query.shape)}")
+    if key.shape[0] != B or key.shape[3] != D:
+        raise ValueError(f"key must be (B={B}, Hkv, S, D={D}), got {tuple(key.shape)}")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)}")
+    Hkv, S = key.shape[1], key.shape[2]
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"key heads ({Hkv}) must divide query heads ({Hq})")
+    if S < 1:
+        raise ValueError("key must hold at least one position (S >= 1)")
+
+    optional = (("key_t", key_t, (B, Hkv, D, S)), ("value_mean", value_mean, (B, Hkv, 1, D)))
+    for name, t, shape in (("key", key, None), ("value", value, None)) + optional:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+
+    if not _is_int(r) or not 1 <= r <= D:
+        raise ValueError(f"r must be an int in [1, head_dim={D}], got {r!r}")
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not _is_int(local_window) or not 0 <= local_window <= k:
+        raise ValueError(f"local_window must be an int in [0, k={k}], got {local_window!r}")
+    if not isinstance(reallocate, bool):
+        raise TypeError(f"reallocate must be a bool, got {type(reallocate).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+    if seq_lens is not None:
+        if not isinstance(seq_lens, torch.Tensor):
+            raise TypeError(f"seq_lens must be a torch.Tensor or None, got {type(seq_lens).__name__}")
+        if seq_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
+        if tuple(seq_lens.shape) != (B,):
+            raise ValueError(f"seq_lens must have shape (B,) = ({B},), got {tuple(seq_lens.shape)}")
+        if seq_lens.device != query.device:
+            raise ValueError(f"seq_lens must be on the query's device {query.device}, got {seq_lens.device}")
+        if _values_checkable(seq_lens) and B > 0:
+            low, high = int(seq_lens.min()), int(seq_lens.max())
+            if low < 0 or high > S:
+                raise ValueError(f"seq_lens must lie in [0, S={S}], got values in [{low}, {high}]")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
+        target = (B, 1, 1, S)
+        try:
+            broadcast_ok = torch.broadcast_shapes(attn_mask.shape, target) == target
+        except RuntimeError:
+            broadcast_ok = False
+        if not broadcast_ok:
+            raise ValueError(f"attn_mask must be broadcastable to (B, 1, 1, S) = {target}, "
+                             f"got {tuple(attn_mask.shape)}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask must be on the query's device {query.device}, got {attn_mask.device}")
+
+    if torch.is_grad_enabled():
+        tensors = (("query", query), ("key", key), ("value", value), ("key_t", key_t),
+                   ("value_mean", value_mean))
+        for name, t in tensors:
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but sparq_ext.attention is inference-only "
+                                 "(no backward): call it under torch.no_grad() or torch.inference_mode()")
+
+
+def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
+              attn_mask=None, local_window=0, reallocate=True, scale=None):
+    """SparQ Attention for one decode step (arXiv 2312.04985), SDPA-like.
+
+    Args:
+        query: ``(B, Hq, 1, D)``, float32 / float16 / bfloat16.
+        key, value: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0`` (MHA, GQA, MQA). Query heads of a
+            group share the selected indices, so each KV head is read once.
+        r: query components used for the approximate scores, ``1 <= r <= D``.
+        k: positions attended exactly, ``k >= 1``; clamped to the number of valid positions
+            (``k >=`` valid length gives exact dense attention).
+        key_t: optional ``(B, Hkv, D, S)`` transposed copy of ``key`` (step 1 then reads ``r``
+            contiguous rows).
+        value_mean: optional ``(B, Hkv, 1, D)`` mean of ``value``; default: computed over valid
+            positions.
+        seq_lens: optional int32/int64 ``(B,)``; positions ``>= seq_lens[b]`` are padding.
+        attn_mask: optional bool, broadcastable to ``(B, 1, 1, S)``; ``True`` = may attend.
+        local_window: the last ``local_window`` valid positions are always attended (counted
+            inside ``k``; ``local_window <= k``).
+        reallocate: interpolate with the mean of ``value`` by the approximate score mass of the
+            top-k (step 3); ``False`` returns the top-k attention alone.
+        scale: logit scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
+
+    Inference-only: inputs that require grad are rejected unless grad mode is off.
+    ``seq_lens`` values are checked eagerly; under ``torch.compile`` or CUDA-graph capture
+    they cannot be read without a sync, so they are not checked there.
+    """
+    check_attention_inputs(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
+                           local_window, reallocate, scale)
+    return torch.ops.sparq_ext.attention(
+        query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
+        attn_mask=attn_mask, local_window=local_window, reallocate=reallocate,
+        scale=None if scale is None else float(scale))

@@ -1,0 +1,103 @@
+"""Pure-torch SparQ Attention: the readable reference and the fallback backend.
+
+One decode step, written to be read against the paper (arXiv 2312.04985, Algorithm 1) and
+DESIGN.md section 1. Vectorised over batch and heads; everything is computed in fp32 and the
+result cast back to the query's dtype. No host-device synchronisation, so it also runs under
+CUDA graphs and ``torch.compile``.
+
+Shapes: query ``(B, Hq, 1, D)``, key/value ``(B, Hkv, S, D)``, ``G = Hq // Hkv`` query heads
+share each KV head (and, as in the paper's GQA code, share the indices ``i1`` and ``i2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_TINY = 1e-30  # matches sparq::kTiny in csrc/include/sparq/math.h
+
+
+def valid_positions(batch: int, seq_len: int, seq_lens=None, attn_mask=None, device=None):
+    """``(B, S)`` bool: positions that may be attended (inside ``seq_lens`` and ``attn_mask``)."""
+    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    if seq_lens is not None:
+        positions = torch.arange(seq_len, device=device)
+        valid = valid & (positions[None, :] < seq_lens.to(device)[:, None])
+    if attn_mask is not None:
+        valid = valid & attn_mask.to(device).expand(batch, 1, 1, seq_len).reshape(batch, seq_len)
+    return valid
+
+
+def local_window_positions(valid: torch.Tensor, local_window: int) -> torch.Tensor:
+    """``(B, S)`` bool: the last ``local_window`` valid positions of each row."""
+    if local_window <= 0:
+        return torch.zeros_like(valid)
+    valid_from_here = valid.flip(-1).cumsum(-1).flip(-1)  # valid positions at index >= s
+    return valid & (valid_from_here <= local_window)
+
+
+def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where ``mask``; rows with nothing valid give zeros, not NaN."""
+    logits = logits.masked_fill(~mask, -math.inf)
+    row_max = logits.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(logits - row_max)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
+def sparq_attention_reference(
+    query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
+    local_window=0, reallocate=True, scale=None,
+):
+    """SparQ attention for one query position; arguments as ``sparq_ext.attention``.
+
+    Inputs are assumed validated (``sparq_ext.attention`` does that).
+    """
+    B, Hq, _, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    device = query.device
+    f32 = torch.float32
+
+    q = query.to(f32).reshape(B, Hkv, G, D)  # group the query heads of each KV head
+    K, V = key.to(f32), value.to(f32)
+    valid = valid_positions(B, S, seq_lens, attn_mask, device)  # (B, S)
+    valid_kv = valid[:, None, :].expand(B, Hkv, S)
+
+    # Step 1: i1 = the r largest components of sum_g |q_g|; approximate logits from them.
+    i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
+    q_hat = q.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
+    if key_t is not None:  # r contiguous rows of the transposed cache
+        K_hat_t = key_t.gather(2, i1[..., None].expand(B, Hkv, r, S)).to(f32)  # (B, Hkv, r, S)
+    else:
+        K_hat_t = K.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).transpose(-1, -2)
+    gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
+    approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
+    s_hat = _masked_softmax(approx_logits, valid_kv[:, :, None, :])
+
+    # Step 2: i2 = top-k of the group-summed approximate logits, local window forced in.
+    selection_score = approx_logits.sum(2).masked_fill(~valid_kv, -math.inf)
+    in_window = local_window_positions(valid, local_window)[:, None, :].expand(B, Hkv, S)
+    selection_score = selection_score.masked_fill(in_window, math.inf)
+    i2 = selection_score.topk(min(k, S), dim=-1).indices  # (B, Hkv, k)
+    K_sel = K.gather(2, i2[..., None].expand(*i2.shape, D))
+    V_sel = V.gather(2, i2[..., None].expand(*i2.shape, D))
+    selected_valid = valid_kv.gather(-1, i2)[:, :, None, :]  # invalid picks get no weight
+    weights = _masked_softmax((q @ K_sel.transpose(-1, -2)) * scale, selected_valid)
+    y = weights @ V_sel  # (B, Hkv, G, D)
+
+    if reallocate:
+        # Step 3: alpha = approximate score mass of the top-k; interpolate with mean(V).
+        alpha = s_hat.gather(-1, i2[:, :, None, :].expand(B, Hkv, G, i2.shape[-1]))
+        alpha = alpha.sum(-1, keepdim=True)
+        if value_mean is None:
+            n_valid = valid_kv.sum(-1, keepdim=True).clamp_min(1).to(f32)  # (B, Hkv, 1)
+            v_mean = (V * valid_kv[..., None]).sum(2) / n_valid  # (B, Hkv, D)
+        else:
+            v_mean = value_mean.to(f32).reshape(B, Hkv, D)
+        y = alpha * y + (1 - alpha) * v_mean[:, :, None, :]
+        # A row with no valid position attends to nothing: zeros, as y already is.
+        y = y * valid.any(-1).to(f32)[:, None, None, None]
+    return y.reshape(B, Hq, 1, D).to(query.dtype)
