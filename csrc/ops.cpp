@@ -1,7 +1,12 @@
 // The operator's one schema and its per-backend registration, plus the Python module
 // sparq_ext._C (pybind11), which also exposes the shared math of csrc/include/sparq/math.h
-// to the CPU tests so they exercise the code the GPU kernels run.
+// to the CPU tests so they exercise the code the GPU kernels run. The CMake build (libtorch,
+// no Python) defines SPARQ_NO_PYTHON and keeps only the registration.
+#ifdef SPARQ_NO_PYTHON
+#include <torch/library.h>
+#else
 #include <torch/extension.h>
+#endif
 
 #include <vector>
 
@@ -24,6 +29,7 @@ TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) { m.impl("attention", &sparq::attention_cp
 TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) { m.impl("attention", &sparq::attention_cuda); }
 #endif
 
+#ifndef SPARQ_NO_PYTHON
 namespace {
 
 // Exact top-k indices of a 1-D float32 tensor by sequential radix select (test hook).
@@ -69,3 +75,4 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("_approx_logit_scale", &sparq::approx_logit_scale);
 }
+#endif  // SPARQ_NO_PYTHON

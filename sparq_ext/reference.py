@@ -62,7 +62,6 @@ def sparq_attention_reference(
     f32 = torch.float32
 
     q = query.to(f32).reshape(B, Hkv, G, D)  # group the query heads of each KV head
-    K, V = key.to(f32), value.to(f32)
     valid = valid_positions(B, S, seq_lens, attn_mask, device)  # (B, S)
     valid_kv = valid[:, None, :].expand(B, Hkv, S)
 
@@ -72,7 +71,7 @@ def sparq_attention_reference(
     if key_t is not None:  # r contiguous rows of the transposed cache
         K_hat_t = key_t.gather(2, i1[..., None].expand(B, Hkv, r, S)).to(f32)  # (B, Hkv, r, S)
     else:
-        K_hat_t = K.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).transpose(-1, -2)
+        K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(f32).transpose(-1, -2)
     gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
     approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
     s_hat = _masked_softmax(approx_logits, valid_kv[:, :, None, :])
@@ -82,8 +81,9 @@ def sparq_attention_reference(
     in_window = local_window_positions(valid, local_window)[:, None, :].expand(B, Hkv, S)
     selection_score = selection_score.masked_fill(in_window, math.inf)
     i2 = selection_score.topk(min(k, S), dim=-1).indices  # (B, Hkv, k)
-    K_sel = K.gather(2, i2[..., None].expand(*i2.shape, D))
-    V_sel = V.gather(2, i2[..., None].expand(*i2.shape, D))
+    # (gather in the cache's dtype, then widen: only the k selected rows are converted)
+    K_sel = key.gather(2, i2[..., None].expand(*i2.shape, D)).to(f32)
+    V_sel = value.gather(2, i2[..., None].expand(*i2.shape, D)).to(f32)
     selected_valid = valid_kv.gather(-1, i2)[:, :, None, :]  # invalid picks get no weight
     weights = _masked_softmax((q @ K_sel.transpose(-1, -2)) * scale, selected_valid)
     y = weights @ V_sel  # (B, Hkv, G, D)
@@ -94,7 +94,8 @@ def sparq_attention_reference(
         alpha = alpha.sum(-1, keepdim=True)
         if value_mean is None:
             n_valid = valid_kv.sum(-1, keepdim=True).clamp_min(1).to(f32)  # (B, Hkv, 1)
-            v_mean = (V * valid_kv[..., None]).sum(2) / n_valid  # (B, Hkv, D)
+            v_sum = (value.to(f32) * valid_kv[..., None]).sum(2)
+            v_mean = v_sum / n_valid  # (B, Hkv, D)
         else:
             v_mean = value_mean.to(f32).reshape(B, Hkv, D)
         y = alpha * y + (1 - alpha) * v_mean[:, :, None, :]

