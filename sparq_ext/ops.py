@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import warnings
 
 import torch
@@ -28,7 +29,9 @@ QUALNAME = "sparq_ext::attention"
 
 extension_error: str | None = None  # why the compiled extension is not in use, if it is not
 _C = None
-if importlib.util.find_spec("sparq_ext._C") is None:
+if os.environ.get("SPARQ_EXT_DISABLE", "") not in ("", "0"):
+    extension_error = "disabled by SPARQ_EXT_DISABLE"
+elif importlib.util.find_spec("sparq_ext._C") is None:
     extension_error = "the compiled extension sparq_ext._C was not built"
 else:
     try:

@@ -76,27 +76,23 @@ def test_direct_op_call_matches_wrapper():
                                sparq_ext.attention(q, K, V, r=4, k=8))
 
 
-def test_pure_torch_package_without_the_extension(tmp_path):
-    """Installed with no compiler, the package still works: a copy of the Python files only."""
-    import shutil
+def test_pure_torch_path_without_the_extension():
+    """With the extension absent (here: disabled), the package runs on the reference."""
+    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    package = Path(sparq_ext.__file__).parent
-    shutil.copytree(package, tmp_path / "sparq_ext", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     script = (
         "import torch, sparq_ext\n"
-        "assert sparq_ext.__file__.startswith(%r), sparq_ext.__file__\n"
-        "assert 'not built' in sparq_ext.extension_error\n"
+        "assert sparq_ext.extension_error == 'disabled by SPARQ_EXT_DISABLE'\n"
         "assert not sparq_ext.has_native_kernel('cpu')\n"
         "q, K = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16)\n"
         "out = sparq_ext.attention(q, K, K, r=4, k=40)\n"
         "dense = torch.nn.functional.scaled_dot_product_attention(q, K, K, enable_gqa=True)\n"
         "torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)\n"
-        "print('ok')\n" % str(tmp_path)
+        "print('ok')\n"
     )
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "SPARQ_EXT_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
