@@ -22,6 +22,9 @@
 //      sum of value rows; alpha_g from the stage-1 statistics; alpha*y + (1-alpha)*v_mean.
 // Work items are (b, h) when there are at least as many as threads, else (b, h, chunk) for
 // stage 1. Chunking is the same either way, so the result does not depend on thread count.
+// GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip this warning
+// wherever they are inlined; it says nothing about this file.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "cpu/cpu_simd.h"  // first: sets ATen's CPU_CAPABILITY macros for the vector width
 #include "cpu/topk_cpu.h"
 
@@ -44,7 +47,9 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // positions per stage-1 work item (sets the statistics grid)
 constexpr int64_t kSub = 256;     // positions per L1-resident block of per-head logits
-constexpr int64_t kPrefetch = 8;  // rows ahead for the gathered key/value rows
+// Rows ahead to prefetch in the gathers. They are latency-bound (the prefetches stall on
+// line-fill buffers); 4..32 measured the same, so no tuning knob.
+constexpr int64_t kPrefetch = 8;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -348,47 +353,35 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
   for (int hh = 0; hh < NH; ++hh) out[hh * out_stride] = hsum(acc[hh]) * scale;
 }
 
-// y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads; DC vectors of D per pass.
-template <typename T, int NH, int DC>
+// y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads. Each value row is read once, whole
+// (the gather is latency-bound: touching a row in several passes costs a miss per pass), and
+// the NH x D fp32 accumulators live in L1.
+template <typename T, int NH>
 void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n_sel,
                        const float* p, int64_t kpad, int64_t D, float* y) {
-  for (int64_t d0 = 0; d0 < D; d0 += DC * kVec) {
-    const int64_t nd = std::min<int64_t>(DC * kVec, D - d0);
-    fVec acc[NH][DC];
-    for (int hh = 0; hh < NH; ++hh)
-      for (int c = 0; c < DC; ++c) acc[hh][c] = fVec(0.0f);
-    if (nd == DC * kVec) {
-      for (int64_t t = 0; t < n_sel; ++t) {
-        if (t + kPrefetch < n_sel)
-          prefetch_row(vbase + idx[t + kPrefetch] * vS + d0, nd * (int64_t)sizeof(T));
-        const T* row = vbase + idx[t] * vS + d0;
-        fVec v[DC];
-        for (int c = 0; c < DC; ++c) v[c] = load_f(row + c * kVec);
-        for (int hh = 0; hh < NH; ++hh) {
-          const fVec pb(p[hh * kpad + t]);
-          for (int c = 0; c < DC; ++c) acc[hh][c] = at::vec::fmadd(pb, v[c], acc[hh][c]);
-        }
-      }
-    } else {
-      for (int64_t t = 0; t < n_sel; ++t) {
-        const T* row = vbase + idx[t] * vS + d0;
-        fVec v[DC];
-        for (int c = 0; c < DC; ++c) {
-          const int64_t cnt = std::clamp<int64_t>(nd - c * kVec, 0, kVec);
-          v[c] = cnt == kVec ? load_f(row + c * kVec) : cnt > 0 ? load_f(row + c * kVec, cnt)
-                                                                : fVec(0.0f);
-        }
-        for (int hh = 0; hh < NH; ++hh) {
-          const fVec pb(p[hh * kpad + t]);
-          for (int c = 0; c < DC; ++c) acc[hh][c] = at::vec::fmadd(pb, v[c], acc[hh][c]);
-        }
+  for (int64_t i = 0; i < NH * D; ++i) y[i] = 0.0f;
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
+  const int64_t d_full = D / kVec * kVec;
+  for (int64_t t = 0; t < n_sel; ++t) {
+    if (t + kPrefetch < n_sel) prefetch_row(vbase + idx[t + kPrefetch] * vS, row_bytes);
+    const T* row = vbase + idx[t] * vS;
+    fVec pb[NH];
+    for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
+    for (int64_t d = 0; d < d_full; d += kVec) {
+      const fVec v = load_f(row + d);
+      for (int hh = 0; hh < NH; ++hh) {
+        float* acc = y + hh * D + d;
+        at::vec::fmadd(pb[hh], v, fVec::loadu(acc)).store(acc);
       }
     }
-    for (int hh = 0; hh < NH; ++hh)
-      for (int c = 0; c < DC; ++c) {
-        const int64_t cnt = std::clamp<int64_t>(nd - c * kVec, 0, kVec);
-        if (cnt > 0) acc[hh][c].store(y + hh * D + d0 + c * kVec, cnt);
+    if (d_full < D) {
+      const int64_t c = D - d_full;
+      const fVec v = load_f(row + d_full, c);
+      for (int hh = 0; hh < NH; ++hh) {
+        float* acc = y + hh * D + d_full;
+        at::vec::fmadd(pb[hh], v, fVec::loadu(acc, c)).store(acc, c);
       }
+    }
   }
 }
 
@@ -495,16 +488,16 @@ void stage2_task(const Problem& P, int64_t task, const float* scores, const Scra
       const float* p = ex + g0 * kpad;
       float* yo = y + g0 * D;
       if (rem >= 8) {
-        accumulate_values<T, 8, 2>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
+        accumulate_values<T, 8>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
         g0 += 8;
       } else if (rem >= 4) {
-        accumulate_values<T, 4, 4>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
+        accumulate_values<T, 4>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
         g0 += 4;
       } else if (rem >= 2) {
-        accumulate_values<T, 2, 4>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
+        accumulate_values<T, 2>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
         g0 += 2;
       } else {
-        accumulate_values<T, 1, 4>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
+        accumulate_values<T, 1>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
         g0 += 1;
       }
     }

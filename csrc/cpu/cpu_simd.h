@@ -19,8 +19,12 @@
 #endif
 #endif
 
+// ATen's vector headers use clang/OpenMP pragmas GCC does not know; keep our build log clean.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
