@@ -47,6 +47,8 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // positions per stage-1 work item (sets the statistics grid)
 constexpr int64_t kSub = 256;     // positions per L1-resident block of per-head logits
+constexpr int64_t kSplit = 512;   // selected rows per stage-2 work item (fixed: thread-count
+                                  // independent results)
 // Rows ahead to prefetch in the gathers. They are latency-bound (the prefetches stall on
 // line-fill buffers); 4..32 measured the same, so no tuning knob.
 constexpr int64_t kPrefetch = 8;
@@ -81,20 +83,23 @@ struct Problem {
   float* q_hat;        // (tasks, G, rpad), zero-padded, step-1 scale folded in
   float* chunk_stats;  // (tasks, n_chunks, G, 2): softmax (max, sum) of approx logits
   float* chunk_range;  // (tasks, n_chunks, 2): min, max of finite selection scores
+  int64_t n_splits;    // ceil(min(k, S) / kSplit): stage-2 splits of the selected rows
+  int64_t* sel_idx;    // (tasks, kpad): selected positions, ascending
+  int64_t* n_sel;      // (tasks,)
+  float* head_stats;   // (tasks, G, 2): softmax (max, sum) of approx logits over all of S
+  float* partials;     // (tasks, n_splits, G, D + 3) when splits run as separate work items
 };
 
 // Per-thread scratch, carved from one allocation.
 struct Scratch {
-  float* scores;                    // S (+ padding): selection scores, mode A only
+  float* scores;                    // S: selection scores (per-task mode)
   float* logits;                    // G * kSub: per-head approximate logits of a block
   float* gathered;                  // r * kSub: key columns when there is no key_t
-  float* sel_exact;                 // G * kpad: exact logits -> softmax weights
-  float* sel_approx;                // G * kpad: approximate logits of the selected rows
+  float* sel_exact;                 // G * kSplit: exact logits -> softmax weights
+  float* sel_approx;                // G * kSplit: approximate logits of the selected rows
   float* key_cols;                  // rpad: one key row's i1 columns
-  float* y;                         // G * D
   float* v_mean;                    // D
-  float* head_stats;                // G * 2
-  int64_t* sel_idx;                 // kpad
+  float* partials;                  // n_splits * G * (D + 3) (per-task mode)
   std::pair<float, int64_t>* cand;  // S
 };
 
@@ -358,8 +363,9 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
 // the NH x D fp32 accumulators live in L1.
 template <typename T, int NH>
 void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n_sel,
-                       const float* p, int64_t kpad, int64_t D, float* y) {
-  for (int64_t i = 0; i < NH * D; ++i) y[i] = 0.0f;
+                       const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
+  for (int hh = 0; hh < NH; ++hh)
+    for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
   const int64_t row_bytes = D * (int64_t)sizeof(T);
   const int64_t d_full = D / kVec * kVec;
   for (int64_t t = 0; t < n_sel; ++t) {
@@ -370,7 +376,7 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
     for (int64_t d = 0; d < d_full; d += kVec) {
       const fVec v = load_f(row + d);
       for (int hh = 0; hh < NH; ++hh) {
-        float* acc = y + hh * D + d;
+        float* acc = y + hh * y_stride + d;
         at::vec::fmadd(pb[hh], v, fVec::loadu(acc)).store(acc);
       }
     }
@@ -378,30 +384,25 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
       const int64_t c = D - d_full;
       const fVec v = load_f(row + d_full, c);
       for (int hh = 0; hh < NH; ++hh) {
-        float* acc = y + hh * D + d_full;
+        float* acc = y + hh * y_stride + d_full;
         at::vec::fmadd(pb[hh], v, fVec::loadu(acc, c)).store(acc, c);
       }
     }
   }
 }
 
+// Stage 2a: merge the stage-1 statistics of a task and select its rows.
 template <typename T>
-void stage2_task(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
-  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
+void stage2_select(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
+  const int64_t b = task / P.Hkv, G = P.G;
   const RowInfo ri = P.rows[b];
-  T* out = static_cast<T*>(P.out) + (b * P.Hq + h * G) * D;
-  if (ri.n_valid == 0) {  // nothing to attend: zeros, never NaN
-    for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(0.0f);
-    return;
-  }
-  // Softmax statistics of the approximate logits per head, merged over chunks in order.
-  float* head_stats = ws.head_stats;
+  float* head_stats = P.head_stats + task * G * 2;
   float lo_score = INFINITY, hi_score = -INFINITY;
   for (int64_t g = 0; g < G; ++g) {
     head_stats[2 * g] = -INFINITY;
     head_stats[2 * g + 1] = 0.0f;
   }
-  for (int64_t c = 0; c < P.n_chunks; ++c) {
+  for (int64_t c = 0; c < P.n_chunks; ++c) {  // in chunk order: deterministic
     const float* st = P.chunk_stats + (task * P.n_chunks + c) * G * 2;
     for (int64_t g = 0; g < G; ++g) {
       const SoftmaxState s =
@@ -413,102 +414,127 @@ void stage2_task(const Problem& P, int64_t task, const float* scores, const Scra
     lo_score = std::min(lo_score, rg[0]);
     hi_score = std::max(hi_score, rg[1]);
   }
+  const int64_t want = std::min(P.k, ri.n_valid);  // k clamped to the valid count
+  P.n_sel[task] = ri.n_valid == 0 ? 0
+                : select_topk(scores, ri.begin, ri.end, want, lo_score, hi_score,
+                              P.sel_idx + task * P.kpad, ws.cand);
+}
 
-  // Top-k of the group sums (k clamped to the valid count).
-  const int64_t want = std::min(P.k, ri.n_valid);
-  int64_t* idx = ws.sel_idx;
-  const int64_t n_sel =
-      select_topk(scores, ri.begin, ri.end, want, lo_score, hi_score, idx, ws.cand);
-
-  // Exact and approximate logits of the selected rows, all heads per key row read.
+// Stage 2b: one split of the selected rows -> per head (max, sum p, sum of approx softmax
+// numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats).
+template <typename T>
+void stage2_split(const Problem& P, int64_t task, int64_t split, float* partial,
+                  const Scratch& ws) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
+  const int64_t t0 = split * kSplit, n = std::min(P.n_sel[task] - t0, kSplit);
+  const int64_t pstride = D + 3;
+  if (n <= 0) {
+    for (int64_t g = 0; g < G; ++g) {
+      float* part = partial + g * pstride;
+      part[0] = -INFINITY;
+      for (int64_t i = 1; i < pstride; ++i) part[i] = 0.0f;
+    }
+    return;
+  }
+  const int64_t* idx = P.sel_idx + task * P.kpad + t0;
   const T* kbase = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
   const float* qf = P.q_f32 + task * G * D;
   const float* qh = P.q_hat + task * G * P.rpad;
   const int64_t* i1 = P.i1 + task * r;
-  const int64_t kpad = P.kpad, rpad = P.rpad;
+  const int64_t rpad = P.rpad;
   float* ex = ws.sel_exact;
   float* ap = ws.sel_approx;
   float* cols = ws.key_cols;
   for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
+
+  // Exact and approximate logits of the selected rows, all heads per key row read.
   const int64_t row_bytes = D * (int64_t)sizeof(T);
-  for (int64_t t = 0; t < n_sel; ++t) {
-    if (t + kPrefetch < n_sel) prefetch_row(kbase + idx[t + kPrefetch] * P.kS, row_bytes);
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kPrefetch < n) prefetch_row(kbase + idx[t + kPrefetch] * P.kS, row_bytes);
     const T* row = kbase + idx[t] * P.kS;
     int64_t g0 = 0;
     while (g0 < G) {
       const int64_t rem = G - g0;
       const float* q = qf + g0 * D;
-      float* o = ex + g0 * kpad + t;
+      float* o = ex + g0 * kSplit + t;
       if (rem >= 8) {
-        exact_logits_row<T, 8>(row, q, D, P.scale, o, kpad);
+        exact_logits_row<T, 8>(row, q, D, P.scale, o, kSplit);
         g0 += 8;
       } else if (rem >= 4) {
-        exact_logits_row<T, 4>(row, q, D, P.scale, o, kpad);
+        exact_logits_row<T, 4>(row, q, D, P.scale, o, kSplit);
         g0 += 4;
       } else if (rem >= 2) {
-        exact_logits_row<T, 2>(row, q, D, P.scale, o, kpad);
+        exact_logits_row<T, 2>(row, q, D, P.scale, o, kSplit);
         g0 += 2;
       } else {
-        exact_logits_row<T, 1>(row, q, D, P.scale, o, kpad);
+        exact_logits_row<T, 1>(row, q, D, P.scale, o, kSplit);
         g0 += 1;
       }
     }
-    if (P.reallocate) {
+    if (P.reallocate) {  // l_hat_g of this row from the i1 columns of the row just read
       for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
       for (int64_t g = 0; g < G; ++g) {
         fVec acc(0.0f);
         for (int64_t j = 0; j < rpad; j += kVec)
           acc = at::vec::fmadd(fVec::loadu(qh + g * rpad + j), fVec::loadu(cols + j), acc);
-        ap[g * kpad + t] = hsum(acc);
+        ap[g * kSplit + t] = hsum(acc);
       }
     }
   }
 
-  // Per head: softmax weights of the exact logits (in place) and alpha.
-  float* y = ws.y;
-  float* p_sum = ws.head_stats;  // reuse: [2g] = 1 / sum p, [2g+1] = alpha
+  // Per head: local softmax weights (in place) and the approximate score mass of the split.
+  const float* head_stats = P.head_stats + task * G * 2;
   for (int64_t g = 0; g < G; ++g) {
-    float* x = ex + g * kpad;
-    const float m = vec_max(x, n_sel);
-    const float l = exp_sum<false, true>(x, n_sel, m);
-    float alpha = 1.0f;
-    if (P.reallocate) {
-      const float hm = head_stats[2 * g], hl = head_stats[2 * g + 1];
-      alpha = hl > 0.0f ? exp_sum<false, false>(ap + g * kpad, n_sel, hm) / hl : 0.0f;
-    }
-    p_sum[2 * g] = 1.0f / std::max(l, kTiny);
-    p_sum[2 * g + 1] = alpha;
+    float* x = ex + g * kSplit;
+    float* part = partial + g * pstride;
+    const float m = vec_max(x, n);
+    part[0] = m;
+    part[1] = exp_sum<false, true>(x, n, m);
+    const float hm = head_stats[2 * g], hl = head_stats[2 * g + 1];
+    part[2] = (P.reallocate && hl > 0.0f) ? exp_sum<false, false>(ap + g * kSplit, n, hm) : 0.0f;
   }
 
   const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
-  {
-    int64_t g0 = 0;
-    while (g0 < G) {
-      const int64_t rem = G - g0;
-      const float* p = ex + g0 * kpad;
-      float* yo = y + g0 * D;
-      if (rem >= 8) {
-        accumulate_values<T, 8>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
-        g0 += 8;
-      } else if (rem >= 4) {
-        accumulate_values<T, 4>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
-        g0 += 4;
-      } else if (rem >= 2) {
-        accumulate_values<T, 2>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
-        g0 += 2;
-      } else {
-        accumulate_values<T, 1>(vbase, P.vS, idx, n_sel, p, kpad, D, yo);
-        g0 += 1;
-      }
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t rem = G - g0;
+    const float* p = ex + g0 * kSplit;
+    float* y = partial + g0 * pstride + 3;
+    if (rem >= 8) {
+      accumulate_values<T, 8>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 8;
+    } else if (rem >= 4) {
+      accumulate_values<T, 4>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 4;
+    } else if (rem >= 2) {
+      accumulate_values<T, 2>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 2;
+    } else {
+      accumulate_values<T, 1>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 1;
     }
   }
+}
 
+// Stage 2c: merge the splits (in order) and write alpha * y + (1 - alpha) * v_mean.
+template <typename T>
+void stage2_merge(const Problem& P, int64_t task, const float* partials, const Scratch& ws) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D;
+  const RowInfo ri = P.rows[b];
+  T* out = static_cast<T*>(P.out) + (b * P.Hq + h * G) * D;
+  if (ri.n_valid == 0) {  // nothing to attend: zeros, never NaN
+    for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(0.0f);
+    return;
+  }
+  const int64_t pstride = D + 3;
+  const int64_t n_used = ceil_div(P.n_sel[task], kSplit);
   float* vm = ws.v_mean;
   if (P.reallocate) {
     if (P.value_mean) {
       const T* src = static_cast<const T*>(P.value_mean) + task * D;
       for (int64_t d = 0; d < D; ++d) vm[d] = static_cast<float>(src[d]);
     } else {  // mean of value over the valid positions
+      const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
       for (int64_t d = 0; d < D; ++d) vm[d] = 0.0f;
       const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
       for (int64_t s = ri.begin; s < ri.end; ++s) {
@@ -522,12 +548,26 @@ void stage2_task(const Problem& P, int64_t task, const float* scores, const Scra
       for (int64_t d = 0; d < D; ++d) vm[d] *= inv;
     }
   }
+  const float* head_stats = P.head_stats + task * G * 2;
   for (int64_t g = 0; g < G; ++g) {
-    const float inv_l = p_sum[2 * g], alpha = p_sum[2 * g + 1];
+    float m = -INFINITY;
+    for (int64_t sp = 0; sp < n_used; ++sp) m = std::max(m, partials[(sp * G + g) * pstride]);
+    float l = 0.0f, alpha_num = 0.0f;
+    float* y = ws.sel_exact;  // D floats of scratch
+    for (int64_t d = 0; d < D; ++d) y[d] = 0.0f;
+    for (int64_t sp = 0; sp < n_used; ++sp) {
+      const float* part = partials + (sp * G + g) * pstride;
+      const float w = softmax_rescale(part[0], m);
+      l += part[1] * w;
+      alpha_num += part[2];
+      for (int64_t d = 0; d < D; ++d) y[d] += part[3 + d] * w;
+    }
+    const float inv_l = 1.0f / std::max(l, kTiny);
+    const float hl = head_stats[2 * g + 1];
+    const float alpha = hl > 0.0f ? alpha_num / hl : 0.0f;
     for (int64_t d = 0; d < D; ++d) {
-      const float yv = y[g * D + d] * inv_l;
-      out[g * D + d] =
-          static_cast<T>(P.reallocate ? reallocate_mix(alpha, yv, vm[d]) : yv);
+      const float yv = y[d] * inv_l;
+      out[g * D + d] = static_cast<T>(P.reallocate ? reallocate_mix(alpha, yv, vm[d]) : yv);
     }
   }
 }
@@ -568,8 +608,13 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   }
   P.rows = rows.data();
 
+  // Work items: whole (b, h) tasks when there are enough of them for the threads (stage-1
+  // scores and stage-2 partials then stay in the thread's cache); otherwise stages run as
+  // separate parallel loops over (task, chunk) and (task, split). Same chunks and splits
+  // either way, merged in the same order, so results do not depend on the thread count.
   const int nthreads = std::max(1, at::get_num_threads());
-  const bool per_task = tasks >= nthreads || P.n_chunks == 1;
+  const bool per_task = tasks >= nthreads || (P.n_chunks == 1 && P.n_splits == 1);
+  const int64_t part_floats = P.n_splits * G * (D + 3);
 
   // Global arrays and per-thread scratch in one byte buffer (64-byte aligned pieces).
   int64_t bytes = 0;
@@ -583,19 +628,24 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   const int64_t o_qh = reserve(tasks * G * P.rpad * 4);
   const int64_t o_stats = reserve(tasks * P.n_chunks * G * 2 * 4);
   const int64_t o_range = reserve(tasks * P.n_chunks * 2 * 4);
-  const int64_t o_global_scores = per_task ? reserve(0) : reserve(tasks * S * 4);
+  const int64_t o_sel = reserve(tasks * P.kpad * 8);
+  const int64_t o_nsel = reserve(tasks * 8);
+  const int64_t o_hstats = reserve(tasks * G * 2 * 4);
+  const int64_t o_parts = reserve(per_task ? 0 : tasks * part_floats * 4);
+  const int64_t o_scores = reserve(per_task ? 0 : tasks * S * 4);
   const int64_t scratch_begin = bytes;
-  reserve(per_task ? S * 4 : 0);                                     // scores
-  reserve(G * kSub * 4);                                             // logits
-  reserve(P.key_t ? 0 : r * kSub * 4);                               // gathered
-  reserve(G * P.kpad * 4);                                           // sel_exact
-  reserve(G * P.kpad * 4);                                           // sel_approx
-  reserve(P.rpad * 4);                                               // key_cols
-  reserve(G * D * 4);                                                // y
-  reserve(D * 4);                                                    // v_mean
-  reserve(G * 2 * 4);                                                // head_stats
-  reserve(P.kpad * 8);                                               // sel_idx
-  reserve(S * (int64_t)sizeof(std::pair<float, int64_t>));           // cand
+  const int64_t scratch_sizes[] = {
+      per_task ? S * 4 : 0,                          // scores
+      G * kSub * 4,                                  // logits
+      P.key_t ? 0 : r * kSub * 4,                    // gathered
+      std::max(G * kSplit, D) * 4,                   // sel_exact (also merge scratch)
+      G * kSplit * 4,                                // sel_approx
+      P.rpad * 4,                                    // key_cols
+      D * 4,                                         // v_mean
+      per_task ? part_floats * 4 : 0,                // partials
+      S * (int64_t)sizeof(std::pair<float, int64_t>) // cand
+  };
+  for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
   bytes += scratch_bytes * (nthreads - 1);
   at::Tensor buffer = at::empty({bytes + 64}, byte_opts);
@@ -606,34 +656,35 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   P.q_hat = reinterpret_cast<float*>(base + o_qh);
   P.chunk_stats = reinterpret_cast<float*>(base + o_stats);
   P.chunk_range = reinterpret_cast<float*>(base + o_range);
-  float* global_scores = reinterpret_cast<float*>(base + o_global_scores);
+  P.sel_idx = reinterpret_cast<int64_t*>(base + o_sel);
+  P.n_sel = reinterpret_cast<int64_t*>(base + o_nsel);
+  P.head_stats = reinterpret_cast<float*>(base + o_hstats);
+  P.partials = reinterpret_cast<float*>(base + o_parts);
+  float* global_scores = reinterpret_cast<float*>(base + o_scores);
 
   auto scratch_for = [&](int tid) {
     char* p = base + scratch_begin + scratch_bytes * tid;
-    int64_t off = 0;
-    auto take = [&](int64_t n) {
-      char* q = p + off;
-      off += round_up(n, 64);
-      return q;
-    };
+    char* piece[9];
+    for (int i = 0; i < 9; ++i) {
+      piece[i] = p;
+      p += round_up(scratch_sizes[i], 64);
+    }
     Scratch ws;
-    ws.scores = reinterpret_cast<float*>(take(per_task ? S * 4 : 0));
-    ws.logits = reinterpret_cast<float*>(take(G * kSub * 4));
-    ws.gathered = reinterpret_cast<float*>(take(P.key_t ? 0 : r * kSub * 4));
-    ws.sel_exact = reinterpret_cast<float*>(take(G * P.kpad * 4));
-    ws.sel_approx = reinterpret_cast<float*>(take(G * P.kpad * 4));
-    ws.key_cols = reinterpret_cast<float*>(take(P.rpad * 4));
-    ws.y = reinterpret_cast<float*>(take(G * D * 4));
-    ws.v_mean = reinterpret_cast<float*>(take(D * 4));
-    ws.head_stats = reinterpret_cast<float*>(take(G * 2 * 4));
-    ws.sel_idx = reinterpret_cast<int64_t*>(take(P.kpad * 8));
-    ws.cand = reinterpret_cast<std::pair<float, int64_t>*>(
-        take(S * (int64_t)sizeof(std::pair<float, int64_t>)));
+    ws.scores = reinterpret_cast<float*>(piece[0]);
+    ws.logits = reinterpret_cast<float*>(piece[1]);
+    ws.gathered = reinterpret_cast<float*>(piece[2]);
+    ws.sel_exact = reinterpret_cast<float*>(piece[3]);
+    ws.sel_approx = reinterpret_cast<float*>(piece[4]);
+    ws.key_cols = reinterpret_cast<float*>(piece[5]);
+    ws.v_mean = reinterpret_cast<float*>(piece[6]);
+    ws.partials = reinterpret_cast<float*>(piece[7]);
+    ws.cand = reinterpret_cast<std::pair<float, int64_t>*>(piece[8]);
     return ws;
   };
   auto thread_id = [nthreads]() {
     return std::min(std::max(0, at::get_thread_num()), nthreads - 1);
   };
+  const int64_t split_floats = G * (D + 3);
 
   if (per_task) {
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -641,10 +692,13 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       for (int64_t task = t0; task < t1; ++task) {
         prep_query<T>(P, task);
         for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
-        stage2_task<T>(P, task, ws.scores, ws);
+        stage2_select<T>(P, task, ws.scores, ws);
+        for (int64_t sp = 0; sp < P.n_splits; ++sp)
+          stage2_split<T>(P, task, sp, ws.partials + sp * split_floats, ws);
+        stage2_merge<T>(P, task, ws.partials, ws);
       }
     });
-  } else {  // few (b, h): split stage 1 over chunks of the sequence too
+  } else {  // few (b, h): split the sequence (stage 1) and the selected rows (stage 2) too
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) prep_query<T>(P, task);
     });
@@ -658,7 +712,17 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       const Scratch ws = scratch_for(thread_id());
       for (int64_t task = t0; task < t1; ++task)
-        stage2_task<T>(P, task, global_scores + task * S, ws);
+        stage2_select<T>(P, task, global_scores + task * S, ws);
+    });
+    at::parallel_for(0, tasks * P.n_splits, 1, [&](int64_t w0, int64_t w1) {
+      const Scratch ws = scratch_for(thread_id());
+      for (int64_t w = w0; w < w1; ++w)
+        stage2_split<T>(P, w / P.n_splits, w % P.n_splits, P.partials + w * split_floats, ws);
+    });
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      const Scratch ws = scratch_for(thread_id());
+      for (int64_t task = t0; task < t1; ++task)
+        stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, ws);
     });
   }
 }
@@ -698,6 +762,7 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
   P.rpad = cpu::round_up(r, cpu::kVec);
   P.kpad = cpu::round_up(std::min(k, d.S), cpu::kVec);
   P.n_chunks = ceil_div(d.S, cpu::kChunk);
+  P.n_splits = ceil_div(std::min(k, d.S), cpu::kSplit);
   P.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D)));
   P.reallocate = reallocate;
   P.query = q.data_ptr();
