@@ -19,15 +19,18 @@ import sparq_ext
 from sparq_ext.seed import sparq_attn
 
 
+CLOCK = time.perf_counter
+
+
 def median_ms(fn, min_runs: int, min_time: float) -> float:
     for _ in range(3):
         fn()
     times = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
         if len(times) > 2000:
             break
     return statistics.median(times) * 1e3
@@ -53,9 +56,18 @@ def main() -> None:
     p.add_argument("--min-time", type=float, default=1.0)
     p.add_argument("--no-seed", action="store_true")
     p.add_argument("--no-sdpa", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="thread: CPU time of the calling thread, robust to other jobs on a "
+                        "shared machine, meaningful only with --threads 1")
     args = p.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        CLOCK = time.thread_time
     torch.manual_seed(0)
-    print(f"threads={torch.get_num_threads()} native_cpu={sparq_ext.has_native_kernel('cpu')} "
+    print(f"clock={args.clock} threads={torch.get_num_threads()} native_cpu={sparq_ext.has_native_kernel('cpu')} "
           f"copy_bw={copy_bandwidth_gbs():.1f} GB/s")
     hdr = (f"{'dtype':9} {'Hkv':>3} {'S':>6} {'sparq ms':>9} {'sdpa ms':>9} {'seed ms':>9} "
            f"{'x sdpa':>7} {'x seed':>7} {'GB/s':>6}")
