@@ -255,3 +255,32 @@ def test_opcheck():
     q, K, V = make_inputs(2, 4, 2, 50, 32, seed=2)
     kwargs = dict(r=4, k=10, key_t=K.transpose(-1, -2).contiguous(), local_window=2)
     torch.library.opcheck(torch.ops.sparq_ext.attention.default, (q, K, V), kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tied_scores(dtype):
+    # Rows drawn from 5 distinct (key, value) pairs: the approximate scores are heavily tied at
+    # the k-th place. Any tie-break gives the same output because tied rows are identical.
+    gen = torch.Generator().manual_seed(8)
+    B, Hkv, G, S, D = 2, 2, 2, 3000, 32
+    which = torch.randint(0, 5, (B, Hkv, S), generator=gen)
+    K = torch.randn(5, D, generator=gen)[which].to(dtype)
+    V = torch.randn(5, D, generator=gen)[which].to(dtype)
+    q = untied_query(B, Hkv * G, Hkv, D, dtype, gen) if dtype != torch.float32 else \
+        torch.randn(B, Hkv * G, 1, D, generator=gen)
+    for k in (1, 100, 700, 2999):
+        check(q, K, V, 4, k, key_t=K.transpose(-1, -2).contiguous(), local_window=min(k, 3))
+
+
+def test_zero_query_and_constant_keys():
+    # All approximate scores tie, so only the dense limit has one right answer; below it the
+    # output must still be finite (gamma is guarded for an all-zero query).
+    q, K, V = make_inputs(2, 4, 2, 500, 32, seed=12)
+    ones_t = torch.ones(2, 2, 32, 500)
+    for k in (500, 50):
+        for args in ((torch.zeros_like(q), K, V), (q, torch.ones_like(K), V)):
+            out, ref = native_and_reference(*args, 4, k, local_window=5,
+                                            key_t=ones_t if args[1].eq(1).all() else None)
+            assert torch.isfinite(out).all()
+            if k == 500:
+                torch.testing.assert_close(out, ref, **TOL[torch.float32])

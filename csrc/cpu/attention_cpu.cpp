@@ -100,7 +100,6 @@ struct Scratch {
   float* key_cols;                  // rpad: one key row's i1 columns
   float* v_mean;                    // D
   float* partials;                  // n_splits * G * (D + 3) (per-task mode)
-  std::pair<float, int64_t>* cand;  // S
 };
 
 // ---------------------------------------------------------------------------------------
@@ -417,7 +416,7 @@ void stage2_select(const Problem& P, int64_t task, const float* scores, const Sc
   const int64_t want = std::min(P.k, ri.n_valid);  // k clamped to the valid count
   P.n_sel[task] = ri.n_valid == 0 ? 0
                 : select_topk(scores, ri.begin, ri.end, want, lo_score, hi_score,
-                              P.sel_idx + task * P.kpad, ws.cand);
+                              P.sel_idx + task * P.kpad);
 }
 
 // Stage 2b: one split of the selected rows -> per head (max, sum p, sum of approx softmax
@@ -643,7 +642,6 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       P.rpad * 4,                                    // key_cols
       D * 4,                                         // v_mean
       per_task ? part_floats * 4 : 0,                // partials
-      S * (int64_t)sizeof(std::pair<float, int64_t>) // cand
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
@@ -664,8 +662,8 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
 
   auto scratch_for = [&](int tid) {
     char* p = base + scratch_begin + scratch_bytes * tid;
-    char* piece[9];
-    for (int i = 0; i < 9; ++i) {
+    char* piece[8];
+    for (int i = 0; i < 8; ++i) {
       piece[i] = p;
       p += round_up(scratch_sizes[i], 64);
     }
@@ -678,7 +676,6 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.key_cols = reinterpret_cast<float*>(piece[5]);
     ws.v_mean = reinterpret_cast<float*>(piece[6]);
     ws.partials = reinterpret_cast<float*>(piece[7]);
-    ws.cand = reinterpret_cast<std::pair<float, int64_t>*>(piece[8]);
     return ws;
   };
   auto thread_id = [nthreads]() {

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "cpu/cpu_simd.h"
 #include "sparq/math.h"
@@ -73,10 +74,9 @@ inline fVec load_scores(const float* scores, int64_t s, int64_t end) {
 
 // Select min(want, #scores > -inf) positions among scores[begin, end) into `out` (ascending);
 // returns how many. `finite_lo/hi`: min/max of the finite scores (lo > hi when there are
-// none). `cand` needs room for end - begin entries.
+// none).
 inline int64_t select_topk(const float* scores, int64_t begin, int64_t end, int64_t want,
-                           float finite_lo, float finite_hi, int64_t* out,
-                           std::pair<float, int64_t>* cand) {
+                           float finite_lo, float finite_hi, int64_t* out) {
   if (want <= 0 || end <= begin) return 0;
   const BucketMap bucket(finite_lo, finite_hi);
   int32_t counts[kSelectBuckets] = {};
@@ -123,6 +123,10 @@ inline int64_t select_topk(const float* scores, int64_t begin, int64_t end, int6
   }
   const float hi_cut = threshold == kSelectBuckets - 1 ? INFINITY : bucket.cut(threshold + 1);
   const float lo_cut = std::max(bucket.cut(threshold), -FLT_MAX);
+  // Exactly the finite scores of bucket T fall in [lo_cut, hi_cut): usually a few dozen.
+  std::vector<std::pair<float, int64_t>> cand_store(std::max<int32_t>(counts[threshold], 1));
+  std::pair<float, int64_t>* cand = cand_store.data();
+  const int64_t cand_cap = static_cast<int64_t>(cand_store.size());
   int64_t n_cand = 0;
   for (int64_t s = begin; s < end; s += kVec) {
     const fVec x = load_scores(scores, s, end);
@@ -132,7 +136,7 @@ inline int64_t select_topk(const float* scores, int64_t begin, int64_t end, int6
     for (int bits = ge_hi; bits; bits &= bits - 1) out[n_out++] = s + __builtin_ctz(bits);
     for (int bits = ge_lo & ~ge_hi; bits; bits &= bits - 1) {
       const int64_t i = s + __builtin_ctz(bits);
-      cand[n_cand++] = {scores[i], i};
+      if (n_cand < cand_cap) cand[n_cand++] = {scores[i], i};
     }
   }
   const int64_t take = std::min(need - above, n_cand);  // >= 1 by the choice of threshold
