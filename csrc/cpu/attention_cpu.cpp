@@ -6,11 +6,13 @@
 //                      L rows of key, L*D*e, because the r columns share their cache lines)
 //         + 2*k'*D*e   the selected rows of key and value
 //         + D*e        value_mean (without it: L*D*e, the mean of value over valid positions)
-//         + G*D*e      the query heads of the group, L bytes of attn_mask
+//         + G*D*e      the query heads of the group, and L bytes of attn_mask
 //   writes  G*D*e      the output
-//   workspace: L*4 bytes of selection scores (written once, read twice while L2-resident
-//   when B*Hkv >= threads; otherwise in a (B*Hkv, S) buffer), k'*(8 + 8*G) bytes of indices
-//   and per-head scores, per-chunk softmax statistics (a few floats per 4096 positions).
+//   workspace (fp32/int64, from one at::empty per call): L*4 bytes of selection scores,
+//   written once and read twice while L2-resident (per-thread buffer when B*Hkv >= threads,
+//   else a (B*Hkv, S) buffer), k'*8 bytes of indices, per-chunk softmax statistics (2*G
+//   floats per 4096 positions) and per-split partials ((D+3)*G floats per 512 selected rows).
+//   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
 //
 // Stages (DESIGN.md section 6, with threads in place of thread blocks):
 //   0. query prep: i1 = top-r of sum_g |q_g|; q_hat_g = q_g[i1] * scale / sqrt(gamma_g).
@@ -19,9 +21,12 @@
 //      group sum written out (+inf in the local window, -inf where invalid).
 //   2. exact top-k of the group sums (topk_cpu.h), then per selected row: exact scores of
 //      all G heads and their approximate logits from the same key row, softmax, weighted
-//      sum of value rows; alpha_g from the stage-1 statistics; alpha*y + (1-alpha)*v_mean.
-// Work items are (b, h) when there are at least as many as threads, else (b, h, chunk) for
-// stage 1. Chunking is the same either way, so the result does not depend on thread count.
+//      sum of value rows, in fixed splits of 512 rows merged in order; alpha_g from the
+//      stage-1 statistics; output alpha*y + (1-alpha)*v_mean.
+// Work items are whole (b, h) when there are at least as many as threads, else (b, h, chunk)
+// for stage 1 and (b, h, split) for stage 2. Chunks and splits are the same either way, so the
+// result does not depend on the thread count (bit for bit).
+//
 // GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip this warning
 // wherever they are inlined; it says nothing about this file.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -738,6 +743,8 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                            local_window);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
+  TORCH_CHECK(d.S < (int64_t{1} << 31), "key must hold fewer than 2^31 positions for the CPU "
+              "kernel (its top-k histogram counts are 32-bit), got S = ", d.S);
   const at::Tensor q = query.contiguous();
   const at::Tensor key_rows = cpu::rows_contiguous(key);
   const at::Tensor value_rows = cpu::rows_contiguous(value);
