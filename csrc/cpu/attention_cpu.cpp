@@ -39,6 +39,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -576,6 +577,26 @@ void stage2_merge(const Problem& P, int64_t task, const float* partials, const S
   }
 }
 
+// f(item, thread) for item in [0, n), items handed out one at a time from a shared counter:
+// balances uneven items (ragged rows) and keeps going when one thread is descheduled on a
+// busy machine, where a static split would wait for it. `thread` indexes per-thread scratch.
+template <typename F>
+void dynamic_for(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(std::max(1, at::get_num_threads()), n);
+  if (nt == 1 || at::in_parallel_region()) {  // nested call: serial, on this call's scratch 0
+    for (int64_t i = 0; i < n; ++i) f(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    const int tid = static_cast<int>(std::clamp<int64_t>(at::get_thread_num(), 0, nt - 1));
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(i, tid);
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Driver.
 // ---------------------------------------------------------------------------------------
@@ -683,48 +704,33 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.partials = reinterpret_cast<float*>(piece[7]);
     return ws;
   };
-  auto thread_id = [nthreads]() {
-    return std::min(std::max(0, at::get_thread_num()), nthreads - 1);
-  };
   const int64_t split_floats = G * (D + 3);
 
   if (per_task) {
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      const Scratch ws = scratch_for(thread_id());
-      for (int64_t task = t0; task < t1; ++task) {
-        prep_query<T>(P, task);
-        for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
-        stage2_select<T>(P, task, ws.scores, ws);
-        for (int64_t sp = 0; sp < P.n_splits; ++sp)
-          stage2_split<T>(P, task, sp, ws.partials + sp * split_floats, ws);
-        stage2_merge<T>(P, task, ws.partials, ws);
-      }
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      const Scratch ws = scratch_for(tid);
+      prep_query<T>(P, task);
+      for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
+      stage2_select<T>(P, task, ws.scores, ws);
+      for (int64_t sp = 0; sp < P.n_splits; ++sp)
+        stage2_split<T>(P, task, sp, ws.partials + sp * split_floats, ws);
+      stage2_merge<T>(P, task, ws.partials, ws);
     });
   } else {  // few (b, h): split the sequence (stage 1) and the selected rows (stage 2) too
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) prep_query<T>(P, task);
+    dynamic_for(tasks, [&](int64_t task, int) { prep_query<T>(P, task); });
+    dynamic_for(tasks * P.n_chunks, [&](int64_t w, int tid) {
+      const int64_t task = w / P.n_chunks;
+      stage1_chunk<T>(P, task, w % P.n_chunks, global_scores + task * S, scratch_for(tid));
     });
-    at::parallel_for(0, tasks * P.n_chunks, 1, [&](int64_t w0, int64_t w1) {
-      const Scratch ws = scratch_for(thread_id());
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t task = w / P.n_chunks;
-        stage1_chunk<T>(P, task, w % P.n_chunks, global_scores + task * S, ws);
-      }
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      stage2_select<T>(P, task, global_scores + task * S, scratch_for(tid));
     });
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      const Scratch ws = scratch_for(thread_id());
-      for (int64_t task = t0; task < t1; ++task)
-        stage2_select<T>(P, task, global_scores + task * S, ws);
+    dynamic_for(tasks * P.n_splits, [&](int64_t w, int tid) {
+      stage2_split<T>(P, w / P.n_splits, w % P.n_splits, P.partials + w * split_floats,
+                      scratch_for(tid));
     });
-    at::parallel_for(0, tasks * P.n_splits, 1, [&](int64_t w0, int64_t w1) {
-      const Scratch ws = scratch_for(thread_id());
-      for (int64_t w = w0; w < w1; ++w)
-        stage2_split<T>(P, w / P.n_splits, w % P.n_splits, P.partials + w * split_floats, ws);
-    });
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      const Scratch ws = scratch_for(thread_id());
-      for (int64_t task = t0; task < t1; ++task)
-        stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, ws);
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, scratch_for(tid));
     });
   }
 }
