@@ -43,6 +43,7 @@
 #include <cmath>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "sparq/math.h"
 #include "sparq_ops.h"
@@ -117,7 +118,7 @@ void prep_query(const Problem& P, int64_t task) {
   const T* q = static_cast<const T*>(P.query) + (b * P.Hq + h * G) * D;
   float* qf = P.q_f32 + task * G * D;
   for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
-  // i1 = top-r of sum_g |q_g|, reusing the q_hat rows of this task as scratch for the sums.
+  // i1 = top-r of sum_g |q_g| (ties: lowest index; any choice is valid, DESIGN.md).
   int64_t* i1 = P.i1 + task * r;
   std::vector<std::pair<float, int64_t>> mag(D);
   for (int64_t d = 0; d < D; ++d) {
