@@ -1,0 +1,807 @@
+// Native CPU kernel of torch.ops.sparq_ext.attention (SparQ Attention, arXiv 2312.04985).
+//
+// Bytes per (batch b, KV head h), e = element size, L = valid span of row b (<= S, bounded by
+// seq_lens / the first and last True of attn_mask), k' = min(k, valid count), G = Hq / Hkv:
+//   reads   L*r*e      the r selected rows of key_t (contiguous runs; without key_t: the
+//                      L rows of key, L*D*e, because the r columns share their cache lines)
+//         + 2*k'*D*e   the selected rows of key and value
+//         + D*e        value_mean (without it: L*D*e, the mean of value over valid positions)
+//         + G*D*e      the query heads of the group, and L bytes of attn_mask
+//   writes  G*D*e      the output
+//   workspace (fp32/int64, from one at::empty per call): L*4 bytes of selection scores,
+//   written once and read twice while L2-resident (per-thread buffer when B*Hkv >= threads,
+//   else a (B*Hkv, S) buffer), k'*8 bytes of indices, per-chunk softmax statistics (2*G
+//   floats per 4096 positions) and per-split partials ((D+3)*G floats per 512 selected rows).
+//   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
+//
+// Stages (DESIGN.md section 6, with threads in place of thread blocks):
+//   0. query prep: i1 = top-r of sum_g |q_g|; q_hat_g = q_g[i1] * scale / sqrt(gamma_g).
+//   1. per 4096-position chunk: approximate logits of all G heads from the r rows of key_t in
+//      registers, per-head online-softmax statistics (max, sum exp) for alpha, and only the
+//      group sum written out (+inf in the local window, -inf where invalid).
+//   2. exact top-k of the group sums (topk_cpu.h), then per selected row: exact scores of
+//      all G heads and their approximate logits from the same key row, softmax, weighted
+//      sum of value rows, in fixed splits of 512 rows merged in order; alpha_g from the
+//      stage-1 statistics; output alpha*y + (1-alpha)*v_mean.
+// Work items are whole (b, h) when there are at least as many as threads, else (b, h, chunk)
+// for stage 1 and (b, h, split) for stage 2. Chunks and splits are the same either way, so the
+// result does not depend on the thread count (bit for bit).
+//
+// GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip this warning
+// wherever they are inlined; it says nothing about this file.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "cpu/cpu_simd.h"  // first: sets ATen's CPU_CAPABILITY macros for the vector width
+#include "cpu/topk_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "sparq/math.h"
+#include "sparq_ops.h"
+
+namespace sparq {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // positions per stage-1 work item (sets the statistics grid)
+constexpr int64_t kSub = 256;     // positions per L1-resident block of per-head logits
+constexpr int64_t kSplit = 512;   // selected rows per stage-2 work item (fixed: thread-count
+                                  // independent results)
+// Rows ahead to prefetch in the gathers. They are latency-bound (the prefetches stall on
+// line-fill buffers); 4..32 measured the same, so no tuning knob.
+constexpr int64_t kPrefetch = 8;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The valid span of one batch row.
+struct RowInfo {
+  int64_t begin, end;  // first valid position, one past the last
+  int64_t win_start;   // valid positions >= win_start are the forced local window
+  int64_t n_valid;     // valid positions in [begin, end)
+};
+
+struct Problem {
+  int64_t B, Hq, Hkv, G, S, D, r, k, rpad, kpad, n_chunks;
+  float scale;
+  bool reallocate;
+  const void* query;  // contiguous (B, Hq, D)
+  const void* key;
+  int64_t kB, kH, kS;
+  const void* value;
+  int64_t vB, vH, vS;
+  const void* key_t;  // nullptr when absent
+  int64_t tB, tH, tD;
+  const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
+  const bool* mask;        // contiguous (B, S) or nullptr
+  const RowInfo* rows;
+  void* out;  // contiguous (B, Hq, D)
+  // Per-task arrays (task = b * Hkv + h).
+  int64_t* i1;         // (tasks, r), ascending
+  float* q_f32;        // (tasks, G, D)
+  float* q_hat;        // (tasks, G, rpad), zero-padded, step-1 scale folded in
+  float* chunk_stats;  // (tasks, n_chunks, G, 2): softmax (max, sum) of approx logits
+  float* chunk_range;  // (tasks, n_chunks, 2): min, max of finite selection scores
+  int64_t n_splits;    // ceil(min(k, S) / kSplit): stage-2 splits of the selected rows
+  int64_t* sel_idx;    // (tasks, kpad): selected positions, ascending
+  int64_t* n_sel;      // (tasks,)
+  float* head_stats;   // (tasks, G, 2): softmax (max, sum) of approx logits over all of S
+  float* partials;     // (tasks, n_splits, G, D + 3) when splits run as separate work items
+};
+
+// Per-thread scratch, carved from one allocation.
+struct Scratch {
+  float* scores;                    // S: selection scores (per-task mode)
+  float* logits;                    // G * kSub: per-head approximate logits of a block
+  float* gathered;                  // r * kSub: key columns when there is no key_t
+  float* sel_exact;                 // G * kSplit: exact logits -> softmax weights
+  float* sel_approx;                // G * kSplit: approximate logits of the selected rows
+  float* key_cols;                  // rpad: one key row's i1 columns
+  float* v_mean;                    // D
+  float* partials;                  // n_splits * G * (D + 3) (per-task mode)
+};
+
+// ---------------------------------------------------------------------------------------
+// Stage 0: query prep for one task.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+void prep_query(const Problem& P, int64_t task) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
+  const T* q = static_cast<const T*>(P.query) + (b * P.Hq + h * G) * D;
+  float* qf = P.q_f32 + task * G * D;
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
+  // i1 = top-r of sum_g |q_g| (ties: lowest index; any choice is valid, DESIGN.md).
+  int64_t* i1 = P.i1 + task * r;
+  std::vector<std::pair<float, int64_t>> mag(D);
+  for (int64_t d = 0; d < D; ++d) {
+    float s = 0.0f;
+    for (int64_t g = 0; g < G; ++g) s += std::fabs(qf[g * D + d]);
+    mag[d] = {s, d};
+  }
+  auto larger = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (r < D) std::nth_element(mag.begin(), mag.begin() + (r - 1), mag.end(), larger);
+  for (int64_t j = 0; j < r; ++j) i1[j] = mag[j].second;
+  std::sort(i1, i1 + r);  // ascending: the r key_t rows are then read in address order
+  float* qh = P.q_hat + task * G * P.rpad;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qf + g * D;
+    float l1 = 0.0f, l1_hat = 0.0f;
+    for (int64_t d = 0; d < D; ++d) l1 += std::fabs(qg[d]);
+    for (int64_t j = 0; j < r; ++j) l1_hat += std::fabs(qg[i1[j]]);
+    const float s = approx_logit_scale(l1_hat, l1, P.scale);
+    for (int64_t j = 0; j < P.rpad; ++j) qh[g * P.rpad + j] = j < r ? qg[i1[j]] * s : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stage 1 kernel: logits[hh][i] = sum_j q_hat[hh][j] * rows[j][i] for NH heads at once, each
+// row element loaded once; U vectors of positions per step keep enough FMAs in flight.
+// Stores whole vectors: `logits` rows hold round_up(n, kVec) floats.
+// ---------------------------------------------------------------------------------------
+template <typename T, int NH, int U>
+void approx_logits_block(const T* const* rows, int64_t r, const float* qh, int64_t rpad,
+                         int64_t n, float* logits) {
+  int64_t i = 0;
+  for (; i + U * kVec <= n; i += U * kVec) {
+    fVec acc[NH][U];
+    for (int hh = 0; hh < NH; ++hh)
+      for (int u = 0; u < U; ++u) acc[hh][u] = fVec(0.0f);
+    for (int64_t j = 0; j < r; ++j) {
+      fVec kv[U];
+      for (int u = 0; u < U; ++u) kv[u] = load_f(rows[j] + i + u * kVec);
+      for (int hh = 0; hh < NH; ++hh) {
+        const fVec qb(qh[hh * rpad + j]);
+        for (int u = 0; u < U; ++u) acc[hh][u] = at::vec::fmadd(qb, kv[u], acc[hh][u]);
+      }
+    }
+    for (int hh = 0; hh < NH; ++hh)
+      for (int u = 0; u < U; ++u) acc[hh][u].store(logits + hh * kSub + i + u * kVec);
+  }
+  for (; i < n; i += kVec) {
+    const int64_t m = std::min<int64_t>(kVec, n - i);
+    fVec acc[NH];
+    for (int hh = 0; hh < NH; ++hh) acc[hh] = fVec(0.0f);
+    for (int64_t j = 0; j < r; ++j) {
+      const fVec kv = m == kVec ? load_f(rows[j] + i) : load_f(rows[j] + i, m);
+      for (int hh = 0; hh < NH; ++hh)
+        acc[hh] = at::vec::fmadd(fVec(qh[hh * rpad + j]), kv, acc[hh]);
+    }
+    for (int hh = 0; hh < NH; ++hh) acc[hh].store(logits + hh * kSub + i);
+  }
+}
+
+// Heads in blocks of 8, 4, 2, 1 so that each block's accumulators stay in registers.
+template <typename T>
+void approx_logits_all_heads(const T* const* rows, int64_t r, const float* qh, int64_t rpad,
+                             int64_t G, int64_t n, float* logits) {
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t rem = G - g0;
+    const float* q = qh + g0 * rpad;
+    float* out = logits + g0 * kSub;
+    if (rem >= 8) {
+      approx_logits_block<T, 8, 2>(rows, r, q, rpad, n, out);
+      g0 += 8;
+    } else if (rem >= 4) {
+      approx_logits_block<T, 4, 2>(rows, r, q, rpad, n, out);
+      g0 += 4;
+    } else if (rem >= 2) {
+      approx_logits_block<T, 2, 4>(rows, r, q, rpad, n, out);
+      g0 += 2;
+    } else {
+      approx_logits_block<T, 1, 4>(rows, r, q, rpad, n, out);
+      g0 += 1;
+    }
+  }
+}
+
+inline float vec_max(const float* x, int64_t n) {
+  fVec m(-INFINITY);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) m = at::vec::maximum(m, fVec::loadu(x + i));
+  float out = hmax(m);
+  for (; i < n; ++i) out = std::max(out, x[i]);
+  return out;
+}
+
+// sum_i exp(x[i] - m) (m finite); with `write`, x[i] becomes exp(x[i] - m). FastExp: the
+// ~20-ulp polynomial, used for the S*G statistics of stage 1.
+template <bool FastExp, bool Write>
+inline float exp_sum(float* x, int64_t n, float m) {
+  const fVec mv(m);
+  fVec acc(0.0f);
+  int64_t i = 0;
+  for (; i < n; i += kVec) {
+    const int64_t c = std::min<int64_t>(kVec, n - i);
+    fVec v = fVec::loadu(x + i, c) - mv;
+    v = FastExp ? v.exp_u20() : v.exp();
+    if (c < kVec) v = fVec::set(fVec(0.0f), v, c);
+    if (Write) v.store(x + i, c);
+    acc = acc + v;
+  }
+  return hsum(acc);
+}
+
+// Stage 1 for one (task, chunk): selection scores into scores[lo, hi) and the chunk's
+// statistics. `scores` is indexed by position.
+template <typename T>
+void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
+                  const Scratch& ws) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, r = P.r;
+  const RowInfo ri = P.rows[b];
+  float* stats = P.chunk_stats + (task * P.n_chunks + chunk) * G * 2;
+  float* range = P.chunk_range + (task * P.n_chunks + chunk) * 2;
+  for (int64_t g = 0; g < G; ++g) {
+    stats[2 * g] = -INFINITY;
+    stats[2 * g + 1] = 0.0f;
+  }
+  float lo_score = INFINITY, hi_score = -INFINITY;
+  const int64_t lo = std::max(ri.begin, chunk * kChunk);
+  const int64_t hi = std::min(ri.end, (chunk + 1) * kChunk);
+  const int64_t* i1 = P.i1 + task * r;
+  const float* qh = P.q_hat + task * G * P.rpad;
+  const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
+  const T* rows[256];  // r <= D; D > 256 handled by the heap vector below
+  std::vector<const T*> rows_heap;
+  const T** row_ptr = rows;
+  if (r > 256) {
+    rows_heap.resize(r);
+    row_ptr = rows_heap.data();
+  }
+  std::vector<const float*> gathered_rows;
+  if (!P.key_t) {
+    gathered_rows.resize(r);
+    for (int64_t j = 0; j < r; ++j) gathered_rows[j] = ws.gathered + j * kSub;
+  }
+  float* logits = ws.logits;
+
+  for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
+    const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
+    if (P.key_t) {
+      const T* base = static_cast<const T*>(P.key_t) + b * P.tB + h * P.tH + s0;
+      for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.tD;
+      approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
+    } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
+      const T* base = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
+      for (int64_t i = 0; i < n; ++i) {
+        const T* row = base + (s0 + i) * P.kS;
+        for (int64_t j = 0; j < r; ++j) ws.gathered[j * kSub + i] = static_cast<float>(row[i1[j]]);
+      }
+      approx_logits_all_heads<float>(gathered_rows.data(), r, qh, P.rpad, G, n, logits);
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = n; i < npad; ++i) logits[g * kSub + i] = -INFINITY;
+
+    float* sc = scores + s0;
+    const bool all_valid = !mask || std::find(mask + s0, mask + s0 + n, false) == mask + s0 + n;
+    if (all_valid && s0 + n <= ri.win_start) {  // common case: no masking, no window
+      fVec vmin(INFINITY), vmax(-INFINITY);
+      for (int64_t i = 0; i < npad; i += kVec) {
+        fVec sum = fVec::loadu(logits + i);
+        for (int64_t g = 1; g < G; ++g) sum = sum + fVec::loadu(logits + g * kSub + i);
+        const int64_t c = std::min<int64_t>(kVec, n - i);
+        if (c < kVec) {
+          sum.store(sc + i, c);
+          sum = fVec::set(fVec(-INFINITY), sum, c);  // tail lanes out of min/max
+          vmax = at::vec::maximum(vmax, sum);
+          vmin = at::vec::minimum(vmin, fVec::set(fVec(INFINITY), sum, c));
+        } else {
+          sum.store(sc + i);
+          vmax = at::vec::maximum(vmax, sum);
+          vmin = at::vec::minimum(vmin, sum);
+        }
+      }
+      hi_score = std::max(hi_score, hmax(vmax));
+      lo_score = std::min(lo_score, -hmax(fVec(0.0f) - vmin));
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t s = s0 + i;
+        if (mask && !mask[s]) {
+          for (int64_t g = 0; g < G; ++g) logits[g * kSub + i] = -INFINITY;
+          sc[i] = kInvalidScore;
+          continue;
+        }
+        if (s >= ri.win_start) {
+          sc[i] = kWindowScore;
+          continue;
+        }
+        float sum = 0.0f;
+        for (int64_t g = 0; g < G; ++g) sum += logits[g * kSub + i];
+        sc[i] = sum;
+        if (std::isfinite(sum)) {
+          lo_score = std::min(lo_score, sum);
+          hi_score = std::max(hi_score, sum);
+        }
+      }
+    }
+    // Per-head softmax statistics of this block, merged into the chunk's.
+    for (int64_t g = 0; g < G; ++g) {
+      float* x = logits + g * kSub;
+      const float m = vec_max(x, npad);
+      if (m == -INFINITY) continue;
+      const float l = exp_sum<true, false>(x, npad, m);
+      const SoftmaxState s = softmax_merge({stats[2 * g], stats[2 * g + 1]}, {m, l});
+      stats[2 * g] = s.m;
+      stats[2 * g + 1] = s.l;
+    }
+  }
+  range[0] = lo_score;
+  range[1] = hi_score;
+}
+
+// ---------------------------------------------------------------------------------------
+// Stage 2 kernels over the selected rows.
+// ---------------------------------------------------------------------------------------
+
+// Exact logits of NH heads for one key row.
+template <typename T, int NH>
+inline void exact_logits_row(const T* row, const float* qf, int64_t D, float scale,
+                             float* out, int64_t out_stride) {
+  fVec acc[NH];
+  for (int hh = 0; hh < NH; ++hh) acc[hh] = fVec(0.0f);
+  int64_t d = 0;
+  for (; d + kVec <= D; d += kVec) {
+    const fVec kv = load_f(row + d);
+    for (int hh = 0; hh < NH; ++hh)
+      acc[hh] = at::vec::fmadd(fVec::loadu(qf + hh * D + d), kv, acc[hh]);
+  }
+  if (d < D) {
+    const int64_t c = D - d;
+    const fVec kv = load_f(row + d, c);
+    for (int hh = 0; hh < NH; ++hh)
+      acc[hh] = at::vec::fmadd(fVec::loadu(qf + hh * D + d, c), kv, acc[hh]);
+  }
+  for (int hh = 0; hh < NH; ++hh) out[hh * out_stride] = hsum(acc[hh]) * scale;
+}
+
+// y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads. Each value row is read once, whole
+// (the gather is latency-bound: touching a row in several passes costs a miss per pass), and
+// the NH x D fp32 accumulators live in L1.
+template <typename T, int NH>
+void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n_sel,
+                       const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
+  for (int hh = 0; hh < NH; ++hh)
+    for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
+  const int64_t d_full = D / kVec * kVec;
+  for (int64_t t = 0; t < n_sel; ++t) {
+    if (t + kPrefetch < n_sel) prefetch_row(vbase + idx[t + kPrefetch] * vS, row_bytes);
+    const T* row = vbase + idx[t] * vS;
+    fVec pb[NH];
+    for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
+    for (int64_t d = 0; d < d_full; d += kVec) {
+      const fVec v = load_f(row + d);
+      for (int hh = 0; hh < NH; ++hh) {
+        float* acc = y + hh * y_stride + d;
+        at::vec::fmadd(pb[hh], v, fVec::loadu(acc)).store(acc);
+      }
+    }
+    if (d_full < D) {
+      const int64_t c = D - d_full;
+      const fVec v = load_f(row + d_full, c);
+      for (int hh = 0; hh < NH; ++hh) {
+        float* acc = y + hh * y_stride + d_full;
+        at::vec::fmadd(pb[hh], v, fVec::loadu(acc, c)).store(acc, c);
+      }
+    }
+  }
+}
+
+// Stage 2a: merge the stage-1 statistics of a task and select its rows.
+template <typename T>
+void stage2_select(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
+  const int64_t b = task / P.Hkv, G = P.G;
+  const RowInfo ri = P.rows[b];
+  float* head_stats = P.head_stats + task * G * 2;
+  float lo_score = INFINITY, hi_score = -INFINITY;
+  for (int64_t g = 0; g < G; ++g) {
+    head_stats[2 * g] = -INFINITY;
+    head_stats[2 * g + 1] = 0.0f;
+  }
+  for (int64_t c = 0; c < P.n_chunks; ++c) {  // in chunk order: deterministic
+    const float* st = P.chunk_stats + (task * P.n_chunks + c) * G * 2;
+    for (int64_t g = 0; g < G; ++g) {
+      const SoftmaxState s =
+          softmax_merge({head_stats[2 * g], head_stats[2 * g + 1]}, {st[2 * g], st[2 * g + 1]});
+      head_stats[2 * g] = s.m;
+      head_stats[2 * g + 1] = s.l;
+    }
+    const float* rg = P.chunk_range + (task * P.n_chunks + c) * 2;
+    lo_score = std::min(lo_score, rg[0]);
+    hi_score = std::max(hi_score, rg[1]);
+  }
+  const int64_t want = std::min(P.k, ri.n_valid);  // k clamped to the valid count
+  P.n_sel[task] = ri.n_valid == 0 ? 0
+                : select_topk(scores, ri.begin, ri.end, want, lo_score, hi_score,
+                              P.sel_idx + task * P.kpad);
+}
+
+// Stage 2b: one split of the selected rows -> per head (max, sum p, sum of approx softmax
+// numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats).
+template <typename T>
+void stage2_split(const Problem& P, int64_t task, int64_t split, float* partial,
+                  const Scratch& ws) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
+  const int64_t t0 = split * kSplit, n = std::min(P.n_sel[task] - t0, kSplit);
+  const int64_t pstride = D + 3;
+  if (n <= 0) {
+    for (int64_t g = 0; g < G; ++g) {
+      float* part = partial + g * pstride;
+      part[0] = -INFINITY;
+      for (int64_t i = 1; i < pstride; ++i) part[i] = 0.0f;
+    }
+    return;
+  }
+  const int64_t* idx = P.sel_idx + task * P.kpad + t0;
+  const T* kbase = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
+  const float* qf = P.q_f32 + task * G * D;
+  const float* qh = P.q_hat + task * G * P.rpad;
+  const int64_t* i1 = P.i1 + task * r;
+  const int64_t rpad = P.rpad;
+  float* ex = ws.sel_exact;
+  float* ap = ws.sel_approx;
+  float* cols = ws.key_cols;
+  for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
+
+  // Exact and approximate logits of the selected rows, all heads per key row read.
+  const int64_t row_bytes = D * (int64_t)sizeof(T);
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kPrefetch < n) prefetch_row(kbase + idx[t + kPrefetch] * P.kS, row_bytes);
+    const T* row = kbase + idx[t] * P.kS;
+    int64_t g0 = 0;
+    while (g0 < G) {
+      const int64_t rem = G - g0;
+      const float* q = qf + g0 * D;
+      float* o = ex + g0 * kSplit + t;
+      if (rem >= 8) {
+        exact_logits_row<T, 8>(row, q, D, P.scale, o, kSplit);
+        g0 += 8;
+      } else if (rem >= 4) {
+        exact_logits_row<T, 4>(row, q, D, P.scale, o, kSplit);
+        g0 += 4;
+      } else if (rem >= 2) {
+        exact_logits_row<T, 2>(row, q, D, P.scale, o, kSplit);
+        g0 += 2;
+      } else {
+        exact_logits_row<T, 1>(row, q, D, P.scale, o, kSplit);
+        g0 += 1;
+      }
+    }
+    if (P.reallocate) {  // l_hat_g of this row from the i1 columns of the row just read
+      for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
+      for (int64_t g = 0; g < G; ++g) {
+        fVec acc(0.0f);
+        for (int64_t j = 0; j < rpad; j += kVec)
+          acc = at::vec::fmadd(fVec::loadu(qh + g * rpad + j), fVec::loadu(cols + j), acc);
+        ap[g * kSplit + t] = hsum(acc);
+      }
+    }
+  }
+
+  // Per head: local softmax weights (in place) and the approximate score mass of the split.
+  const float* head_stats = P.head_stats + task * G * 2;
+  for (int64_t g = 0; g < G; ++g) {
+    float* x = ex + g * kSplit;
+    float* part = partial + g * pstride;
+    const float m = vec_max(x, n);
+    part[0] = m;
+    part[1] = exp_sum<false, true>(x, n, m);
+    const float hm = head_stats[2 * g], hl = head_stats[2 * g + 1];
+    part[2] = (P.reallocate && hl > 0.0f) ? exp_sum<false, false>(ap + g * kSplit, n, hm) : 0.0f;
+  }
+
+  const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t rem = G - g0;
+    const float* p = ex + g0 * kSplit;
+    float* y = partial + g0 * pstride + 3;
+    if (rem >= 8) {
+      accumulate_values<T, 8>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 8;
+    } else if (rem >= 4) {
+      accumulate_values<T, 4>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 4;
+    } else if (rem >= 2) {
+      accumulate_values<T, 2>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 2;
+    } else {
+      accumulate_values<T, 1>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
+      g0 += 1;
+    }
+  }
+}
+
+// Stage 2c: merge the splits (in order) and write alpha * y + (1 - alpha) * v_mean.
+template <typename T>
+void stage2_merge(const Problem& P, int64_t task, const float* partials, const Scratch& ws) {
+  const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D;
+  const RowInfo ri = P.rows[b];
+  T* out = static_cast<T*>(P.out) + (b * P.Hq + h * G) * D;
+  if (ri.n_valid == 0) {  // nothing to attend: zeros, never NaN
+    for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(0.0f);
+    return;
+  }
+  const int64_t pstride = D + 3;
+  const int64_t n_used = ceil_div(P.n_sel[task], kSplit);
+  float* vm = ws.v_mean;
+  if (P.reallocate) {
+    if (P.value_mean) {
+      const T* src = static_cast<const T*>(P.value_mean) + task * D;
+      for (int64_t d = 0; d < D; ++d) vm[d] = static_cast<float>(src[d]);
+    } else {  // mean of value over the valid positions
+      const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
+      for (int64_t d = 0; d < D; ++d) vm[d] = 0.0f;
+      const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
+      for (int64_t s = ri.begin; s < ri.end; ++s) {
+        if (mask && !mask[s]) continue;
+        const T* row = vbase + s * P.vS;
+        int64_t d = 0;
+        for (; d + kVec <= D; d += kVec) (fVec::loadu(vm + d) + load_f(row + d)).store(vm + d);
+        if (d < D) (fVec::loadu(vm + d, D - d) + load_f(row + d, D - d)).store(vm + d, D - d);
+      }
+      const float inv = 1.0f / static_cast<float>(ri.n_valid);
+      for (int64_t d = 0; d < D; ++d) vm[d] *= inv;
+    }
+  }
+  const float* head_stats = P.head_stats + task * G * 2;
+  for (int64_t g = 0; g < G; ++g) {
+    float m = -INFINITY;
+    for (int64_t sp = 0; sp < n_used; ++sp) m = std::max(m, partials[(sp * G + g) * pstride]);
+    float l = 0.0f, alpha_num = 0.0f;
+    float* y = ws.sel_exact;  // D floats of scratch
+    for (int64_t d = 0; d < D; ++d) y[d] = 0.0f;
+    for (int64_t sp = 0; sp < n_used; ++sp) {
+      const float* part = partials + (sp * G + g) * pstride;
+      const float w = softmax_rescale(part[0], m);
+      l += part[1] * w;
+      alpha_num += part[2];
+      for (int64_t d = 0; d < D; ++d) y[d] += part[3 + d] * w;
+    }
+    const float inv_l = 1.0f / std::max(l, kTiny);
+    const float hl = head_stats[2 * g + 1];
+    const float alpha = hl > 0.0f ? alpha_num / hl : 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float yv = y[d] * inv_l;
+      out[g * D + d] = static_cast<T>(P.reallocate ? reallocate_mix(alpha, yv, vm[d]) : yv);
+    }
+  }
+}
+
+// f(item, thread) for item in [0, n), items handed out one at a time from a shared counter:
+// balances uneven items (ragged rows) and keeps going when one thread is descheduled on a
+// busy machine, where a static split would wait for it. `thread` indexes per-thread scratch.
+template <typename F>
+void dynamic_for(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(std::max(1, at::get_num_threads()), n);
+  if (nt == 1 || at::in_parallel_region()) {  // nested call: serial, on this call's scratch 0
+    for (int64_t i = 0; i < n; ++i) f(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    const int tid = static_cast<int>(std::clamp<int64_t>(at::get_thread_num(), 0, nt - 1));
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(i, tid);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Driver.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
+         const at::TensorOptions& byte_opts) {
+  const int64_t B = P.B, S = P.S, G = P.G, D = P.D, r = P.r;
+  const int64_t tasks = B * P.Hkv;
+
+  // Valid span of each batch row (cheap: reads seq_lens and L bytes of mask).
+  std::vector<RowInfo> rows(B);
+  const int64_t* lens = seq_lens.defined() ? seq_lens.data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    RowInfo ri{0, lens ? std::clamp<int64_t>(lens[b], 0, S) : S, 0, 0};
+    if (P.mask) {
+      const bool* m = P.mask + b * S;
+      while (ri.end > 0 && !m[ri.end - 1]) --ri.end;
+      while (ri.begin < ri.end && !m[ri.begin]) ++ri.begin;
+      ri.win_start = ri.end;
+      int64_t in_window = 0;
+      for (int64_t s = ri.end - 1; s >= ri.begin; --s) {
+        if (!m[s]) continue;
+        ++ri.n_valid;
+        if (in_window < local_window) {
+          ++in_window;
+          ri.win_start = s;
+        }
+      }
+    } else {
+      ri.n_valid = ri.end;
+      ri.win_start = std::max<int64_t>(0, ri.end - local_window);
+    }
+    rows[b] = ri;
+  }
+  P.rows = rows.data();
+
+  // Work items: whole (b, h) tasks when there are enough of them for the threads (stage-1
+  // scores and stage-2 partials then stay in the thread's cache); otherwise stages run as
+  // separate parallel loops over (task, chunk) and (task, split). Same chunks and splits
+  // either way, merged in the same order, so results do not depend on the thread count.
+  const int nthreads = std::max(1, at::get_num_threads());
+  const bool per_task = tasks >= nthreads || (P.n_chunks == 1 && P.n_splits == 1);
+  const int64_t part_floats = P.n_splits * G * (D + 3);
+
+  // Global arrays and per-thread scratch in one byte buffer (64-byte aligned pieces).
+  int64_t bytes = 0;
+  auto reserve = [&bytes](int64_t n) {
+    const int64_t at = bytes;
+    bytes += round_up(n, 64);
+    return at;
+  };
+  const int64_t o_i1 = reserve(tasks * r * 8);
+  const int64_t o_qf = reserve(tasks * G * D * 4);
+  const int64_t o_qh = reserve(tasks * G * P.rpad * 4);
+  const int64_t o_stats = reserve(tasks * P.n_chunks * G * 2 * 4);
+  const int64_t o_range = reserve(tasks * P.n_chunks * 2 * 4);
+  const int64_t o_sel = reserve(tasks * P.kpad * 8);
+  const int64_t o_nsel = reserve(tasks * 8);
+  const int64_t o_hstats = reserve(tasks * G * 2 * 4);
+  const int64_t o_parts = reserve(per_task ? 0 : tasks * part_floats * 4);
+  const int64_t o_scores = reserve(per_task ? 0 : tasks * S * 4);
+  const int64_t scratch_begin = bytes;
+  const int64_t scratch_sizes[] = {
+      per_task ? S * 4 : 0,                          // scores
+      G * kSub * 4,                                  // logits
+      P.key_t ? 0 : r * kSub * 4,                    // gathered
+      std::max(G * kSplit, D) * 4,                   // sel_exact (also merge scratch)
+      G * kSplit * 4,                                // sel_approx
+      P.rpad * 4,                                    // key_cols
+      D * 4,                                         // v_mean
+      per_task ? part_floats * 4 : 0,                // partials
+  };
+  for (const int64_t n : scratch_sizes) reserve(n);
+  const int64_t scratch_bytes = bytes - scratch_begin;
+  bytes += scratch_bytes * (nthreads - 1);
+  at::Tensor buffer = at::empty({bytes + 64}, byte_opts);
+  char* base = reinterpret_cast<char*>(
+      round_up(reinterpret_cast<int64_t>(buffer.data_ptr<uint8_t>()), 64));
+  P.i1 = reinterpret_cast<int64_t*>(base + o_i1);
+  P.q_f32 = reinterpret_cast<float*>(base + o_qf);
+  P.q_hat = reinterpret_cast<float*>(base + o_qh);
+  P.chunk_stats = reinterpret_cast<float*>(base + o_stats);
+  P.chunk_range = reinterpret_cast<float*>(base + o_range);
+  P.sel_idx = reinterpret_cast<int64_t*>(base + o_sel);
+  P.n_sel = reinterpret_cast<int64_t*>(base + o_nsel);
+  P.head_stats = reinterpret_cast<float*>(base + o_hstats);
+  P.partials = reinterpret_cast<float*>(base + o_parts);
+  float* global_scores = reinterpret_cast<float*>(base + o_scores);
+
+  auto scratch_for = [&](int tid) {
+    char* p = base + scratch_begin + scratch_bytes * tid;
+    char* piece[8];
+    for (int i = 0; i < 8; ++i) {
+      piece[i] = p;
+      p += round_up(scratch_sizes[i], 64);
+    }
+    Scratch ws;
+    ws.scores = reinterpret_cast<float*>(piece[0]);
+    ws.logits = reinterpret_cast<float*>(piece[1]);
+    ws.gathered = reinterpret_cast<float*>(piece[2]);
+    ws.sel_exact = reinterpret_cast<float*>(piece[3]);
+    ws.sel_approx = reinterpret_cast<float*>(piece[4]);
+    ws.key_cols = reinterpret_cast<float*>(piece[5]);
+    ws.v_mean = reinterpret_cast<float*>(piece[6]);
+    ws.partials = reinterpret_cast<float*>(piece[7]);
+    return ws;
+  };
+  const int64_t split_floats = G * (D + 3);
+
+  if (per_task) {
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      const Scratch ws = scratch_for(tid);
+      prep_query<T>(P, task);
+      for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
+      stage2_select<T>(P, task, ws.scores, ws);
+      for (int64_t sp = 0; sp < P.n_splits; ++sp)
+        stage2_split<T>(P, task, sp, ws.partials + sp * split_floats, ws);
+      stage2_merge<T>(P, task, ws.partials, ws);
+    });
+  } else {  // few (b, h): split the sequence (stage 1) and the selected rows (stage 2) too
+    dynamic_for(tasks, [&](int64_t task, int) { prep_query<T>(P, task); });
+    dynamic_for(tasks * P.n_chunks, [&](int64_t w, int tid) {
+      const int64_t task = w / P.n_chunks;
+      stage1_chunk<T>(P, task, w % P.n_chunks, global_scores + task * S, scratch_for(tid));
+    });
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      stage2_select<T>(P, task, global_scores + task * S, scratch_for(tid));
+    });
+    dynamic_for(tasks * P.n_splits, [&](int64_t w, int tid) {
+      stage2_split<T>(P, w / P.n_splits, w % P.n_splits, P.partials + w * split_floats,
+                      scratch_for(tid));
+    });
+    dynamic_for(tasks, [&](int64_t task, int tid) {
+      stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, scratch_for(tid));
+    });
+  }
+}
+
+// A view whose last dim is contiguous (strides elsewhere are followed, so expanded or sliced
+// caches are read in place), else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return (t.stride(-1) == 1 || t.size(-1) == 1) ? t : t.contiguous();
+}
+
+}  // namespace
+}  // namespace cpu
+
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
+  const AttentionDims d =
+      check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
+                           local_window);
+  TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
+  TORCH_CHECK(d.S < (int64_t{1} << 31), "key must hold fewer than 2^31 positions for the CPU "
+              "kernel (its top-k histogram counts are 32-bit), got S = ", d.S);
+  const at::Tensor q = query.contiguous();
+  const at::Tensor key_rows = cpu::rows_contiguous(key);
+  const at::Tensor value_rows = cpu::rows_contiguous(value);
+  const at::Tensor key_t_rows = key_t ? cpu::rows_contiguous(*key_t) : at::Tensor();
+  const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+  const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, d.B, d.S) : at::Tensor();
+  at::Tensor out = at::empty({d.B, d.Hq, 1, d.D}, query.options());
+
+  cpu::Problem P{};
+  P.B = d.B;
+  P.Hq = d.Hq;
+  P.Hkv = d.Hkv;
+  P.G = d.G;
+  P.S = d.S;
+  P.D = d.D;
+  P.r = r;
+  P.k = k;
+  P.rpad = cpu::round_up(r, cpu::kVec);
+  P.kpad = cpu::round_up(std::min(k, d.S), cpu::kVec);
+  P.n_chunks = ceil_div(d.S, cpu::kChunk);
+  P.n_splits = ceil_div(std::min(k, d.S), cpu::kSplit);
+  P.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D)));
+  P.reallocate = reallocate;
+  P.query = q.data_ptr();
+  P.key = key_rows.data_ptr();
+  P.kB = key_rows.stride(0);
+  P.kH = key_rows.stride(1);
+  P.kS = key_rows.stride(2);
+  P.value = value_rows.data_ptr();
+  P.vB = value_rows.stride(0);
+  P.vH = value_rows.stride(1);
+  P.vS = value_rows.stride(2);
+  if (key_t_rows.defined()) {
+    P.key_t = key_t_rows.data_ptr();
+    P.tB = key_t_rows.stride(0);
+    P.tH = key_t_rows.stride(1);
+    P.tD = key_t_rows.stride(2);
+  }
+  P.value_mean = v_mean.defined() ? v_mean.data_ptr() : nullptr;
+  P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  P.out = out.data_ptr();
+  const auto byte_opts = query.options().dtype(at::kByte);
+
+  // fp32 accumulation for every dtype; one template, no per-dtype copies.
+  AT_DISPATCH_SWITCH(query.scalar_type(), "sparq_attention_cpu",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); }));
+  return out;
+}
+
+}  // namespace sparq
