@@ -80,7 +80,7 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_arch = os.environ.get("SPARQ_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter",
+    cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
                  "-fopenmp", f"-march={cpu_arch}"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
