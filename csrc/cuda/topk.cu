@@ -1,0 +1,138 @@
+// Stage 3: exact top-k of the selection scores by radix select (SparQ step 2's i2).
+//
+// Keys are float_to_ordered(score) (sparq/math.h), digits of kRadixBits = 8 bits from the
+// top. The pass-0 histogram comes from approx_logits; passes 1..3 each read the row's scores
+// below its valid length once (4 B per position) and add a 1 KiB histogram per block; the
+// emit pass reads them once more and writes k indices (4 B each). Every block of a pass
+// re-derives the row's state (prefix, count still wanted) from the earlier histograms
+// (<= 3 KiB, L2), so there is no host round trip and no extra launch between passes.
+// Grid (chunks of 4096 positions, B*Hkv): S = 128K gives 32 blocks per row, so rows split
+// over many blocks when B*Hkv is small. Invalid positions hold -inf and are never counted,
+// so the per-row k is min(k_eff, valid count) without reading seq_lens or the mask here.
+// Ties at the threshold key: the first (k - above) to claim a slot win (any valid choice).
+#include "sparq/cuda_common.cuh"
+
+namespace sparq {
+namespace cuda {
+namespace {
+
+constexpr uint32_t kNegInfKey = 0x007fffffu;  // float_to_ordered(-inf): never selected
+static_assert(kTopkThreads == kRadixBuckets, "one histogram bucket per thread");
+
+struct RadixState {
+  uint32_t prefix;  // key bits fixed so far
+  int64_t want;     // keys still to take among those matching `prefix`
+  int64_t above;    // keys known to be selected (strictly above every candidate)
+};
+
+// The radix-select state after `passes_done` passes, from the row's histograms. The
+// parallel form of radix_find_bucket: bucket t's count as a suffix sum from the top bucket.
+// Every thread of the block must call it (block-wide scans); all get the same state.
+__device__ RadixState radix_state(const uint32_t* row_hist, int passes_done, int64_t k_eff) {
+  __shared__ uint32_t scratch[32];
+  __shared__ uint32_t found_bucket, found_higher;
+  RadixState st{0u, 0, 0};
+  uint32_t total = 0;
+  block_inclusive_scan(row_hist[threadIdx.x], scratch, &total);
+  st.want = k_eff < static_cast<int64_t>(total) ? k_eff : static_cast<int64_t>(total);
+  for (int pass = 0; pass < passes_done && st.want > 0; ++pass) {
+    const int bucket = kRadixBuckets - 1 - static_cast<int>(threadIdx.x);  // descending
+    const uint32_t count = row_hist[pass * kRadixBuckets + bucket];
+    uint32_t pass_total = 0;
+    const uint32_t incl = block_inclusive_scan(count, scratch, &pass_total);
+    const int64_t excl = static_cast<int64_t>(incl - count);
+    if (excl < st.want && st.want <= static_cast<int64_t>(incl)) {
+      found_bucket = static_cast<uint32_t>(bucket);
+      found_higher = static_cast<uint32_t>(excl);
+    }
+    __syncthreads();
+    st.above += found_higher;
+    st.want -= found_higher;
+    st.prefix |= found_bucket << (32 - kRadixBits * (pass + 1));
+    __syncthreads();  // found_* are rewritten by the next pass
+  }
+  return st;
+}
+
+// Histogram pass `pass` (1..3) over the candidates matching the prefix of passes < pass.
+__global__ void __launch_bounds__(kTopkThreads)
+    radix_hist_kernel(const TopkParams p, int pass) {
+  __shared__ uint32_t hist[kRadixBuckets];
+  const int64_t row = blockIdx.y;
+  const int64_t len = p.row_len[row / p.Hkv];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kTopkChunk;
+  if (start >= len) return;
+  uint32_t* row_hist = p.hist + row * kRadixPasses * kRadixBuckets;
+  const RadixState st = radix_state(row_hist, pass, p.k_eff);
+  if (st.want == 0) return;  // uniform over the block
+  hist[threadIdx.x] = 0;
+  __syncthreads();
+  const uint32_t mask = radix_prefix_mask(pass);
+  const float* score = p.sel_score + row * p.S_pad;
+#pragma unroll 4
+  for (int i = 0; i < kTopkKeysPerThread; ++i) {
+    const int64_t s = start + static_cast<int64_t>(i) * kTopkThreads + threadIdx.x;
+    const uint32_t key = s < len ? float_to_ordered(score[s]) : kNegInfKey;
+    const bool candidate = key != kNegInfKey && (key & mask) == st.prefix;
+    warp_hist_add(hist, radix_digit(key, pass), candidate);
+  }
+  __syncthreads();
+  if (hist[threadIdx.x] != 0)
+    atomicAdd(&row_hist[pass * kRadixBuckets + threadIdx.x], hist[threadIdx.x]);
+}
+
+// Emit: every key above the threshold, and the first `want` keys equal to it.
+__global__ void __launch_bounds__(kTopkThreads) radix_emit_kernel(const TopkParams p) {
+  const int64_t row = blockIdx.y;
+  const int64_t len = p.row_len[row / p.Hkv];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kTopkChunk;
+  if (start >= len) return;
+  const RadixState st = radix_state(p.hist + row * kRadixPasses * kRadixBuckets, kRadixPasses,
+                                    p.k_eff);
+  if (st.want == 0 && st.above == 0) return;
+  const uint32_t threshold = st.prefix;
+  const float* score = p.sel_score + row * p.S_pad;
+  int32_t* out = p.topk_idx + row * p.k_eff;
+  uint32_t* counters = p.counters + row * 2;
+  const int lane = threadIdx.x & 31;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int i = 0; i < kTopkKeysPerThread; ++i) {
+    const int64_t s = start + static_cast<int64_t>(i) * kTopkThreads + threadIdx.x;
+    const uint32_t key = s < len ? float_to_ordered(score[s]) : kNegInfKey;
+    const bool valid = key != kNegInfKey;
+    const bool above = valid && key > threshold;
+    const bool tie = valid && key == threshold;
+    // One atomic per warp and kind; lanes take consecutive slots.
+    const unsigned above_lanes = __ballot_sync(kFullMask, above);
+    const unsigned tie_lanes = __ballot_sync(kFullMask, tie);
+    uint32_t above_base = 0, tie_base = 0;
+    if (lane == 0 && above_lanes != 0) above_base = atomicAdd(&counters[0], __popc(above_lanes));
+    if (lane == 0 && tie_lanes != 0) tie_base = atomicAdd(&counters[1], __popc(tie_lanes));
+    above_base = __shfl_sync(kFullMask, above_base, 0);
+    tie_base = __shfl_sync(kFullMask, tie_base, 0);
+    if (above) {
+      out[above_base + __popc(above_lanes & lanes_below)] = static_cast<int32_t>(s);
+    } else if (tie) {
+      const int64_t slot = static_cast<int64_t>(tie_base) + __popc(tie_lanes & lanes_below);
+      if (slot < st.want) out[st.above + slot] = static_cast<int32_t>(s);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_radix_topk(const TopkParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.n_chunks == 0) return cudaSuccess;
+  if (p.rows > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
+  for (int pass = 1; pass < kRadixPasses; ++pass) {
+    radix_hist_kernel<<<grid, kTopkThreads, 0, stream>>>(p, pass);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  radix_emit_kernel<<<grid, kTopkThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sparq
