@@ -104,7 +104,7 @@ struct ValueSumParams {
   int64_t v_sb, v_sh, v_ss;
   const int32_t* row_len;
   const uint8_t* mask;
-  int64_t Hkv, S, D, n_chunks;
+  int64_t rows, Hkv, S, D, n_chunks;
   float* value_sum;         // (rows, D), zeroed
 };
 
@@ -117,7 +117,7 @@ struct AttendParams {
   const float* q_approx;
   const int32_t* topk_idx;
   const uint32_t* hist;     // pass-0 histogram: its total is the number of valid positions
-  int64_t Hkv, G, D, k_eff;
+  int64_t rows, Hkv, G, D, k_eff;
   int64_t n_splits, split_len;
   float* part_acc;          // (rows, n_splits, G, D): unnormalised sum of p * V
   float* part_stats;        // (rows, n_splits, G, 4): (m, l) exact, (m, l) approx
@@ -130,7 +130,7 @@ struct MergeParams {
   const float* value_sum;   // (rows, D) or nullptr when value_mean is given
   const void* value_mean;   // (B, Hkv, 1, D) contiguous, or nullptr
   const int32_t* n_valid;
-  int64_t Hkv, G, D, n_splits, n_tiles;
+  int64_t rows, Hkv, G, D, n_splits, n_tiles;
   bool reallocate;
   void* out;                // (B, Hq, 1, D) contiguous, query dtype
 };

@@ -1,0 +1,335 @@
+// Stages 4 and 5: exact attention over the selected positions, and the merge.
+//
+// value_sum (only when value_mean is None; grid (S / 1024, B*Hkv), 128 threads) reads every
+//   valid V row once (D*e B per valid position; this is the dense cost the caller avoids by
+//   passing value_mean) and adds D fp32 per warp into value_sum with atomics.
+// attend (grid (splits, B*Hkv, ceil(G / GC)), 128 threads) reads, per selected position,
+//   its index (4 B), its K row and its V row (2*D*e B: the 2*k*D*e of the byte budget), in
+//   16-byte loads; with G > 8 the further group chunks re-read them through L2. It forms all
+//   heads' exact logits and, from the same K row, their approximate logits (q_approx is the
+//   query scattered onto i1, zero elsewhere), so alpha needs no per-head logits from stage 2.
+//   Writes per split and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the exact
+//   and approximate softmax (flash-decoding partials).
+// merge (grid B*Hq, 128 threads) reads the partials ((D + 4) * 4 B per split and head), the
+//   stage-2 tile statistics (8 B per tile and head) and v_mean (D values), and writes the
+//   output (D*e B per head).
+#include "sparq/cuda_common.cuh"
+
+namespace sparq {
+namespace cuda {
+namespace {
+
+constexpr int kAttendThreads = kAttendWarps * 32;
+constexpr int kAttendUnroll = 2;  // positions in flight per lane group (loads before math)
+
+// Merge one softmax state per thread over the block; every thread gets the result.
+__device__ SoftmaxState block_merge(SoftmaxState s) {
+  __shared__ SoftmaxState partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  s = warp_merge(s);
+  __syncthreads();  // `partial` may still be read by an earlier call
+  if (lane == 0) partial[warp] = s;
+  __syncthreads();
+  SoftmaxState all = softmax_empty();
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) all = softmax_merge(all, partial[w]);
+  return all;
+}
+
+__device__ __forceinline__ uint32_t hist_total(const uint32_t* row_hist) {
+  __shared__ uint32_t scratch[32];
+  uint32_t part = 0;
+  for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) part += row_hist[i];
+  uint32_t total = 0;
+  block_inclusive_scan(part, scratch, &total);
+  return total;
+}
+
+template <typename T, int KD>
+__global__ void __launch_bounds__(kAttendThreads) value_sum_kernel(const ValueSumParams p) {
+  using Layout = RowLayout<T, KD>;
+  constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
+  constexpr int RPW = Layout::kRowsPerWarp;
+  const int64_t row = blockIdx.y, b = row / p.Hkv, h = row % p.Hkv;
+  const int64_t len = [&] {
+    const int64_t l = static_cast<int64_t>(p.row_len[b]);
+    const int64_t e = (static_cast<int64_t>(blockIdx.x) + 1) * kValueSumChunk;
+    return l < e ? l : e;
+  }();
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kValueSumChunk;
+  if (start >= len) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / LPR, d0 = (lane % LPR) * EPL;
+  const bool has_d = d0 < p.D;
+  const T* v_base = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + d0;
+  float acc[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
+#pragma unroll 4
+  for (int64_t s = start + warp * RPW + sub; s < len; s += kAttendWarps * RPW) {
+    if (has_d && (p.mask == nullptr || p.mask[b * p.S + s] != 0)) {
+      float v[EPL];
+      load_as_float<T, EPL>(v_base + s * p.v_ss, v);
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) acc[e] += v[e];
+    }
+  }
+#pragma unroll
+  for (int off = LPR; off < 32; off <<= 1)
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[e] += __shfl_xor_sync(kFullMask, acc[e], off);
+  if (lane < LPR && has_d) {
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) atomicAdd(&p.value_sum[row * p.D + d0 + e], acc[e]);
+  }
+}
+
+template <typename T, int KD, int GC>
+__global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendParams p) {
+  using Layout = RowLayout<T, KD>;
+  constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
+  constexpr int RPW = Layout::kRowsPerWarp;
+  constexpr int kRowsPerStep = kAttendWarps * RPW;
+  // The two query copies for the GC heads; reused as the cross-warp accumulator at the end.
+  __shared__ __align__(16) float q_smem[2][GC][KD];
+  __shared__ float4 warp_stats[kAttendWarps][GC];
+
+  const int64_t row = blockIdx.y, b = row / p.Hkv, h = row % p.Hkv;
+  const int64_t G = p.G, D = p.D;
+  const int64_t g0 = static_cast<int64_t>(blockIdx.z) * GC;
+  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) {
+    const int g = i / KD, d = i % KD;
+    const bool in = g0 + g < G && d < D;
+    const int64_t src = (row * G + g0 + g) * D + d;
+    q_smem[0][g][d] = in ? p.q_exact[src] : 0.f;
+    q_smem[1][g][d] = in ? p.q_approx[src] : 0.f;
+  }
+  const int64_t valid_count = hist_total(p.hist + row * kRadixPasses * kRadixBuckets);
+  const int64_t k_row = p.k_eff < valid_count ? p.k_eff : valid_count;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.split_len;
+  const int64_t end = begin + p.split_len < k_row ? begin + p.split_len : k_row;
+  __syncthreads();  // q_smem ready (hist_total also synchronised, but keep it explicit)
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / LPR, d0 = (lane % LPR) * EPL;
+  const bool has_d = d0 < D;
+  const T* k_base = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + d0;
+  const T* v_base = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + d0;
+  const int32_t* idx = p.topk_idx + row * p.k_eff;
+
+  float acc[GC][EPL];
+  SoftmaxState exact[GC], approx[GC];
+#pragma unroll
+  for (int g = 0; g < GC; ++g) {
+    exact[g] = softmax_empty();
+    approx[g] = softmax_empty();
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[g][e] = 0.f;
+  }
+
+  // The trip count depends on the warp only, so whole warps run the shuffles together.
+  for (int64_t base = begin + warp * RPW; base < end; base += kAttendUnroll * kRowsPerStep) {
+    float kv[kAttendUnroll][EPL], vv[kAttendUnroll][EPL];
+    bool active[kAttendUnroll];
+#pragma unroll
+    for (int u = 0; u < kAttendUnroll; ++u) {
+      const int64_t i = base + u * kRowsPerStep + sub;
+      active[u] = i < end;
+      if (active[u] && has_d) {
+        const int64_t s = idx[i];
+        load_as_float<T, EPL>(k_base + s * p.k_ss, kv[u]);
+        load_as_float<T, EPL>(v_base + s * p.v_ss, vv[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) kv[u][e] = vv[u][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kAttendUnroll; ++u) {
+      float x[GC], xa[GC];
+#pragma unroll
+      for (int g = 0; g < GC; ++g) {
+        float dot = 0.f, dot_a = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          dot = fmaf(q_smem[0][g][d0 + e], kv[u][e], dot);
+          dot_a = fmaf(q_smem[1][g][d0 + e], kv[u][e], dot_a);
+        }
+        x[g] = dot;
+        xa[g] = dot_a;
+      }
+#pragma unroll
+      for (int off = LPR / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int g = 0; g < GC; ++g) {
+          x[g] += __shfl_xor_sync(kFullMask, x[g], off);
+          xa[g] += __shfl_xor_sync(kFullMask, xa[g], off);
+        }
+      }
+      if (!active[u]) continue;
+#pragma unroll
+      for (int g = 0; g < GC; ++g) {
+        if (x[g] == -INFINITY) continue;  // only with -inf in the inputs; keeps m finite
+        const float m_new = fmaxf(exact[g].m, x[g]);
+        const float c = softmax_rescale(exact[g].m, m_new);
+        const float w = expf(x[g] - m_new);
+        exact[g] = {m_new, exact[g].l * c + w};
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(acc[g][e], c, w * vv[u][e]);
+        approx[g] = softmax_push(approx[g], xa[g]);
+      }
+    }
+  }
+
+  // Merge the lane groups of each warp (same d-slice, different positions).
+#pragma unroll
+  for (int off = LPR; off < 32; off <<= 1) {
+#pragma unroll
+    for (int g = 0; g < GC; ++g) {
+      const SoftmaxState other = shfl_xor_state(exact[g], off);
+      const float m = fmaxf(exact[g].m, other.m);
+      const float ca = softmax_rescale(exact[g].m, m), cb = softmax_rescale(other.m, m);
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        const float o = __shfl_xor_sync(kFullMask, acc[g][e], off);
+        acc[g][e] = acc[g][e] * ca + o * cb;
+      }
+      exact[g] = {m, exact[g].l * ca + other.l * cb};
+      approx[g] = softmax_merge(approx[g], shfl_xor_state(approx[g], off));
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < GC; ++g)
+      warp_stats[warp][g] = make_float4(exact[g].m, exact[g].l, approx[g].m, approx[g].l);
+  }
+  __syncthreads();  // warp_stats complete; q_smem no longer read
+
+  // Block state per head, then the warps' accumulators rescaled to it and summed in shared
+  // memory (q_smem[0] reused).
+  float block_m[GC];
+#pragma unroll
+  for (int g = 0; g < GC; ++g) {
+    block_m[g] = -INFINITY;
+    for (int w = 0; w < kAttendWarps; ++w) block_m[g] = fmaxf(block_m[g], warp_stats[w][g].x);
+  }
+  float* sum_smem = &q_smem[0][0][0];
+  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) sum_smem[i] = 0.f;
+  __syncthreads();
+  if (lane < LPR) {
+#pragma unroll
+    for (int g = 0; g < GC; ++g) {
+      const float c = softmax_rescale(exact[g].m, block_m[g]);
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) atomicAdd(&sum_smem[g * KD + d0 + e], acc[g][e] * c);
+    }
+  }
+  __syncthreads();
+
+  const int64_t part = (row * p.n_splits + blockIdx.x) * G;
+  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) {
+    const int g = i / KD, d = i % KD;
+    if (g0 + g < G && d < D) p.part_acc[(part + g0 + g) * D + d] = sum_smem[i];
+  }
+  if (threadIdx.x < GC && g0 + threadIdx.x < G) {
+    const int g = threadIdx.x;
+    SoftmaxState ex = softmax_empty(), ap = softmax_empty();
+    for (int w = 0; w < kAttendWarps; ++w) {
+      const float4 st = warp_stats[w][g];
+      ex = softmax_merge(ex, {st.x, st.y});
+      ap = softmax_merge(ap, {st.z, st.w});
+    }
+    // ex.m equals block_m[g] (the max over warps), the scale the accumulator was summed at.
+    float* out = p.part_stats + (part + g0 + g) * 4;
+    out[0] = ex.m;
+    out[1] = ex.l;
+    out[2] = ap.m;
+    out[3] = ap.l;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kAttendThreads) merge_kernel(const MergeParams p) {
+  const int64_t G = p.G, D = p.D;
+  const int64_t head = blockIdx.x;  // b * Hq + h * G + g
+  const int64_t row = head / G, g = head % G, b = row / p.Hkv;
+
+  SoftmaxState full = softmax_empty();  // approximate softmax over all valid positions
+  const float* tiles = p.tile_stats + (row * G + g) * p.n_tiles * 2;
+  for (int64_t t = threadIdx.x; t < p.n_tiles; t += blockDim.x)
+    full = softmax_merge(full, {tiles[2 * t], tiles[2 * t + 1]});
+  full = block_merge(full);
+
+  SoftmaxState exact = softmax_empty(), selected = softmax_empty();
+  for (int64_t s = threadIdx.x; s < p.n_splits; s += blockDim.x) {
+    const float* st = p.part_stats + ((row * p.n_splits + s) * G + g) * 4;
+    exact = softmax_merge(exact, {st[0], st[1]});
+    selected = softmax_merge(selected, {st[2], st[3]});
+  }
+  exact = block_merge(exact);
+  selected = block_merge(selected);
+  const float alpha = softmax_mass_ratio(selected, full);
+  const int32_t n_valid = p.n_valid[b];
+
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float y = 0.f;
+    if (exact.l > 0.f) {
+      for (int64_t s = 0; s < p.n_splits; ++s) {
+        const int64_t part = (row * p.n_splits + s) * G + g;
+        y += p.part_acc[part * D + d] * softmax_rescale(p.part_stats[part * 4], exact.m);
+      }
+      y /= exact.l;
+    }
+    float o = y;
+    if (p.reallocate) {
+      const float v_mean =
+          p.value_mean != nullptr
+              ? to_float<T>(static_cast<const T*>(p.value_mean)[row * D + d])
+              : p.value_sum[row * D + d] / static_cast<float>(n_valid > 0 ? n_valid : 1);
+      o = n_valid > 0 ? reallocate_mix(alpha, y, v_mean) : 0.f;
+    }
+    static_cast<T*>(p.out)[head * D + d] = from_float<T>(o);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_value_sum(const ValueSumParams& p, DType dtype, int head_dim_bucket,
+                             cudaStream_t stream) {
+  if (p.rows == 0 || p.n_chunks == 0) return cudaSuccess;
+  if (p.rows > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
+  SPARQ_DISPATCH_DTYPE(dtype, T, {
+    SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
+      value_sum_kernel<T, KD><<<grid, kAttendThreads, 0, stream>>>(p);
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucket,
+                          cudaStream_t stream) {
+  if (p.rows == 0 || p.n_splits == 0) return cudaSuccess;
+  if (p.rows > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(p.n_splits), static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(group_chunks(p.G)));
+  SPARQ_DISPATCH_DTYPE(dtype, T, {
+    SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
+      SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
+        attend_kernel<T, KD, GC><<<grid, kAttendThreads, 0, stream>>>(p);
+      });
+    });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(p.rows * p.G);
+  SPARQ_DISPATCH_DTYPE(dtype, T, {
+    merge_kernel<T><<<blocks, kAttendThreads, 0, stream>>>(p);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sparq
