@@ -62,13 +62,14 @@ __global__ void __launch_bounds__(kPrepThreads)
   }
 }
 
-// i1 by rank: component d is the rank(d)-th largest of sum_g |q_g| (ties broken by index,
-// so ranks are a permutation and exactly r components are chosen). D <= 256 makes the
+// i1 by rank: component d is the rank(d)-th largest of sum_g |q_g| (ties broken by index;
+// compared as ordered keys, a total order even with NaN in the query, so ranks are always a
+// permutation and exactly r in-range components are chosen). D <= 256 makes the
 // O(D^2) comparison trivially cheap and needs no sort.
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads)
     query_prep_kernel(const QueryPrepParams p) {
-  __shared__ float magnitude[kMaxHeadDim];
+  __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of sum_g |q_g|
   __shared__ uint8_t selected[kMaxHeadDim];
   __shared__ int32_t i1[kMaxHeadDim];
   extern __shared__ float approx_scale[];  // (G,)
@@ -79,15 +80,15 @@ __global__ void __launch_bounds__(kPrepThreads)
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
     for (int64_t g = 0; g < G; ++g) a += fabsf(to_float<T>(q[g * D + d]));
-    magnitude[d] = a;
+    magnitude[d] = float_to_ordered(a);
   }
   __syncthreads();
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float a = magnitude[d];
+    const uint32_t a = magnitude[d];
     int64_t rank = 0;
     for (int64_t e = 0; e < D; ++e) {
-      const float b = magnitude[e];
-      rank += (b > a) || (b == a && e < d);
+      const uint32_t other = magnitude[e];
+      rank += (other > a) || (other == a && e < d);
     }
     selected[d] = rank < r;
     if (rank < r) i1[rank] = static_cast<int32_t>(d);
