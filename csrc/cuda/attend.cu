@@ -6,8 +6,9 @@
 // attend (grid (splits, B*Hkv, ceil(G / GC)), 128 threads) reads, per selected position,
 //   its index (4 B), its K row and its V row (2*D*e B: the 2*k*D*e of the byte budget), in
 //   16-byte loads; with G > 8 the further group chunks re-read them through L2. It forms all
-//   heads' exact logits and, from the same K row, their approximate logits (q_approx is the
-//   query scattered onto i1, zero elsewhere), so alpha needs no per-head logits from stage 2.
+//   heads' exact logits and, from the same K row, their approximate logits (the dot product
+//   restricted to the i1 components, times the head's scale), so alpha needs no per-head
+//   logits from stage 2. The query slice of each lane lives in registers.
 //   Writes per split and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the exact
 //   and approximate softmax (flash-decoding partials).
 // merge (grid B*Hq, 128 threads) reads the partials ((D + 4) * 4 B per split and head), the
@@ -89,29 +90,48 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
   constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
   constexpr int RPW = Layout::kRowsPerWarp;
   constexpr int kRowsPerStep = kAttendWarps * RPW;
-  // The two query copies for the GC heads; reused as the cross-warp accumulator at the end.
-  __shared__ __align__(16) float q_smem[2][GC][KD];
+  static_assert(EPL <= 32, "the i1 bitmask holds one bit per element of a lane");
+  __shared__ uint8_t in_i1[KD];
   __shared__ float4 warp_stats[kAttendWarps][GC];
+  __shared__ float acc_smem[GC][KD];
 
   const int64_t row = blockIdx.y, b = row / p.Hkv, h = row % p.Hkv;
   const int64_t G = p.G, D = p.D;
   const int64_t g0 = static_cast<int64_t>(blockIdx.z) * GC;
-  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) {
-    const int g = i / KD, d = i % KD;
-    const bool in = g0 + g < G && d < D;
-    const int64_t src = (row * G + g0 + g) * D + d;
-    q_smem[0][g][d] = in ? p.q_exact[src] : 0.f;
-    q_smem[1][g][d] = in ? p.q_approx[src] : 0.f;
-  }
+  for (int i = threadIdx.x; i < KD; i += blockDim.x) in_i1[i] = 0;
+  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) (&acc_smem[0][0])[i] = 0.f;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < p.r; j += blockDim.x) in_i1[p.i1[row * p.r + j]] = 1;
   const int64_t valid_count = hist_total(p.hist + row * kRadixPasses * kRadixBuckets);
   const int64_t k_row = p.k_eff < valid_count ? p.k_eff : valid_count;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.split_len;
   const int64_t end = begin + p.split_len < k_row ? begin + p.split_len : k_row;
-  __syncthreads();  // q_smem ready (hist_total also synchronised, but keep it explicit)
+  __syncthreads();  // in_i1 complete (hist_total synchronised too; keep it explicit)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane / LPR, d0 = (lane % LPR) * EPL;
   const bool has_d = d0 < D;
+
+  // This lane's slice of every head's query, in registers, and which of its components
+  // are in i1: l_hat_g = head_scale_g * (q_g[i1] . K[i1]) is the exact dot restricted to
+  // those components, so one pass over the K row yields both logits.
+  float q[GC][EPL];
+  float head_scale[GC];
+  uint32_t i1_bits = 0;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) i1_bits |= (has_d && in_i1[d0 + e]) ? (1u << e) : 0u;
+#pragma unroll
+  for (int g = 0; g < GC; ++g) {
+    const bool head = g0 + g < G;
+    head_scale[g] = head ? p.head_scale[row * G + g0 + g] : 0.f;
+    if (head && has_d) {
+      load_as_float<T, EPL>(static_cast<const T*>(p.query) + (row * G + g0 + g) * D + d0, q[g]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) q[g][e] = 0.f;
+    }
+  }
+
   const T* k_base = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + d0;
   const T* v_base = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + d0;
   const int32_t* idx = p.topk_idx + row * p.k_eff;
@@ -148,14 +168,15 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
       float x[GC], xa[GC];
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
-        float dot = 0.f, dot_a = 0.f;
+        float dot = 0.f, dot_i1 = 0.f;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
-          dot = fmaf(q_smem[0][g][d0 + e], kv[u][e], dot);
-          dot_a = fmaf(q_smem[1][g][d0 + e], kv[u][e], dot_a);
+          const float prod = q[g][e] * kv[u][e];
+          dot += prod;
+          dot_i1 += (i1_bits >> e) & 1u ? prod : 0.f;
         }
         x[g] = dot;
-        xa[g] = dot_a;
+        xa[g] = dot_i1;
       }
 #pragma unroll
       for (int off = LPR / 2; off > 0; off >>= 1) {
@@ -168,14 +189,15 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
       if (!active[u]) continue;
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
-        if (x[g] == -INFINITY) continue;  // only with -inf in the inputs; keeps m finite
-        const float m_new = fmaxf(exact[g].m, x[g]);
+        const float logit = x[g] * p.scale;
+        if (logit == -INFINITY) continue;  // only with -inf in the inputs; keeps m finite
+        const float m_new = fmaxf(exact[g].m, logit);
         const float c = softmax_rescale(exact[g].m, m_new);
-        const float w = expf(x[g] - m_new);
+        const float w = expf(logit - m_new);
         exact[g] = {m_new, exact[g].l * c + w};
 #pragma unroll
         for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(acc[g][e], c, w * vv[u][e]);
-        approx[g] = softmax_push(approx[g], xa[g]);
+        approx[g] = softmax_push(approx[g], xa[g] * head_scale[g]);
       }
     }
   }
@@ -202,25 +224,17 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     for (int g = 0; g < GC; ++g)
       warp_stats[warp][g] = make_float4(exact[g].m, exact[g].l, approx[g].m, approx[g].l);
   }
-  __syncthreads();  // warp_stats complete; q_smem no longer read
+  __syncthreads();  // warp_stats complete
 
-  // Block state per head, then the warps' accumulators rescaled to it and summed in shared
-  // memory (q_smem[0] reused).
-  float block_m[GC];
-#pragma unroll
-  for (int g = 0; g < GC; ++g) {
-    block_m[g] = -INFINITY;
-    for (int w = 0; w < kAttendWarps; ++w) block_m[g] = fmaxf(block_m[g], warp_stats[w][g].x);
-  }
-  float* sum_smem = &q_smem[0][0][0];
-  for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) sum_smem[i] = 0.f;
-  __syncthreads();
-  if (lane < LPR) {
+  // The warps' accumulators rescaled to the block's max per head, summed in shared memory.
+  if (lane < LPR && has_d) {
 #pragma unroll
     for (int g = 0; g < GC; ++g) {
-      const float c = softmax_rescale(exact[g].m, block_m[g]);
+      float block_m = -INFINITY;
+      for (int w = 0; w < kAttendWarps; ++w) block_m = fmaxf(block_m, warp_stats[w][g].x);
+      const float c = softmax_rescale(exact[g].m, block_m);
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) atomicAdd(&sum_smem[g * KD + d0 + e], acc[g][e] * c);
+      for (int e = 0; e < EPL; ++e) atomicAdd(&acc_smem[g][d0 + e], acc[g][e] * c);
     }
   }
   __syncthreads();
@@ -228,7 +242,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
   const int64_t part = (row * p.n_splits + blockIdx.x) * G;
   for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) {
     const int g = i / KD, d = i % KD;
-    if (g0 + g < G && d < D) p.part_acc[(part + g0 + g) * D + d] = sum_smem[i];
+    if (g0 + g < G && d < D) p.part_acc[(part + g0 + g) * D + d] = acc_smem[g][d];
   }
   if (threadIdx.x < GC && g0 + threadIdx.x < G) {
     const int g = threadIdx.x;
@@ -238,7 +252,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
       ex = softmax_merge(ex, {st.x, st.y});
       ap = softmax_merge(ap, {st.z, st.w});
     }
-    // ex.m equals block_m[g] (the max over warps), the scale the accumulator was summed at.
+    // ex.m is the max over warps, the scale acc_smem was summed at.
     float* out = p.part_stats + (part + g0 + g) * 4;
     out[0] = ex.m;
     out[1] = ex.l;

@@ -122,11 +122,10 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   at::Tensor row_info = at::empty({3 * B}, int_opts);
   auto* row_len = static_cast<int32_t*>(row_info.data_ptr());
   at::Tensor i1 = at::empty({rows * r}, int_opts);
-  at::Tensor qbuf = at::empty({rows * G * r + rows * r + 2 * rows * G * D}, float_opts);
+  at::Tensor qbuf = at::empty({rows * G * r + rows * r + rows * G}, float_opts);
   float* coef = static_cast<float*>(qbuf.data_ptr());
   float* coef_sum = coef + rows * G * r;
-  float* q_exact = coef_sum + rows * r;
-  float* q_approx = q_exact + rows * G * D;
+  float* head_scale = coef_sum + rows * r;
   at::Tensor sel_score = at::empty({rows * S_pad}, float_opts);
   at::Tensor tile_stats = at::empty({rows * G * n_tiles * 2}, float_opts);
   at::Tensor topk_idx = at::empty({rows * k_eff}, int_opts);
@@ -154,8 +153,7 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   qp.i1 = static_cast<int32_t*>(i1.data_ptr());
   qp.coef = coef;
   qp.coef_sum = coef_sum;
-  qp.q_exact = q_exact;
-  qp.q_approx = q_approx;
+  qp.head_scale = head_scale;
   check_launch(cuda::launch_query_prep(qp, dtype, stream), "query_prep");
 
   cuda::ApproxParams ap{};
@@ -227,8 +225,11 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   attend.v_sb = value_rows.stride(0);
   attend.v_sh = value_rows.stride(1);
   attend.v_ss = value_rows.stride(2);
-  attend.q_exact = q_exact;
-  attend.q_approx = q_approx;
+  attend.query = q.data_ptr();
+  attend.i1 = qp.i1;
+  attend.head_scale = head_scale;
+  attend.scale = static_cast<float>(scale);
+  attend.r = r;
   attend.topk_idx = tp.topk_idx;
   attend.hist = hist;
   attend.rows = rows;

@@ -4,8 +4,8 @@
 //            mask bytes below the row's length (<= S B per row, twice at most: count, then a
 //            backward scan that stops after the local window); writes 12 B per row.
 // query_prep (grid B*Hkv, 256 threads) reads the query, G*D*e B per (b, KV head), about 3x
-//            (L1/L2); writes i1 (4r B), coefficients (4(G+1)r B) and two fp32 copies of the
-//            query (8GD B). All tiny beside the cache reads of the later stages.
+//            (L1/L2); writes i1 (4r B), coefficients (4(G+1)r B) and per-head scales (4G B).
+//            All tiny beside the cache reads of the later stages.
 #include "sparq/cuda_common.cuh"
 
 namespace sparq {
@@ -110,12 +110,7 @@ __global__ void __launch_bounds__(kPrepThreads)
   }
   __syncthreads();
 
-  for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int64_t g = i / D, d = i % D;
-    const float x = to_float<T>(q[i]);
-    p.q_exact[row * G * D + i] = x * p.scale;
-    p.q_approx[row * G * D + i] = selected[d] ? x * approx_scale[g] : 0.f;
-  }
+  for (int64_t g = threadIdx.x; g < G; g += blockDim.x) p.head_scale[row * G + g] = approx_scale[g];
   for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
     const int32_t d = i1[j];
     p.i1[row * r + j] = d;

@@ -64,8 +64,7 @@ struct QueryPrepParams {
   int32_t* i1;              // (rows, r)
   float* coef;              // (rows, G, r): q_g[i1_j] * approx scale_g
   float* coef_sum;          // (rows, r): sum_g coef
-  float* q_exact;           // (rows, G, D): q_g * scale
-  float* q_approx;          // (rows, G, D): coef scattered to i1, zeros elsewhere
+  float* head_scale;        // (rows, G): approximate-logit scale of each query head
 };
 
 struct ApproxParams {
@@ -113,8 +112,11 @@ struct AttendParams {
   int64_t k_sb, k_sh, k_ss;
   const void* value;
   int64_t v_sb, v_sh, v_ss;
-  const float* q_exact;
-  const float* q_approx;
+  const void* query;        // (B, Hq, 1, D) contiguous, query dtype
+  const int32_t* i1;        // (rows, r)
+  const float* head_scale;  // (rows, G)
+  float scale;              // exact-logit scale
+  int64_t r;
   const int32_t* topk_idx;
   const uint32_t* hist;     // pass-0 histogram: its total is the number of valid positions
   int64_t rows, Hkv, G, D, k_eff;
