@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
       const int64_t i = base + u * kRowsPerStep + sub;
       active[u] = i < end;
       if (active[u] && has_d) {
-        const int64_t s = idx[i];
+        // Clamped although the top-k writes only positions below the row's length: an
+        // index must never address outside the cache.
+        const int64_t s = min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1);
         load_as_float<T, EPL>(k_base + s * p.k_ss, kv[u]);
         load_as_float<T, EPL>(v_base + s * p.v_ss, vv[u]);
       } else {

@@ -235,6 +235,7 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   attend.rows = rows;
   attend.Hkv = Hkv;
   attend.G = G;
+  attend.S = S;
   attend.D = D;
   attend.k_eff = k_eff;
   attend.n_splits = n_splits;

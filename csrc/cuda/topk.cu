@@ -32,6 +32,7 @@ __device__ RadixState radix_state(const uint32_t* row_hist, int passes_done, int
   __shared__ uint32_t scratch[32];
   __shared__ uint32_t found_bucket, found_higher;
   RadixState st{0u, 0, 0};
+  if (threadIdx.x == 0) found_bucket = found_higher = 0;  // defined even if no bucket matched
   uint32_t total = 0;
   block_inclusive_scan(row_hist[threadIdx.x], scratch, &total);
   st.want = k_eff < static_cast<int64_t>(total) ? k_eff : static_cast<int64_t>(total);
@@ -110,8 +111,11 @@ __global__ void __launch_bounds__(kTopkThreads) radix_emit_kernel(const TopkPara
     if (lane == 0 && tie_lanes != 0) tie_base = atomicAdd(&counters[1], __popc(tie_lanes));
     above_base = __shfl_sync(kFullMask, above_base, 0);
     tie_base = __shfl_sync(kFullMask, tie_base, 0);
+    // The slot bounds hold by construction (the histograms count exactly these keys); the
+    // checks keep a broken invariant from ever writing outside the row's k slots.
     if (above) {
-      out[above_base + __popc(above_lanes & lanes_below)] = static_cast<int32_t>(s);
+      const int64_t slot = static_cast<int64_t>(above_base) + __popc(above_lanes & lanes_below);
+      if (slot < st.above) out[slot] = static_cast<int32_t>(s);
     } else if (tie) {
       const int64_t slot = static_cast<int64_t>(tie_base) + __popc(tie_lanes & lanes_below);
       if (slot < st.want) out[st.above + slot] = static_cast<int32_t>(s);

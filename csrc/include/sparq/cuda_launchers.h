@@ -119,7 +119,7 @@ struct AttendParams {
   int64_t r;
   const int32_t* topk_idx;
   const uint32_t* hist;     // pass-0 histogram: its total is the number of valid positions
-  int64_t rows, Hkv, G, D, k_eff;
+  int64_t rows, Hkv, G, S, D, k_eff;
   int64_t n_splits, split_len;
   float* part_acc;          // (rows, n_splits, G, D): unnormalised sum of p * V
   float* part_stats;        // (rows, n_splits, G, 4): (m, l) exact, (m, l) approx
