@@ -170,9 +170,9 @@ cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
       if (p.key_t != nullptr) {
-        approx_logits_kernel<T, GC, true><<<grid, kApproxThreads, 0, stream>>>(p);
+        SPARQ_LAUNCH((approx_logits_kernel<T, GC, true>), grid, kApproxThreads, stream, p);
       } else {
-        approx_logits_kernel<T, GC, false><<<grid, kApproxThreads, 0, stream>>>(p);
+        SPARQ_LAUNCH((approx_logits_kernel<T, GC, false>), grid, kApproxThreads, stream, p);
       }
     });
   });

@@ -316,7 +316,7 @@ cudaError_t launch_value_sum(const ValueSumParams& p, DType dtype, int head_dim_
   const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
-      value_sum_kernel<T, KD><<<grid, kAttendThreads, 0, stream>>>(p);
+      SPARQ_LAUNCH((value_sum_kernel<T, KD>), grid, kAttendThreads, stream, p);
     });
   });
   return cudaGetLastError();
@@ -331,7 +331,7 @@ cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucke
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
       SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
-        attend_kernel<T, KD, GC><<<grid, kAttendThreads, 0, stream>>>(p);
+        SPARQ_LAUNCH((attend_kernel<T, KD, GC>), grid, kAttendThreads, stream, p);
       });
     });
   });
@@ -342,7 +342,7 @@ cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream)
   if (p.rows == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(p.rows * p.G);
   SPARQ_DISPATCH_DTYPE(dtype, T, {
-    merge_kernel<T><<<blocks, kAttendThreads, 0, stream>>>(p);
+    SPARQ_LAUNCH(merge_kernel<T>, blocks, kAttendThreads, stream, p);
   });
   return cudaGetLastError();
 }

@@ -10,11 +10,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "sparq/cuda_launchers.h"
+#include "sparq/cuda_pipeline.h"
 #include "sparq/math.h"
 #include "sparq_ops.h"
 
@@ -31,11 +31,6 @@ DType kernel_dtype(at::ScalarType t) {
     default: break;
   }
   TORCH_CHECK(false, "query must be float32, float16 or bfloat16, got ", t);
-}
-
-void check_launch(cudaError_t err, const char* stage) {
-  TORCH_CHECK(err == cudaSuccess, "sparq_ext.attention (CUDA): launching ", stage,
-              " failed: ", cudaGetErrorString(err));
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -66,10 +61,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
                                const std::optional<at::Tensor>& attn_mask, int64_t local_window,
                                bool reallocate, double scale) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
-  const int64_t Hkv = key.size(1), S = key.size(2), G = Hq / Hkv;
-  const int64_t rows = B * Hkv;
+  const int64_t Hkv = key.size(1), S = key.size(2);
   const DType dtype = kernel_dtype(query.scalar_type());
-  const int head_bucket = cuda::head_dim_bucket(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
 
   at::Tensor out = at::empty({B, Hq, 1, D}, query.options());
@@ -90,176 +83,53 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
-  const bool need_value_sum = reallocate && !value_mean;
 
-  // Static sizes.
-  const int64_t k_eff = std::min(k, S);
-  const int64_t tile = cuda::approx_tile(dtype);
-  const int64_t n_tiles = (S + tile - 1) / tile;
-  const int64_t S_pad = (S + 3) / 4 * 4;
-  const int64_t topk_chunks = (S + cuda::kTopkChunk - 1) / cuda::kTopkChunk;
-  const int64_t value_chunks = (S + cuda::kValueSumChunk - 1) / cuda::kValueSumChunk;
-  // Flash-decoding splits: about two blocks per SM in all, at least 128 positions a split.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks_per_split = rows * cuda::group_chunks(G);
-  int64_t n_splits = (2 * sms + blocks_per_split - 1) / blocks_per_split;
-  n_splits = std::clamp<int64_t>(n_splits, 1, (k_eff + 127) / 128);
-  const int64_t split_len = (k_eff + n_splits - 1) / n_splits;
-  n_splits = (k_eff + split_len - 1) / split_len;
-
-  // Workspaces (caching allocator). One zero-filled block: histograms, emit counters, and
-  // the V sum; zeroed on the stream (a memset node under graph capture).
-  const auto int_opts = query.options().dtype(at::kInt);
-  const auto float_opts = query.options().dtype(at::kFloat);
-  const int64_t hist_words = rows * kRadixPasses * kRadixBuckets;
-  const int64_t zero_words = hist_words + rows * 2 + (need_value_sum ? rows * D : 0);
-  at::Tensor zeroed = at::empty({zero_words}, int_opts);
-  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, zero_words * sizeof(int32_t), stream));
-  auto* hist = static_cast<uint32_t*>(zeroed.data_ptr());
-  uint32_t* counters = hist + hist_words;
-  float* value_sum = need_value_sum ? reinterpret_cast<float*>(counters + rows * 2) : nullptr;
-
-  at::Tensor row_info = at::empty({3 * B}, int_opts);
-  auto* row_len = static_cast<int32_t*>(row_info.data_ptr());
-  at::Tensor i1 = at::empty({rows * r}, int_opts);
-  at::Tensor qbuf = at::empty({rows * G * r + rows * r + rows * G}, float_opts);
-  float* coef = static_cast<float*>(qbuf.data_ptr());
-  float* coef_sum = coef + rows * G * r;
-  float* head_scale = coef_sum + rows * r;
-  at::Tensor sel_score = at::empty({rows * S_pad}, float_opts);
-  at::Tensor tile_stats = at::empty({rows * G * n_tiles * 2}, float_opts);
-  at::Tensor topk_idx = at::empty({rows * k_eff}, int_opts);
-  at::Tensor part_acc = at::empty({rows * n_splits * G * D}, float_opts);
-  at::Tensor part_stats = at::empty({rows * n_splits * G * 4}, float_opts);
-
-  cuda::RowPrepParams rp{};
-  rp.seq_lens = seq_lens ? lens.data_ptr<int64_t>() : nullptr;
-  rp.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
-  rp.B = B;
-  rp.S = S;
-  rp.window = local_window;
-  rp.row_len = row_len;
-  rp.n_valid = row_len + B;
-  rp.win_start = row_len + 2 * B;
-  check_launch(cuda::launch_row_prep(rp, stream), "row_prep");
-
-  cuda::QueryPrepParams qp{};
-  qp.query = q.data_ptr();
-  qp.rows = rows;
-  qp.G = G;
-  qp.D = D;
-  qp.r = r;
-  qp.scale = static_cast<float>(scale);
-  qp.i1 = static_cast<int32_t*>(i1.data_ptr());
-  qp.coef = coef;
-  qp.coef_sum = coef_sum;
-  qp.head_scale = head_scale;
-  check_launch(cuda::launch_query_prep(qp, dtype, stream), "query_prep");
-
-  cuda::ApproxParams ap{};
+  cuda::AttentionProblem prob{};
+  prob.dtype = dtype;
+  prob.B = B;
+  prob.Hq = Hq;
+  prob.Hkv = Hkv;
+  prob.S = S;
+  prob.D = D;
+  prob.r = r;
+  prob.k = k;
+  prob.window = local_window;
+  prob.reallocate = reallocate;
+  prob.scale = static_cast<float>(scale);
+  prob.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  prob.query = q.data_ptr();
+  prob.key = key_rows.data_ptr();
+  prob.k_sb = key_rows.stride(0);
+  prob.k_sh = key_rows.stride(1);
+  prob.k_ss = key_rows.stride(2);
+  prob.value = value_rows.data_ptr();
+  prob.v_sb = value_rows.stride(0);
+  prob.v_sh = value_rows.stride(1);
+  prob.v_ss = value_rows.stride(2);
   if (key_t) {
-    ap.key_t = kt.data_ptr();
-    ap.kt_sb = kt.stride(0);
-    ap.kt_sh = kt.stride(1);
-    ap.kt_sd = kt.stride(2);
-    ap.kt_vec = kt_vec;
+    prob.key_t = kt.data_ptr();
+    prob.kt_sb = kt.stride(0);
+    prob.kt_sh = kt.stride(1);
+    prob.kt_sd = kt.stride(2);
+    prob.kt_vec = kt_vec;
   }
-  ap.key = key_rows.data_ptr();
-  ap.k_sb = key_rows.stride(0);
-  ap.k_sh = key_rows.stride(1);
-  ap.k_ss = key_rows.stride(2);
-  ap.i1 = qp.i1;
-  ap.coef = coef;
-  ap.coef_sum = coef_sum;
-  ap.row_len = row_len;
-  ap.win_start = rp.win_start;
-  ap.mask = rp.mask;
-  ap.rows = rows;
-  ap.Hkv = Hkv;
-  ap.G = G;
-  ap.S = S;
-  ap.r = r;
-  ap.S_pad = S_pad;
-  ap.n_tiles = n_tiles;
-  ap.sel_score = sel_score.data_ptr<float>();
-  ap.tile_stats = tile_stats.data_ptr<float>();
-  ap.hist = hist;
-  check_launch(cuda::launch_approx_logits(ap, dtype, stream), "approx_logits");
+  prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
+  prob.seq_lens = seq_lens ? lens.data_ptr<int64_t>() : nullptr;
+  prob.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  prob.out = out.data_ptr();
 
-  cuda::TopkParams tp{};
-  tp.sel_score = ap.sel_score;
-  tp.S_pad = S_pad;
-  tp.Hkv = Hkv;
-  tp.rows = rows;
-  tp.k_eff = k_eff;
-  tp.row_len = row_len;
-  tp.hist = hist;
-  tp.counters = counters;
-  tp.topk_idx = static_cast<int32_t*>(topk_idx.data_ptr());
-  tp.n_chunks = topk_chunks;
-  check_launch(cuda::launch_radix_topk(tp, stream), "radix_topk");
-
-  if (need_value_sum) {
-    cuda::ValueSumParams vp{};
-    vp.value = value_rows.data_ptr();
-    vp.v_sb = value_rows.stride(0);
-    vp.v_sh = value_rows.stride(1);
-    vp.v_ss = value_rows.stride(2);
-    vp.row_len = row_len;
-    vp.mask = rp.mask;
-    vp.rows = rows;
-    vp.Hkv = Hkv;
-    vp.S = S;
-    vp.D = D;
-    vp.n_chunks = value_chunks;
-    vp.value_sum = value_sum;
-    check_launch(cuda::launch_value_sum(vp, dtype, head_bucket, stream), "value_sum");
-  }
-
-  cuda::AttendParams attend{};
-  attend.key = key_rows.data_ptr();
-  attend.k_sb = key_rows.stride(0);
-  attend.k_sh = key_rows.stride(1);
-  attend.k_ss = key_rows.stride(2);
-  attend.value = value_rows.data_ptr();
-  attend.v_sb = value_rows.stride(0);
-  attend.v_sh = value_rows.stride(1);
-  attend.v_ss = value_rows.stride(2);
-  attend.query = q.data_ptr();
-  attend.i1 = qp.i1;
-  attend.head_scale = head_scale;
-  attend.scale = static_cast<float>(scale);
-  attend.r = r;
-  attend.topk_idx = tp.topk_idx;
-  attend.hist = hist;
-  attend.rows = rows;
-  attend.Hkv = Hkv;
-  attend.G = G;
-  attend.S = S;
-  attend.D = D;
-  attend.k_eff = k_eff;
-  attend.n_splits = n_splits;
-  attend.split_len = split_len;
-  attend.part_acc = part_acc.data_ptr<float>();
-  attend.part_stats = part_stats.data_ptr<float>();
-  check_launch(cuda::launch_attend(attend, dtype, head_bucket, stream), "attend");
-
-  cuda::MergeParams mp{};
-  mp.part_acc = attend.part_acc;
-  mp.part_stats = attend.part_stats;
-  mp.tile_stats = ap.tile_stats;
-  mp.value_sum = value_sum;
-  mp.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
-  mp.n_valid = rp.n_valid;
-  mp.rows = rows;
-  mp.Hkv = Hkv;
-  mp.G = G;
-  mp.D = D;
-  mp.n_splits = n_splits;
-  mp.n_tiles = n_tiles;
-  mp.reallocate = reallocate;
-  mp.out = out.data_ptr();
-  check_launch(cuda::launch_merge(mp, dtype, stream), "merge");
+  // Workspaces from the caching allocator; the zero-filled one is cleared on the stream (a
+  // memset node under graph capture).
+  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
+  const auto byte_opts = query.options().dtype(at::kByte);
+  at::Tensor zeroed = at::empty({static_cast<int64_t>(plan.zeroed_bytes)}, byte_opts);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(plan.scratch_bytes)}, byte_opts);
+  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, plan.zeroed_bytes, stream));
+  const char* stage = "";
+  const cudaError_t err =
+      cuda::enqueue_attention(prob, plan, zeroed.data_ptr(), scratch.data_ptr(), stream, &stage);
+  TORCH_CHECK(err == cudaSuccess, "sparq_ext.attention (CUDA): launching ", stage, " failed: ",
+              cudaGetErrorString(err));
   return out;
 }
 

@@ -72,7 +72,6 @@ __global__ void __launch_bounds__(kPrepThreads)
   __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of sum_g |q_g|
   __shared__ uint8_t selected[kMaxHeadDim];
   __shared__ int32_t i1[kMaxHeadDim];
-  extern __shared__ float approx_scale[];  // (G,)
   const int64_t row = blockIdx.x;
   const int64_t G = p.G, D = p.D, r = p.r;
   const T* q = static_cast<const T*>(p.query) + row * G * D;
@@ -106,11 +105,11 @@ __global__ void __launch_bounds__(kPrepThreads)
     }
     l1 = warp_sum(l1);
     hat_l1 = warp_sum(hat_l1);
-    if (lane == 0) approx_scale[g] = approx_logit_scale(hat_l1, l1, p.scale);
+    if (lane == 0) p.head_scale[row * G + g] = approx_logit_scale(hat_l1, l1, p.scale);
   }
-  __syncthreads();
+  __syncthreads();  // makes the head_scale writes visible to the whole block
+  const float* approx_scale = p.head_scale + row * G;
 
-  for (int64_t g = threadIdx.x; g < G; g += blockDim.x) p.head_scale[row * G + g] = approx_scale[g];
   for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
     const int32_t d = i1[j];
     p.i1[row * r + j] = d;
@@ -128,17 +127,15 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 cudaError_t launch_row_prep(const RowPrepParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  row_prep_kernel<<<static_cast<unsigned>(p.B), kPrepThreads, 0, stream>>>(p);
+  SPARQ_LAUNCH(row_prep_kernel, static_cast<unsigned>(p.B), kPrepThreads, stream, p);
   return cudaGetLastError();
 }
 
 cudaError_t launch_query_prep(const QueryPrepParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (p.D > kMaxHeadDim) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(p.G) * sizeof(float);
   SPARQ_DISPATCH_DTYPE(dtype, T, {
-    if (smem > 48 * 1024) return cudaErrorInvalidValue;
-    query_prep_kernel<T><<<static_cast<unsigned>(p.rows), kPrepThreads, smem, stream>>>(p);
+    SPARQ_LAUNCH(query_prep_kernel<T>, static_cast<unsigned>(p.rows), kPrepThreads, stream, p);
   });
   return cudaGetLastError();
 }

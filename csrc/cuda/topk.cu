@@ -130,11 +130,11 @@ cudaError_t launch_radix_topk(const TopkParams& p, cudaStream_t stream) {
   if (p.rows > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
   for (int pass = 1; pass < kRadixPasses; ++pass) {
-    radix_hist_kernel<<<grid, kTopkThreads, 0, stream>>>(p, pass);
+    SPARQ_LAUNCH(radix_hist_kernel, grid, kTopkThreads, stream, p, pass);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  radix_emit_kernel<<<grid, kTopkThreads, 0, stream>>>(p);
+  SPARQ_LAUNCH(radix_emit_kernel, grid, kTopkThreads, stream, p);
   return cudaGetLastError();
 }
 

@@ -118,8 +118,20 @@ __device__ __forceinline__ void warp_hist_add(uint32_t* hist, uint32_t bucket, b
   const unsigned voters = __ballot_sync(kFullMask, active);
   if (!active) return;
   const unsigned peers = __match_any_sync(voters, bucket);
-  if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bucket], __popc(peers));
+  if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1)
+    atomicAdd(&hist[bucket], static_cast<uint32_t>(__popc(peers)));
 }
+
+// ---- launch ----------------------------------------------------------------------------
+// kernel<<<grid, block, 0, stream>>>(args...), or, when the kernels are compiled as host
+// code for the CPU emulation tests (tests/cuda_emu), the emulator's launch.
+#ifdef SPARQ_CUDA_EMULATION
+#define SPARQ_LAUNCH(kernel, grid, block, stream, ...) \
+  ::sparq_emu::launch(kernel, dim3(grid), dim3(block), stream, __VA_ARGS__)
+#else
+#define SPARQ_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
 
 // ---- dispatch --------------------------------------------------------------------------
 #define SPARQ_DISPATCH_DTYPE(dtype, T, ...)                      \
