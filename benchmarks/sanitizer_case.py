@@ -10,11 +10,15 @@ Exits non-zero when an output differs from the pure-torch reference.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 import sparq_ext
 from sparq_ext import sparq_attention_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sparq_testutil import separated_query  # noqa: E402  (queries without top-r/k ties)
 
 
 def case(B, Hq, Hkv, S, D, r, k, dtype, seed, **kw):
@@ -23,6 +27,9 @@ def case(B, Hq, Hkv, S, D, r, k, dtype, seed, **kw):
     key = torch.randn(B, Hkv, S, D, generator=g, device="cuda").to(dtype)
     value = torch.randn(B, Hkv, S, D, generator=g, device="cuda").to(dtype)
     key_t = key.transpose(-1, -2).contiguous() if kw.pop("with_key_t", True) else None
+    q = separated_query(q, key, r, k, key_t=key_t, seq_lens=kw.get("seq_lens"),
+                        attn_mask=kw.get("attn_mask"), local_window=kw.get("local_window", 0),
+                        scale=kw.get("scale"))
     with torch.no_grad():
         got = sparq_ext.attention(q, key, value, r=r, k=k, key_t=key_t, **kw)
         ref = sparq_attention_reference(q, key, value, r, k, key_t, kw.get("value_mean"),
