@@ -210,3 +210,20 @@ def test_multiple_topk_chunks(emu):
     # S > 4096 keys: several radix blocks per row (chunked histogram passes and emit).
     q, k, v = inputs(1, 1, 1, 9000, 64, torch.bfloat16, 6)
     check(emu, q, k, v, 4, 700, seq_lens=torch.tensor([8999]), local_window=10)
+
+
+@pytest.mark.parametrize("D,dtype", [(32, torch.float32), (80, torch.float16),
+                                     (200, torch.bfloat16), (256, torch.float32),
+                                     (128, torch.float32), (64, torch.float16)])
+def test_head_dims_inside_buckets(emu, D, dtype):
+    # D below its instantiated bucket (lanes without components), and fp32 rows that take
+    # two 16-byte loads per lane (D = 256).
+    q, k, v = inputs(2, 4, 2, 400, D, dtype, D + 1)
+    check(emu, q, k, v, max(1, D // 8), 64, local_window=4, seq_lens=torch.tensor([400, 333]))
+
+
+def test_window_only_and_single_position(emu):
+    q, k, v = inputs(1, 2, 1, 1, 64, torch.float32, 7)
+    check(emu, q, k, v, 8, 1, local_window=1)
+    q, k, v = inputs(1, 2, 1, 50, 64, torch.float32, 8)
+    check(emu, q, k, v, 8, 20, local_window=20)  # the whole top-k is the window
