@@ -53,6 +53,9 @@ def main() -> int:
     ok &= case(3, 8, 2, 1000, 128, 16, 100, torch.bfloat16, 1, seq_lens=seq_lens,
                attn_mask=mask, local_window=20)
     ok &= case(2, 12, 1, 777, 64, 8, 64, torch.float16, 2, with_key_t=False)
+    if "--quick" in sys.argv:  # racecheck is slow: these two cases reach every kernel
+        print("OK" if ok else "MISMATCH")
+        return 0 if ok else 1
     ok &= case(1, 4, 4, 5000, 256, 32, 600, torch.float32, 3, reallocate=False)
     ok &= case(2, 4, 2, 300, 80, 10, 500, torch.float32, 4,
                value_mean=torch.zeros(2, 2, 1, 80, device="cuda"), local_window=3)

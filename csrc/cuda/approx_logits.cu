@@ -120,9 +120,11 @@ __global__ void __launch_bounds__(kApproxThreads)
     float* out = p.sel_score + row * p.S_pad + s0;
     if (full_run) {  // S_pad and s0 are multiples of 4: aligned float4 stores
 #pragma unroll
-      for (int v = 0; v < VEC; v += 4)
+      for (int v = 0; v < VEC; v += 4) {
+        SPARQ_EMU_CHECK_ALIGNED(out + v, 16);
         *reinterpret_cast<float4*>(out + v) = make_float4(score[v], score[v + 1], score[v + 2],
                                                           score[v + 3]);
+      }
     } else {
 #pragma unroll
       for (int v = 0; v < VEC; ++v)

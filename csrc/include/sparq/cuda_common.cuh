@@ -40,6 +40,19 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// In the CPU emulation (tests/cuda_emu), alignment the GPU would fault on is checked.
+#ifdef SPARQ_CUDA_EMULATION
+#define SPARQ_EMU_CHECK_ALIGNED(ptr, bytes)                                  \
+  do {                                                                       \
+    if (reinterpret_cast<uintptr_t>(ptr) % (bytes) != 0)                     \
+      ::sparq_emu::fail("misaligned vector access (the GPU would fault)");  \
+  } while (0)
+#else
+#define SPARQ_EMU_CHECK_ALIGNED(ptr, bytes) \
+  do {                                      \
+  } while (0)
+#endif
+
 // ---- vector loads ---------------------------------------------------------------------
 // N consecutive elements of T as fp32, in 16-byte (or, for short runs, 4/8-byte) loads.
 // `p` must be aligned to min(16, N * sizeof(T)) bytes.
@@ -62,6 +75,7 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ p, float (&o
   using Raw = typename RawVec<kChunk>::type;
 #pragma unroll
   for (int c = 0; c < N / kPerChunk; ++c) {
+    SPARQ_EMU_CHECK_ALIGNED(p + c * kPerChunk, kChunk);
     const Raw raw = *reinterpret_cast<const Raw*>(p + c * kPerChunk);
     const T* elems = reinterpret_cast<const T*>(&raw);
 #pragma unroll

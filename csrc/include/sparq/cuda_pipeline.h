@@ -45,7 +45,18 @@ struct AttentionPlan {
   size_t hist_off, counters_off, value_sum_off, zeroed_bytes;
   size_t row_info_off, i1_off, coef_off, coef_sum_off, head_scale_off, sel_off, tile_off,
       topk_off, part_acc_off, part_stats_off, scratch_bytes;
+  // Every carved region as (offset, bytes), zeroed block first: lets the CPU emulation
+  // poison the gaps between regions and catch out-of-bounds workspace accesses.
+  size_t region_off[16], region_bytes[16];
+  int n_zeroed_regions, n_regions;
 };
+
+// Gap left after each region: none on the GPU; in the CPU emulation a poisoned guard zone.
+#ifdef SPARQ_WORKSPACE_GUARD_BYTES
+constexpr size_t kWorkspaceGuard = SPARQ_WORKSPACE_GUARD_BYTES;
+#else
+constexpr size_t kWorkspaceGuard = 0;
+#endif
 
 inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -69,15 +80,19 @@ inline AttentionPlan plan_attention(const AttentionProblem& a) {
   p.need_value_sum = a.reallocate && a.value_mean == nullptr;
 
   size_t off = 0;
-  auto take = [&off](size_t bytes) {
+  auto take = [&off, &p](size_t bytes) {
     const size_t at = off;
-    off += align_up(bytes);
+    off += align_up(bytes + kWorkspaceGuard);
+    p.region_off[p.n_regions] = at;
+    p.region_bytes[p.n_regions] = bytes;
+    ++p.n_regions;
     return at;
   };
   p.hist_off = take(sizeof(uint32_t) * p.rows * kRadixPasses * kRadixBuckets);
   p.counters_off = take(sizeof(uint32_t) * p.rows * 2);
   p.value_sum_off = take(p.need_value_sum ? sizeof(float) * p.rows * a.D : 0);
   p.zeroed_bytes = off;
+  p.n_zeroed_regions = p.n_regions;
 
   off = 0;
   p.row_info_off = take(sizeof(int32_t) * 3 * a.B);
