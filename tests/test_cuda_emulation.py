@@ -232,3 +232,32 @@ def test_window_only_and_single_position(emu):
     check(emu, q, k, v, 8, 1, local_window=1)
     q, k, v = inputs(1, 2, 1, 50, 64, torch.float32, 8)
     check(emu, q, k, v, 8, 20, local_window=20)  # the whole top-k is the window
+
+
+@pytest.mark.parametrize("case", range(int(os.environ.get("SPARQ_EMU_CASES", "12"))))
+def test_randomised_options(emu, case):
+    # Hypothesis-style sweep with a fixed seed per case: shapes, dtypes and every option.
+    g = torch.Generator().manual_seed(1000 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    B, Hkv, G = pick([1, 2, 3]), pick([1, 2]), pick([1, 2, 4, 5, 8, 9])
+    D = pick([32, 64, 72, 128, 256])
+    S = int(torch.randint(1, 2500, (1,), generator=g))
+    dtype = pick([torch.float32, torch.float16, torch.bfloat16])
+    r = int(torch.randint(1, D + 1, (1,), generator=g))
+    kk = int(torch.randint(1, S + 50, (1,), generator=g))
+    window = pick([0, 0, int(torch.randint(0, kk + 1, (1,), generator=g))])
+    q, k, v = inputs(B, G * Hkv, Hkv, S, D, dtype, 2000 + case)
+    kw = dict(local_window=window, reallocate=pick([True, True, False]))
+    if pick([False, True]):
+        kw["seq_lens"] = torch.randint(0, S + 1, (B,), generator=g)
+    if pick([False, True]):
+        mask = torch.rand(B, 1, 1, S, generator=g) > pick([0.1, 0.5, 0.9])
+        kw["attn_mask"] = mask
+    if pick([False, True]):
+        kw["value_mean"] = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
+    if pick([False, True]):
+        kw["scale"] = float(torch.rand(1, generator=g)) + 0.01
+    check(emu, q, k, v, r, kk, with_key_t=pick([True, False]), **kw)
