@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One unattended GPU session for the CUDA backend (run from the repository root):
 #   build (sm_90) -> CUDA tests -> compute-sanitizer memcheck + racecheck on a small case
-#   -> latency sweep (benchmarks/bench_attention.py, written by the lead).
+#   -> latency sweep (benchmarks/bench_attention.py, written by the lead) -> per-kernel profile.
 # Every log and JSON goes flat into $OUT (default ./gpu_out): session.log, build.log,
 # pytest.log, sanitizer.log, bench.log, plus what the sweep writes (keep it to <= 3 files).
 # Ends within 9 minutes: each step has its own time limit, and later steps get what is left.
@@ -66,10 +66,13 @@ unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
 # 4. Latency sweep (JSON and plot into $OUT).
 if [[ -f benchmarks/bench_attention.py ]]; then
-  run_step bench "$OUT/bench.log" 400 "$PY" benchmarks/bench_attention.py --device cuda --out "$OUT"
+  run_step bench "$OUT/bench.log" 330 "$PY" benchmarks/bench_attention.py --device cuda --out "$OUT"
 else
   say "SKIP bench: benchmarks/bench_attention.py is not in this checkout"
 fi
+
+# 5. Per-kernel breakdown (torch.profiler), appended to bench.log.
+run_step profile "$OUT/bench.log" 90 "$PY" benchmarks/profile_stages.py
 
 say "done: $FAILED step(s) failed; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $FAILED
