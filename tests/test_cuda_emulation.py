@@ -86,6 +86,20 @@ def _build() -> Path:
     return lib
 
 
+TOPK_PATHS = {"row_kernel": None, "chunked": "4"}  # SPARQ_EMU_TOPK_ROW_MAX_KEYS
+
+
+@pytest.fixture(params=list(TOPK_PATHS))
+def topk_path(request, monkeypatch):
+    """Runs a test through both top-k implementations (one block per row / chunked)."""
+    value = TOPK_PATHS[request.param]
+    if value is None:
+        monkeypatch.delenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", value)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def emu():
     try:
@@ -161,7 +175,7 @@ def test_head_dims(emu, D):
     check(emu, q, k, v, D // 4, 40, local_window=5)
 
 
-def test_no_key_t_mask_window_seq_lens(emu):
+def test_no_key_t_mask_window_seq_lens(emu, topk_path):
     B, S = 3, 900
     q, k, v = inputs(B, 2, 1, S, 64, torch.float32, 1)
     g = torch.Generator().manual_seed(2)
@@ -193,7 +207,7 @@ def test_k_covers_everything(emu):
 
 
 @pytest.mark.parametrize("kk", [10, 25, 37, 50, 190])
-def test_ties_any_choice_is_right(emu, kk):
+def test_ties_any_choice_is_right(emu, kk, topk_path):
     # Keys and values constant within 4 groups of positions (sizes 10, 15, 25, 150), so every
     # approximate score ties inside its group and the k-th often falls inside one: the radix
     # select must take exactly the right number from the tied group, and any choice among
@@ -211,7 +225,7 @@ def test_ties_any_choice_is_right(emu, kk):
     check(emu, q, k, v, 64, kk, exact_choice=False, reallocate=False)
 
 
-def test_multiple_topk_chunks(emu):
+def test_multiple_topk_chunks(emu, topk_path):
     # S > 4096 keys: several radix blocks per row (chunked histogram passes and emit).
     q, k, v = inputs(1, 1, 1, 9000, 64, torch.bfloat16, 6)
     check(emu, q, k, v, 4, 700, seq_lens=torch.tensor([8999]), local_window=10)
@@ -235,7 +249,7 @@ def test_window_only_and_single_position(emu):
 
 
 @pytest.mark.parametrize("case", range(int(os.environ.get("SPARQ_EMU_CASES", "12"))))
-def test_randomised_options(emu, case):
+def test_randomised_options(emu, case, monkeypatch):
     # Hypothesis-style sweep with a fixed seed per case: shapes, dtypes and every option.
     g = torch.Generator().manual_seed(1000 + case)
 
@@ -250,6 +264,8 @@ def test_randomised_options(emu, case):
     kk = int(torch.randint(1, S + 50, (1,), generator=g))
     window = pick([0, 0, int(torch.randint(0, kk + 1, (1,), generator=g))])
     q, k, v = inputs(B, G * Hkv, Hkv, S, D, dtype, 2000 + case)
+    if case % 2:  # odd cases take the chunked top-k
+        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", "4")
     kw = dict(local_window=window, reallocate=pick([True, True, False]))
     if pick([False, True]):
         kw["seq_lens"] = torch.randint(0, S + 1, (B,), generator=g)

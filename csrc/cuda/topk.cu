@@ -1,4 +1,6 @@
 // Stage 3: exact top-k of the selection scores by radix select (SparQ step 2's i2).
+// Rows of up to 32K positions take the one-block-per-row kernel at the end of this file
+// (keys in shared memory, one launch); longer rows the chunked passes described here.
 //
 // Keys are float_to_ordered(score) (sparq/math.h), digits of kRadixBits = 8 bits from the
 // top. The pass-0 histogram comes from approx_logits; passes 1..3 each read the row's scores
@@ -123,11 +125,96 @@ __global__ void __launch_bounds__(kTopkThreads) radix_emit_kernel(const TopkPara
   }
 }
 
+// Whole radix select of one row in one block, the row's keys in shared memory: for rows of
+// up to kTopkRowMaxKeys positions, where the four launches of the chunked path would cost
+// more than their work. Reads the scores once (4 B per position), writes k indices, in
+// position order (block-wide scans assign the slots).
+__global__ void __launch_bounds__(kTopkRowThreads) radix_topk_row_kernel(const TopkParams p) {
+  SPARQ_DYNAMIC_SMEM(uint32_t, keys);
+  __shared__ uint32_t hist[kRadixBuckets];
+  __shared__ uint32_t scratch[32];
+  __shared__ uint32_t found_bucket, found_higher;
+  const int64_t row = blockIdx.x;
+  const int64_t len = p.row_len[row / p.Hkv];
+  const float* score = p.sel_score + row * p.S_pad;
+  uint32_t valid_here = 0;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) {
+    const uint32_t key = float_to_ordered(score[s]);
+    keys[s] = key;
+    valid_here += key != kNegInfKey;
+  }
+  if (threadIdx.x == 0) found_bucket = found_higher = 0;
+  uint32_t total = 0;
+  block_inclusive_scan(valid_here, scratch, &total);  // its barriers also publish `keys`
+  int64_t want = p.k_eff < static_cast<int64_t>(total) ? p.k_eff : static_cast<int64_t>(total);
+  if (want == 0) return;  // uniform
+  int64_t above = 0;
+  uint32_t prefix = 0;
+  for (int pass = 0; pass < kRadixPasses; ++pass) {
+    for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const uint32_t mask = radix_prefix_mask(pass);
+    for (int64_t base = 0; base < len; base += blockDim.x) {  // uniform trip count
+      const int64_t s = base + threadIdx.x;
+      const uint32_t key = s < len ? keys[s] : kNegInfKey;
+      warp_hist_add(hist, radix_digit(key, pass), key != kNegInfKey && (key & mask) == prefix);
+    }
+    __syncthreads();
+    const int bucket = kRadixBuckets - 1 - static_cast<int>(threadIdx.x);  // descending
+    const uint32_t count = bucket >= 0 ? hist[bucket] : 0u;
+    uint32_t pass_total = 0;
+    const uint32_t incl = block_inclusive_scan(count, scratch, &pass_total);
+    const int64_t excl = static_cast<int64_t>(incl - count);
+    if (bucket >= 0 && excl < want && want <= static_cast<int64_t>(incl)) {
+      found_bucket = static_cast<uint32_t>(bucket);
+      found_higher = static_cast<uint32_t>(excl);
+    }
+    __syncthreads();
+    above += found_higher;
+    want -= found_higher;
+    prefix |= found_bucket << (32 - kRadixBits * (pass + 1));
+    __syncthreads();  // found_* and hist are rewritten by the next pass
+  }
+  int32_t* out = p.topk_idx + row * p.k_eff;
+  int64_t above_done = 0, ties_done = 0;
+  for (int64_t base = 0; base < len && (above_done < above || ties_done < want);
+       base += blockDim.x) {  // uniform: the counts are block totals
+    const int64_t s = base + threadIdx.x;
+    const uint32_t key = s < len ? keys[s] : kNegInfKey;
+    const bool is_above = key != kNegInfKey && key > prefix;
+    const bool is_tie = key != kNegInfKey && key == prefix;
+    uint32_t n_above = 0, n_tie = 0;
+    const uint32_t above_incl = block_inclusive_scan(is_above ? 1u : 0u, scratch, &n_above);
+    const uint32_t tie_incl = block_inclusive_scan(is_tie ? 1u : 0u, scratch, &n_tie);
+    if (is_above) {
+      const int64_t slot = above_done + above_incl - 1;
+      if (slot < above) out[slot] = static_cast<int32_t>(s);
+    } else if (is_tie) {
+      const int64_t slot = ties_done + tie_incl - 1;
+      if (slot < want) out[above + slot] = static_cast<int32_t>(s);
+    }
+    above_done += n_above;
+    ties_done += n_tie;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_radix_topk(const TopkParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.n_chunks == 0) return cudaSuccess;
   if (p.rows > 65535) return cudaErrorInvalidValue;
+  if (p.S_pad <= p.row_max_keys && p.S_pad <= kTopkRowMaxKeys) {
+    const size_t smem = static_cast<size_t>(p.S_pad) * sizeof(uint32_t);
+    if (smem > 48 * 1024) {  // opt in to more than the default 48 KiB (no stream work)
+      const cudaError_t err = cudaFuncSetAttribute(
+          radix_topk_row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    SPARQ_LAUNCH_SMEM(radix_topk_row_kernel, static_cast<unsigned>(p.rows), kTopkRowThreads,
+                      smem, stream, p);
+    return cudaGetLastError();
+  }
   const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
   for (int pass = 1; pass < kRadixPasses; ++pass) {
     SPARQ_LAUNCH(radix_hist_kernel, grid, kTopkThreads, stream, p, pass);

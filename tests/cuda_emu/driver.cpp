@@ -28,6 +28,9 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   a.reallocate = reallocate != 0;
   a.scale = scale;
   a.sm_count = sm_count;
+  // Tests reach the chunked top-k path at small S by lowering the one-block threshold.
+  if (const char* env = std::getenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS"))
+    a.topk_row_max_keys = std::atoll(env);
   a.query = query;
   a.key = key;
   a.k_sb = Hkv * S * D;

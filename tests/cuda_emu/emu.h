@@ -20,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -97,9 +98,11 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int n) : barrier(n), warps((n + 31) / 32) {}
+  Block(int n, size_t smem_words)
+      : barrier(n), warps((n + 31) / 32), dynamic_smem(smem_words) {}
   std::barrier<> barrier;
   std::vector<Warp> warps;
+  std::vector<std::max_align_t> dynamic_smem;  // extern __shared__ (SPARQ_DYNAMIC_SMEM)
 };
 
 struct ThreadCtx {
@@ -137,13 +140,15 @@ inline void warp_exchange(unsigned mask, T v, uint64_t (&out)[32]) {
 }
 
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t, Args... args) {
+void launch_smem(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                 Args... args) {
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x > 1024)
     fail("the emulator supports 1-D blocks of whole warps");
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk(static_cast<int>(block.x));
+        Block blk(static_cast<int>(block.x),
+                  (smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
         std::vector<std::thread> threads;
         threads.reserve(block.x);
         for (unsigned tx = 0; tx < block.x; ++tx) {
@@ -161,6 +166,13 @@ void launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t, Args... args) {
         for (auto& th : threads) th.join();
       }
 }
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+  launch_smem(kernel, grid, block, 0, stream, args...);
+}
+
+inline void* dynamic_smem() { return tls().block->dynamic_smem.data(); }
 
 }  // namespace sparq_emu
 
@@ -237,5 +249,6 @@ inline float atomicAdd(float* p, float v) {
 using std::max;
 using std::min;
 
-// Launch errors are reported by the emulator itself (it aborts).
+// Launch errors are reported by the emulator itself (it aborts); attributes do not apply.
 #define cudaGetLastError() cudaSuccess
+#define cudaFuncSetAttribute(...) cudaSuccess

@@ -139,12 +139,21 @@ __device__ __forceinline__ void warp_hist_add(uint32_t* hist, uint32_t bucket, b
 // ---- launch ----------------------------------------------------------------------------
 // kernel<<<grid, block, 0, stream>>>(args...), or, when the kernels are compiled as host
 // code for the CPU emulation tests (tests/cuda_emu), the emulator's launch.
+// SPARQ_DYNAMIC_SMEM(T, name) declares `T* name` pointing at the dynamic shared memory.
 #ifdef SPARQ_CUDA_EMULATION
 #define SPARQ_LAUNCH(kernel, grid, block, stream, ...) \
   ::sparq_emu::launch(kernel, dim3(grid), dim3(block), stream, __VA_ARGS__)
+#define SPARQ_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  ::sparq_emu::launch_smem(kernel, dim3(grid), dim3(block), smem, stream, __VA_ARGS__)
+#define SPARQ_DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(::sparq_emu::dynamic_smem())
 #else
 #define SPARQ_LAUNCH(kernel, grid, block, stream, ...) \
   kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define SPARQ_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define SPARQ_DYNAMIC_SMEM(T, name)                         \
+  extern __shared__ __align__(16) unsigned char sparq_dynamic_smem[]; \
+  T* name = reinterpret_cast<T*>(sparq_dynamic_smem)
 #endif
 
 // ---- dispatch --------------------------------------------------------------------------

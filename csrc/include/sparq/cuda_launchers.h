@@ -30,6 +30,10 @@ constexpr int kApproxThreads = 256;       // approx_logits: 16 bytes of key_t pe
 constexpr int kTopkThreads = 256;         // must equal kRadixBuckets (one bucket per thread)
 constexpr int kTopkKeysPerThread = 16;
 constexpr int kTopkChunk = kTopkThreads * kTopkKeysPerThread;  // keys per block and pass
+// Rows of at most this many positions are selected by one block each, keys in shared memory
+// (128 KiB: fits sm_80 and sm_90), in one launch instead of four.
+constexpr int64_t kTopkRowMaxKeys = 32768;
+constexpr int kTopkRowThreads = 1024;
 constexpr int kAttendWarps = 4;
 constexpr int kValueSumChunk = 1024;      // positions per value_sum block
 constexpr int kMaxHeadDim = 256;          // kernels are instantiated for head dims 64/128/256
@@ -96,6 +100,7 @@ struct TopkParams {
   uint32_t* counters;       // (rows, 2), zeroed
   int32_t* topk_idx;        // (rows, k_eff): first min(k_eff, valid) entries are written
   int64_t n_chunks;
+  int64_t row_max_keys;     // S_pad <= this: one block per row (kTopkRowMaxKeys by default)
 };
 
 struct ValueSumParams {

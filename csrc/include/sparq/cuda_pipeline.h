@@ -23,6 +23,7 @@ struct AttentionProblem {
   bool reallocate;
   float scale;
   int64_t sm_count;  // multiprocessors of the device (sizes the flash-decoding splits)
+  int64_t topk_row_max_keys;  // 0: kTopkRowMaxKeys (tests lower it to reach both top-k paths)
   const void* query;
   const void* key;
   int64_t k_sb, k_sh, k_ss;
@@ -204,6 +205,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   tp.counters = counters;
   tp.topk_idx = topk_idx;
   tp.n_chunks = plan.topk_chunks;
+  tp.row_max_keys = a.topk_row_max_keys > 0 ? a.topk_row_max_keys : kTopkRowMaxKeys;
   if (!check(launch_radix_topk(tp, stream), "radix_topk")) return err;
 
   if (plan.need_value_sum) {
