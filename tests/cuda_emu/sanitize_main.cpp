@@ -38,6 +38,8 @@
 
 using namespace sparq::cuda;
 
+static int64_t g_topk_row_max_keys = 0;  // 0: default; 4: the chunked top-k path
+
 template <typename T>
 static T cast(float x);
 template <>
@@ -108,6 +110,7 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   a.reallocate = reallocate;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
   a.sm_count = 132;
+  a.topk_row_max_keys = g_topk_row_max_keys;
   a.query = q.data();
   a.key = key.data();
   a.k_sb = Hkv * S * D;
@@ -150,6 +153,11 @@ int main() {
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 1, 2, 2, 5003, 256, 32, 300, 0, true, false,
                                 false, false);
   ok &= run_case<float>(DType::kFloat32, 3, 2, 2, 333, 256, 4, 400, 9, true, true, true, true);
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
+                                true, false);
+  std::printf("chunked top-k path:\n");
+  g_topk_row_max_keys = 4;
+  ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
                                 true, false);
   return ok ? 0 : 1;
