@@ -44,11 +44,13 @@ run_step() {
 # 1. Build in place for sm_90 (the machine's GPU), all cores.
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 BUILD_START=$(date +%s)
-if run_step build "$OUT/build.log" 300 "$PY" setup.py build_ext --inplace; then
-  say "build took $(( $(date +%s) - BUILD_START ))s"
-  run_step import "$OUT/build.log" 60 "$PY" -c "import sparq_ext, torch; assert sparq_ext.extension_error is None, sparq_ext.extension_error; assert sparq_ext.has_native_kernel('cuda'); print('native cuda kernel registered')"
-else
+if ! run_step build "$OUT/build.log" 300 "$PY" setup.py build_ext --inplace; then
   say "build failed: the remaining steps would test the pure-torch fallback; stopping"
+  exit $FAILED
+fi
+say "build took $(( $(date +%s) - BUILD_START ))s"
+if ! run_step import "$OUT/build.log" 60 "$PY" -c "import sparq_ext, torch; assert sparq_ext.extension_error is None, sparq_ext.extension_error; assert sparq_ext.has_native_kernel('cuda'), 'no CUDA kernel registered'; print('native cuda kernel registered on', torch.cuda.get_device_name())"; then
+  say "the CUDA kernels are not in use: the remaining steps would test the fallback; stopping"
   exit $FAILED
 fi
 
@@ -58,11 +60,21 @@ run_step test_cuda "$OUT/pytest.log" 200 "$PY" -m pytest -q -rs --durations=10 -
 
 # 3. compute-sanitizer on a small case. No caching allocator, so every workspace is its own
 #    allocation and out-of-bounds accesses are caught at the workspace's edge.
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-run_step memcheck "$OUT/sanitizer.log" 100 "$SAN" --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" benchmarks/sanitizer_case.py
-run_step racecheck "$OUT/sanitizer.log" 80 "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 99 --print-limit 20 "$PY" benchmarks/sanitizer_case.py --quick
-unset PYTORCH_NO_CUDA_MEMORY_CACHING
+SAN=""
+for c in "$(command -v compute-sanitizer || true)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+         "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer" \
+         /usr/local/cuda-*/compute-sanitizer/compute-sanitizer; do
+  if [[ -n "$c" && -x "$c" ]]; then SAN=$c; break; fi
+done
+if [[ -n "$SAN" ]]; then
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  run_step memcheck "$OUT/sanitizer.log" 100 "$SAN" --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" benchmarks/sanitizer_case.py
+  run_step racecheck "$OUT/sanitizer.log" 80 "$SAN" --tool racecheck --racecheck-report hazard --error-exitcode 99 --print-limit 20 "$PY" benchmarks/sanitizer_case.py --quick
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+else
+  say "SKIP memcheck/racecheck: compute-sanitizer not found (PATH, \$CUDA_HOME, /usr/local/cuda*)"
+  FAILED=$((FAILED + 1))
+fi
 
 # 4. Latency sweep (JSON and plot into $OUT).
 if [[ -f benchmarks/bench_attention.py ]]; then
