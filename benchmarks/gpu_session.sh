@@ -9,6 +9,7 @@
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/gpu_out}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for the scripts
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${SESSION_BUDGET_S:-530}  # 9 min minus margin for the copy-back

@@ -8,11 +8,14 @@ next; the latency sweep itself is benchmarks/bench_attention.py.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sparq_ext
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the in-place build
+import sparq_ext  # noqa: E402
 
 
 def stage_bytes(B, Hq, Hkv, S, D, r, k, e):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-import sparq_ext
-from sparq_ext import sparq_attention_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the in-place build; test helpers
+import sparq_ext  # noqa: E402
+from sparq_ext import sparq_attention_reference  # noqa: E402
 from sparq_testutil import separated_query  # noqa: E402  (queries without top-r/k ties)
 
 
