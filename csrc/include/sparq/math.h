@@ -153,6 +153,14 @@ SPARQ_HD float softmax_prob(SoftmaxState s, float x) {
   return expf(x - s.m) / s.l;
 }
 
+// Probability mass that a subset's state `part` holds under the full state `full`:
+// sum_{i in part} exp(x_i - full.m) / full.l. Step 3's alpha, with `part` the approximate
+// logits of the selected positions. 0 when either state is empty.
+SPARQ_HD float softmax_mass_ratio(SoftmaxState part, SoftmaxState full) {
+  if (part.l <= 0.0f || full.l <= 0.0f) return 0.0f;
+  return part.l * expf(part.m - full.m) / full.l;
+}
+
 // ---------------------------------------------------------------------------------------
 // Step 1 scale: approximate logits are (q[i1] . K[:, i1]) * scale / sqrt(gamma) with
 // gamma = |q[i1]|_1 / |q|_1. Guarded so that an all-zero query (or a group member whose

@@ -1,0 +1,185 @@
+// Stage 2: approximate logits from the r selected components (SparQ step 1).
+//
+// Grid (S tiles, B*Hkv, ceil(G / GC)); 256 threads, each a run of VEC = 16/e consecutive
+// positions. Per (b, KV head) and valid position it reads r elements of K: from key_t,
+// r * e B per position in 16-byte loads (the S*r*e of the byte budget), or, without key_t,
+// gathered from key rows (r scattered elements per row; whole 32-byte sectors in practice).
+// Plus the mask byte per position when attn_mask is given. Writes 4 B per valid position
+// (the group-summed logit, the radix-select key source; only from grid.z == 0), 8 B per
+// (tile, head) of softmax statistics, and up to 1 KiB of histogram per tile. Positions at or
+// beyond the row's length are neither read nor written.
+//
+// All G query heads of a group are formed in registers from the same loads (GC at a time;
+// with G > 8 the further chunks re-read the tile through L2, never DRAM twice in practice).
+// The group sum uses the summed coefficients, so it costs one FMA per component and position.
+#include "sparq/cuda_common.cuh"
+
+namespace sparq {
+namespace cuda {
+namespace {
+
+constexpr uint32_t kNegInfKey = 0x007fffffu;  // float_to_ordered(-inf)
+
+template <typename T, int GC, bool kKeyT>
+__global__ void __launch_bounds__(kApproxThreads)
+    approx_logits_kernel(const ApproxParams p) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  constexpr int TILE = kApproxThreads * VEC;
+  __shared__ float coef[GC][kMaxHeadDim];
+  __shared__ float coef_sum[kMaxHeadDim];
+  __shared__ int32_t comp[kMaxHeadDim];
+  __shared__ uint32_t hist[kRadixBuckets];
+  __shared__ SoftmaxState warp_stats[GC][kApproxThreads / 32];
+
+  const int64_t row = blockIdx.y;
+  const int64_t b = row / p.Hkv, h = row % p.Hkv;
+  const int64_t g0 = static_cast<int64_t>(blockIdx.z) * GC;
+  const int64_t tile = blockIdx.x;
+  const int64_t len = p.row_len[b];
+  const int64_t tile_start = tile * TILE;
+  const int64_t G = p.G, r = p.r;
+
+  if (tile_start >= len) {  // beyond the valid length: empty statistics only
+    if (threadIdx.x < GC && g0 + threadIdx.x < G) {
+      float* st = p.tile_stats + (((row * G) + g0 + threadIdx.x) * p.n_tiles + tile) * 2;
+      st[0] = -INFINITY;
+      st[1] = 0.f;
+    }
+    return;
+  }
+
+  for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
+    comp[j] = p.i1[row * r + j];
+    coef_sum[j] = p.coef_sum[row * r + j];
+#pragma unroll
+    for (int g = 0; g < GC; ++g)
+      coef[g][j] = g0 + g < G ? p.coef[((row * G) + g0 + g) * r + j] : 0.f;
+  }
+  for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+
+  const int64_t s0 = tile_start + static_cast<int64_t>(threadIdx.x) * VEC;
+  const bool full_run = s0 + VEC <= len;
+  float acc[GC][VEC];
+  float acc_sum[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    acc_sum[v] = 0.f;
+#pragma unroll
+    for (int g = 0; g < GC; ++g) acc[g][v] = 0.f;
+  }
+
+  if (s0 < len) {
+    const T* base;
+    if constexpr (kKeyT) {
+      base = static_cast<const T*>(p.key_t) + b * p.kt_sb + h * p.kt_sh + s0;
+    } else {
+      base = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
+    }
+#pragma unroll 4
+    for (int64_t j = 0; j < r; ++j) {
+      float x[VEC];
+      if constexpr (kKeyT) {
+        const T* src = base + comp[j] * p.kt_sd;
+        if (full_run && p.kt_vec) {
+          load_as_float<T, VEC>(src, x);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[v]) : 0.f;
+        }
+      } else {
+        const T* src = base + comp[j];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[v * p.k_ss]) : 0.f;
+      }
+      const float cs = coef_sum[j];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc_sum[v] = fmaf(cs, x[v], acc_sum[v]);
+#pragma unroll
+        for (int g = 0; g < GC; ++g) acc[g][v] = fmaf(coef[g][j], x[v], acc[g][v]);
+      }
+    }
+  }
+
+  // Validity and the local window, then the selection score and statistics.
+  const int64_t win_start = p.win_start[b];
+  bool valid[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const int64_t s = s0 + v;
+    valid[v] = s < len && (p.mask == nullptr || p.mask[b * p.S + s] != 0);
+  }
+
+  if (blockIdx.z == 0) {
+    float score[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      score[v] = !valid[v] ? kInvalidScore : (s0 + v >= win_start ? kWindowScore : acc_sum[v]);
+    }
+    float* out = p.sel_score + row * p.S_pad + s0;
+    if (full_run) {  // S_pad and s0 are multiples of 4: aligned float4 stores
+#pragma unroll
+      for (int v = 0; v < VEC; v += 4) {
+        SPARQ_EMU_CHECK_ALIGNED(out + v, 16);
+        *reinterpret_cast<float4*>(out + v) = make_float4(score[v], score[v + 1], score[v + 2],
+                                                          score[v + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        if (s0 + v < len) out[v] = score[v];
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const uint32_t key = float_to_ordered(score[v]);
+      warp_hist_add(hist, radix_digit(key, 0), valid[v] && key != kNegInfKey);
+    }
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int g = 0; g < GC; ++g) {
+    SoftmaxState st = softmax_empty();
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      if (valid[v]) st = softmax_push(st, acc[g][v]);
+    st = warp_merge(st);
+    if (lane == 0) warp_stats[g][warp] = st;
+  }
+  __syncthreads();
+  if (threadIdx.x < GC && g0 + threadIdx.x < G) {
+    SoftmaxState st = softmax_empty();
+    for (int w = 0; w < kApproxThreads / 32; ++w)
+      st = softmax_merge(st, warp_stats[threadIdx.x][w]);
+    float* out = p.tile_stats + (((row * G) + g0 + threadIdx.x) * p.n_tiles + tile) * 2;
+    out[0] = st.m;
+    out[1] = st.l;
+  }
+  if (blockIdx.z == 0) {
+    uint32_t* global_hist = p.hist + row * kRadixPasses * kRadixBuckets;
+    for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x)
+      if (hist[i] != 0) atomicAdd(&global_hist[i], hist[i]);
+  }
+}
+}  // namespace
+
+cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (p.r > kMaxHeadDim || p.rows > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(p.n_tiles), static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(group_chunks(p.G)));
+  SPARQ_DISPATCH_DTYPE(dtype, T, {
+    SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
+      if (p.key_t != nullptr) {
+        SPARQ_LAUNCH((approx_logits_kernel<T, GC, true>), grid, kApproxThreads, stream, p);
+      } else {
+        SPARQ_LAUNCH((approx_logits_kernel<T, GC, false>), grid, kApproxThreads, stream, p);
+      }
+    });
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sparq

@@ -1,0 +1,171 @@
+// sparq::attention_cuda: the CUDA backend of torch.ops.sparq_ext.attention.
+//
+// Host side only (g++, ATen): checks the arguments, brings the inputs into the layouts the
+// kernels read (only where they are not already: last dim contiguous, rows 16-byte aligned),
+// takes every workspace from the caching allocator, and enqueues the stages of
+// csrc/cuda/*.cu on the current stream. Nothing here reads device data or synchronises, so
+// the op can be captured in a CUDA graph; every size is a function of the shapes alone
+// (k_eff = min(k, S); the clamp of k to each row's valid count happens on the device).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <limits>
+
+#include "sparq/cuda_launchers.h"
+#include "sparq/cuda_pipeline.h"
+#include "sparq/math.h"
+#include "sparq_ops.h"
+
+namespace sparq {
+namespace {
+
+using cuda::DType;
+
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, "query must be float32, float16 or bfloat16, got ", t);
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// K / V rows (the last dim) read with 16-byte loads: unit stride over D, 16-byte aligned
+// start, and every other stride a multiple of 16 bytes (expanded dims, stride 0, are fine).
+bool rows_aligned(const at::Tensor& t) {
+  const int64_t e = t.element_size();
+  if (t.size(3) > 1 && t.stride(3) != 1) return false;
+  if (!aligned16(t.data_ptr())) return false;
+  for (int i = 0; i < 3; ++i)
+    if ((t.stride(i) * e) % 16 != 0) return false;
+  return true;
+}
+
+at::Tensor with_aligned_rows(const at::Tensor& t) {
+  if (rows_aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  // A contiguous view may still start at an unaligned offset: then copy into fresh storage.
+  return rows_aligned(c) ? c : t.clone(at::MemoryFormat::Contiguous);
+}
+
+at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value, int64_t r, int64_t k,
+                               const std::optional<at::Tensor>& key_t,
+                               const std::optional<at::Tensor>& value_mean,
+                               const std::optional<at::Tensor>& seq_lens,
+                               const std::optional<at::Tensor>& attn_mask, int64_t local_window,
+                               bool reallocate, double scale) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
+  const int64_t Hkv = key.size(1), S = key.size(2);
+  const DType dtype = kernel_dtype(query.scalar_type());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+
+  at::Tensor out = at::empty({B, Hq, 1, D}, query.options());
+  if (B == 0) return out;
+
+  // Inputs in the layouts the kernels read (no copies when they already are).
+  const at::Tensor q = query.contiguous();
+  const at::Tensor key_rows = with_aligned_rows(key);
+  const at::Tensor value_rows = with_aligned_rows(value);
+  at::Tensor kt;
+  bool kt_vec = false;
+  if (key_t) {
+    kt = key_t->stride(3) == 1 || S == 1 ? *key_t : key_t->contiguous();
+    const int64_t e = kt.element_size();
+    kt_vec = aligned16(kt.data_ptr()) && (kt.stride(0) * e) % 16 == 0 &&
+             (kt.stride(1) * e) % 16 == 0 && (kt.stride(2) * e) % 16 == 0;
+  }
+  const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
+  const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+
+  cuda::AttentionProblem prob{};
+  prob.dtype = dtype;
+  prob.B = B;
+  prob.Hq = Hq;
+  prob.Hkv = Hkv;
+  prob.S = S;
+  prob.D = D;
+  prob.r = r;
+  prob.k = k;
+  prob.window = local_window;
+  prob.reallocate = reallocate;
+  prob.scale = static_cast<float>(scale);
+  prob.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  prob.query = q.data_ptr();
+  prob.key = key_rows.data_ptr();
+  prob.k_sb = key_rows.stride(0);
+  prob.k_sh = key_rows.stride(1);
+  prob.k_ss = key_rows.stride(2);
+  prob.value = value_rows.data_ptr();
+  prob.v_sb = value_rows.stride(0);
+  prob.v_sh = value_rows.stride(1);
+  prob.v_ss = value_rows.stride(2);
+  if (key_t) {
+    prob.key_t = kt.data_ptr();
+    prob.kt_sb = kt.stride(0);
+    prob.kt_sh = kt.stride(1);
+    prob.kt_sd = kt.stride(2);
+    prob.kt_vec = kt_vec;
+  }
+  prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
+  prob.seq_lens = seq_lens ? lens.data_ptr<int64_t>() : nullptr;
+  prob.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  prob.out = out.data_ptr();
+
+  // Workspaces from the caching allocator; the zero-filled one is cleared on the stream (a
+  // memset node under graph capture).
+  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
+  const auto byte_opts = query.options().dtype(at::kByte);
+  at::Tensor zeroed = at::empty({static_cast<int64_t>(plan.zeroed_bytes)}, byte_opts);
+  at::Tensor scratch = at::empty({static_cast<int64_t>(plan.scratch_bytes)}, byte_opts);
+  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, plan.zeroed_bytes, stream));
+  const char* stage = "";
+  const cudaError_t err =
+      cuda::enqueue_attention(prob, plan, zeroed.data_ptr(), scratch.data_ptr(), stream, &stage);
+  TORCH_CHECK(err == cudaSuccess, "sparq_ext.attention (CUDA): launching ", stage, " failed: ",
+              cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
+  const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
+                                               seq_lens, attn_mask, local_window);
+  TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor for the CUDA kernel, got ",
+              query.device());
+  TORCH_CHECK(d.D <= cuda::kMaxHeadDim, "the CUDA kernels support head_dim <= ",
+              cuda::kMaxHeadDim, ", got ", d.D);
+  TORCH_CHECK(d.B * d.Hkv <= 65535, "the CUDA kernels support B * Hkv <= 65535, got ",
+              d.B * d.Hkv);
+  TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
+              "the CUDA kernels support S < 2^30 positions, got ", d.S);
+  if (scale) TORCH_CHECK(std::isfinite(*scale), "scale must be a finite float or None");
+  const double logit_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
+  c10::cuda::CUDAGuard guard(query.device());
+
+  // Head dims that are not a multiple of 8: zero-pad D (dot products, |q| sums and the
+  // top-r choice are unchanged: padded components are 0 and rank after the real ones) and
+  // cut the output back.
+  if (d.D % 8 != 0) {
+    const int64_t pad = 8 - d.D % 8;
+    auto pad_last = [pad](const at::Tensor& t) { return at::constant_pad_nd(t, {0, pad}); };
+    std::optional<at::Tensor> kt, vm;
+    if (key_t) kt = at::constant_pad_nd(*key_t, {0, 0, 0, pad});
+    if (value_mean) vm = pad_last(*value_mean);
+    return attention_cuda_impl(pad_last(query), pad_last(key), pad_last(value), r, k, kt, vm,
+                               seq_lens, attn_mask, local_window, reallocate, logit_scale)
+        .narrow(3, 0, d.D)
+        .contiguous();
+  }
+  return attention_cuda_impl(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
+                             local_window, reallocate, logit_scale);
+}
+
+}  // namespace sparq

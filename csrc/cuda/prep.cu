@@ -1,0 +1,144 @@
+// Stage 0 and 1: per-batch-row validity and per-(b, KV head) query preparation.
+//
+// row_prep   (grid B, 256 threads) reads seq_lens (8 B per row) and, with attn_mask, the
+//            mask bytes below the row's length (<= S B per row, twice at most: count, then a
+//            backward scan that stops after the local window); writes 12 B per row.
+// query_prep (grid B*Hkv, 256 threads) reads the query, G*D*e B per (b, KV head), about 3x
+//            (L1/L2); writes i1 (4r B), coefficients (4(G+1)r B) and per-head scales (4G B).
+//            All tiny beside the cache reads of the later stages.
+#include "sparq/cuda_common.cuh"
+
+namespace sparq {
+namespace cuda {
+namespace {
+
+__global__ void __launch_bounds__(kPrepThreads)
+    row_prep_kernel(const RowPrepParams p) {
+  __shared__ uint32_t scratch[32];
+  __shared__ int32_t window_start;
+  const int64_t b = blockIdx.x;
+  int64_t len = p.S;
+  if (p.seq_lens != nullptr) {
+    const int64_t l = p.seq_lens[b];
+    len = l < 0 ? 0 : (l > p.S ? p.S : l);
+  }
+  if (p.mask == nullptr) {
+    if (threadIdx.x == 0) {
+      p.row_len[b] = static_cast<int32_t>(len);
+      p.n_valid[b] = static_cast<int32_t>(len);
+      p.win_start[b] = static_cast<int32_t>(len - (p.window < len ? p.window : len));
+    }
+    return;
+  }
+  const uint8_t* mask = p.mask + b * p.S;
+
+  uint32_t count = 0;
+  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) count += mask[s] != 0;
+  uint32_t n_valid = 0;
+  block_inclusive_scan(count, scratch, &n_valid);
+
+  // The window starts at the `window`-th valid position counted from the end; with fewer
+  // valid positions than that, every valid position is in it (start 0). Scan backwards in
+  // chunks of one position per thread (thread 0 takes the highest) until it is found.
+  if (threadIdx.x == 0) window_start = p.window == 0 ? static_cast<int32_t>(len) : 0;
+  __syncthreads();
+  if (p.window > 0) {
+    int64_t seen = 0;  // valid positions above the current chunk
+    for (int64_t top = len; top > 0; top -= blockDim.x) {
+      const int64_t s = top - 1 - threadIdx.x;
+      const bool valid = s >= 0 && mask[s] != 0;
+      uint32_t chunk_total = 0;
+      const uint32_t from_top = block_inclusive_scan(valid ? 1u : 0u, scratch, &chunk_total);
+      if (valid && seen + from_top == p.window) window_start = static_cast<int32_t>(s);
+      seen += chunk_total;
+      if (seen >= p.window) break;  // uniform: every thread has the same `seen`
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    p.row_len[b] = static_cast<int32_t>(len);
+    p.n_valid[b] = static_cast<int32_t>(n_valid);
+    p.win_start[b] = window_start;
+  }
+}
+
+// i1 by rank: component d is the rank(d)-th largest of sum_g |q_g| (ties broken by index;
+// compared as ordered keys, a total order even with NaN in the query, so ranks are always a
+// permutation and exactly r in-range components are chosen). D <= 256 makes the
+// O(D^2) comparison trivially cheap and needs no sort.
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads)
+    query_prep_kernel(const QueryPrepParams p) {
+  __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of sum_g |q_g|
+  __shared__ uint8_t selected[kMaxHeadDim];
+  __shared__ int32_t i1[kMaxHeadDim];
+  const int64_t row = blockIdx.x;
+  const int64_t G = p.G, D = p.D, r = p.r;
+  const T* q = static_cast<const T*>(p.query) + row * G * D;
+
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.f;
+    for (int64_t g = 0; g < G; ++g) a += fabsf(to_float<T>(q[g * D + d]));
+    magnitude[d] = float_to_ordered(a);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const uint32_t a = magnitude[d];
+    int64_t rank = 0;
+    for (int64_t e = 0; e < D; ++e) {
+      const uint32_t other = magnitude[e];
+      rank += (other > a) || (other == a && e < d);
+    }
+    selected[d] = rank < r;
+    if (rank < r) i1[rank] = static_cast<int32_t>(d);
+  }
+  __syncthreads();
+
+  // gamma_g = |q_g[i1]|_1 / |q_g|_1 and the per-head scale, one warp per head.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  for (int64_t g = warp; g < G; g += n_warps) {
+    float l1 = 0.f, hat_l1 = 0.f;
+    for (int64_t d = lane; d < D; d += 32) {
+      const float a = fabsf(to_float<T>(q[g * D + d]));
+      l1 += a;
+      hat_l1 += selected[d] ? a : 0.f;
+    }
+    l1 = warp_sum(l1);
+    hat_l1 = warp_sum(hat_l1);
+    if (lane == 0) p.head_scale[row * G + g] = approx_logit_scale(hat_l1, l1, p.scale);
+  }
+  __syncthreads();  // makes the head_scale writes visible to the whole block
+  const float* approx_scale = p.head_scale + row * G;
+
+  for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
+    const int32_t d = i1[j];
+    p.i1[row * r + j] = d;
+    float sum = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const float c = to_float<T>(q[g * D + d]) * approx_scale[g];
+      p.coef[(row * G + g) * r + j] = c;
+      sum += c;
+    }
+    p.coef_sum[row * r + j] = sum;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_row_prep(const RowPrepParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  SPARQ_LAUNCH(row_prep_kernel, static_cast<unsigned>(p.B), kPrepThreads, stream, p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_query_prep(const QueryPrepParams& p, DType dtype, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (p.D > kMaxHeadDim) return cudaErrorInvalidValue;
+  SPARQ_DISPATCH_DTYPE(dtype, T, {
+    SPARQ_LAUNCH(query_prep_kernel<T>, static_cast<unsigned>(p.rows), kPrepThreads, stream, p);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sparq

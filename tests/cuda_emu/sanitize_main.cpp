@@ -1,0 +1,164 @@
+// CPU "memcheck" and "racecheck" of the CUDA kernels: the emulated pipeline (emu.h) under
+// AddressSanitizer or ThreadSanitizer. Inputs are exact-size heap buffers and every
+// workspace region is followed by a poisoned guard zone (SPARQ_WORKSPACE_GUARD_BYTES), so
+// ASan reports any out-of-bounds access of a kernel; TSan reports unsynchronised accesses
+// to __shared__ memory (statics here) or global buffers between the threads of a block.
+// Not part of pytest (sanitizer builds are slow). From the repository root:
+//
+//   SAN=address   # or thread
+//   for f in prep approx_logits topk attend; do
+//     g++ -std=c++20 -O1 -g -fsanitize=$SAN -fno-strict-aliasing -Wno-unknown-pragmas \
+//       -x c++ -include tests/cuda_emu/emu.h -DSPARQ_CUDA_EMULATION -Icsrc/include \
+//       -I/usr/local/cuda/include -c csrc/cuda/$f.cu -o /tmp/san_$f.o; done
+//   g++ -std=c++20 -O1 -g -fsanitize=$SAN -DSPARQ_WORKSPACE_GUARD_BYTES=256 -Icsrc/include \
+//     -I/usr/local/cuda/include tests/cuda_emu/sanitize_main.cpp /tmp/san_*.o \
+//     -o /tmp/sparq_san && /tmp/sparq_san
+//
+// Prints one line per case; exits non-zero if an output is not finite.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "sparq/cuda_pipeline.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+using namespace sparq::cuda;
+
+static int64_t g_topk_row_max_keys = 0;  // 0: default; 4: the chunked top-k path
+
+template <typename T>
+static T cast(float x);
+template <>
+float cast<float>(float x) { return x; }
+template <>
+__half cast<__half>(float x) { return __float2half_rn(x); }
+template <>
+__nv_bfloat16 cast<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+static float to_f(T x);
+template <>
+float to_f<float>(float x) { return x; }
+template <>
+float to_f<__half>(__half x) { return __half2float(x); }
+template <>
+float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A block with poisoned gaps between the plan's regions (and after the last one).
+struct Workspace {
+  char* base = nullptr;
+  size_t bytes = 0;
+  Workspace(const AttentionPlan& plan, bool zeroed) {
+    bytes = zeroed ? plan.zeroed_bytes : plan.scratch_bytes;
+    base = static_cast<char*>(std::aligned_alloc(256, bytes + 256));
+    std::memset(base, zeroed ? 0 : 0xFF, bytes + 256);
+    POISON(base, bytes + 256);
+    const int first = zeroed ? 0 : plan.n_zeroed_regions;
+    const int last = zeroed ? plan.n_zeroed_regions : plan.n_regions;
+    for (int i = first; i < last; ++i) UNPOISON(base + plan.region_off[i], plan.region_bytes[i]);
+  }
+  ~Workspace() {
+    UNPOISON(base, bytes + 256);
+    std::free(base);
+  }
+};
+
+template <typename T>
+static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
+                     int64_t r, int64_t k, int64_t window, bool with_key_t, bool with_mask,
+                     bool reallocate, bool with_mean) {
+  std::mt19937 gen(static_cast<unsigned>(S * 31 + D));
+  std::normal_distribution<float> normal;
+  std::vector<T> q(B * Hq * D), key(B * Hkv * S * D), value(key.size()), key_t(key.size());
+  std::vector<T> out(B * Hq * D, cast<T>(NAN)), mean(B * Hkv * D);
+  for (auto& x : q) x = cast<T>(normal(gen));
+  for (auto& x : key) x = cast<T>(normal(gen));
+  for (auto& x : value) x = cast<T>(normal(gen));
+  for (auto& x : mean) x = cast<T>(normal(gen));
+  for (int64_t bh = 0; bh < B * Hkv; ++bh)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t d = 0; d < D; ++d) key_t[(bh * D + d) * S + s] = key[(bh * S + s) * D + d];
+  std::vector<int64_t> lens(B);
+  std::vector<uint8_t> mask(B * S);
+  for (int64_t b = 0; b < B; ++b) lens[b] = b == B - 1 ? S / 3 : S;
+  for (auto& m : mask) m = gen() % 4 != 0;
+
+  AttentionProblem a{};
+  a.dtype = dtype;
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.S = S;
+  a.D = D;
+  a.r = r;
+  a.k = k;
+  a.window = window;
+  a.reallocate = reallocate;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.sm_count = 132;
+  a.topk_row_max_keys = g_topk_row_max_keys;
+  a.query = q.data();
+  a.key = key.data();
+  a.k_sb = Hkv * S * D;
+  a.k_sh = S * D;
+  a.k_ss = D;
+  a.value = value.data();
+  a.v_sb = a.k_sb;
+  a.v_sh = a.k_sh;
+  a.v_ss = D;
+  if (with_key_t) {
+    a.key_t = key_t.data();
+    a.kt_sb = Hkv * D * S;
+    a.kt_sh = D * S;
+    a.kt_sd = S;
+    a.kt_vec = reinterpret_cast<uintptr_t>(key_t.data()) % 16 == 0 && (S * sizeof(T)) % 16 == 0;
+  }
+  a.value_mean = with_mean ? mean.data() : nullptr;
+  a.seq_lens = lens.data();
+  a.mask = with_mask ? mask.data() : nullptr;
+  a.out = out.data();
+  const AttentionPlan plan = plan_attention(a);
+  Workspace zeroed(plan, true), scratch(plan, false);
+  const char* stage = "";
+  const cudaError_t err = enqueue_attention(a, plan, zeroed.base, scratch.base, nullptr, &stage);
+  bool finite = err == cudaSuccess;
+  for (T x : out) finite = finite && std::isfinite(to_f(x));
+  std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%d mask=%d: %s\n",
+              static_cast<int>(dtype), static_cast<long>(B), static_cast<long>(Hq),
+              static_cast<long>(Hkv), static_cast<long>(S), static_cast<long>(D),
+              static_cast<long>(r), static_cast<long>(k), static_cast<long>(window), with_key_t,
+              with_mask, finite ? "ok" : "NOT FINITE");
+  return finite;
+}
+
+int main() {
+  bool ok = true;
+  ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
+  ok &= run_case<__half>(DType::kFloat16, 1, 12, 1, 1500, 128, 16, 700, 20, false, false, true,
+                         false);
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 1, 2, 2, 5003, 256, 32, 300, 0, true, false,
+                                false, false);
+  ok &= run_case<float>(DType::kFloat32, 3, 2, 2, 333, 256, 4, 400, 9, true, true, true, true);
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
+                                true, false);
+  std::printf("chunked top-k path:\n");
+  g_topk_row_max_keys = 4;
+  ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
+                                true, false);
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,279 @@
+"""The CUDA kernels, executed on the CPU: csrc/cuda/*.cu compiled as host code against a small
+emulator of the CUDA execution model (tests/cuda_emu/emu.h: one std::thread per CUDA thread,
+real barriers, warp intrinsics as rendezvous of the lanes in their mask), driven by the same
+launch sequence the CUDA backend uses (csrc/include/sparq/cuda_pipeline.h), and compared
+with the pure-torch reference. This covers the kernels' indexing, synchronisation, radix
+select and softmax merging in CI, where there is no GPU; it says nothing about speed, and
+fp32 rounding differs from the GPU's fast-math intrinsics in the last bits.
+
+Needs g++ (C++20) and the CUDA toolkit's headers; skipped otherwise. The build (about a
+minute) is cached per source hash under the system temp dir.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparq_ext import sparq_attention_reference
+from sparq_testutil import separated_query
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["prep.cu", "approx_logits.cu", "topk.cu", "attend.cu"]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cuda_include():
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = Path(nvcc).resolve().parents[1] / "include"
+        if (inc / "cuda_runtime.h").exists():
+            return inc
+    return None
+
+
+def _build() -> Path:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    inc = _cuda_include()
+    if cxx is None or inc is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers to build the CPU emulation")
+    files = [ROOT / "csrc" / "cuda" / f for f in SOURCES]
+    files += sorted((ROOT / "csrc" / "include" / "sparq").glob("*"))
+    files += [ROOT / "tests" / "cuda_emu" / "emu.h", ROOT / "tests" / "cuda_emu" / "driver.cpp"]
+    files.append(Path(__file__))  # the build flags live here
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    out_dir = Path(tempfile.gettempdir()) / f"sparq_emu_{digest}"
+    lib = out_dir / "libsparq_emu.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / "probe.cpp"  # the emulator needs C++20 <barrier> (GCC >= 11)
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); }\n")
+    if subprocess.run([cxx, "-std=c++20", "-fsyntax-only", str(probe)],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>, needed by the CUDA emulator")
+    # -fno-strict-aliasing: the kernels read 16-byte vectors through reinterpret_cast, as CUDA
+    # code does; host compilers may not assume those accesses do not alias.
+    common = [cxx, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-Wall",
+              "-Wno-unknown-pragmas",
+              f"-I{ROOT / 'csrc' / 'include'}", f"-I{inc}"]
+    objects = []
+    for src in SOURCES:
+        obj = out_dir / (src + ".o")
+        subprocess.run(common + ["-x", "c++", "-include", str(ROOT / "tests/cuda_emu/emu.h"),
+                                 "-DSPARQ_CUDA_EMULATION", "-c", str(ROOT / "csrc/cuda" / src),
+                                 "-o", str(obj)], check=True, capture_output=True, text=True)
+        objects.append(str(obj))
+    drv = out_dir / "driver.o"
+    subprocess.run(common + ["-c", str(ROOT / "tests/cuda_emu/driver.cpp"), "-o", str(drv)],
+                   check=True, capture_output=True, text=True)
+    tmp = out_dir / f"lib.{os.getpid()}.so"
+    subprocess.run([cxx, "-shared", "-o", str(tmp), *objects, str(drv), "-lpthread"],
+                   check=True, capture_output=True, text=True)
+    tmp.replace(lib)
+    return lib
+
+
+TOPK_PATHS = {"row_kernel": None, "chunked": "4"}  # SPARQ_EMU_TOPK_ROW_MAX_KEYS
+
+
+@pytest.fixture(params=list(TOPK_PATHS))
+def topk_path(request, monkeypatch):
+    """Runs a test through both top-k implementations (one block per row / chunked)."""
+    value = TOPK_PATHS[request.param]
+    if value is None:
+        monkeypatch.delenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", value)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"emulation build failed:\n{error.stderr[-4000:]}")
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.sparq_emu_attention.restype = ctypes.c_int
+    lib.sparq_emu_attention.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64,
+                                        ctypes.c_int, ctypes.c_float, i64,
+                                        vp, vp, vp, vp, vp, vp, vp, vp]
+    lib.sparq_emu_splits.restype = i64
+    lib.sparq_emu_splits.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, i64, i64]
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None,
+                 attn_mask=None, local_window=0, reallocate=True, scale=None, sm_count=132):
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.full_like(q, float("nan"))
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(B, 1, 1, S).reshape(B, S).contiguous().to(torch.uint8)
+    lens = None if seq_lens is None else seq_lens.to(torch.int64).contiguous()
+    scale = D**-0.5 if scale is None else scale
+    err = lib.sparq_emu_attention(
+        DTYPE_CODE[q.dtype], B, Hq, Hkv, S, D, r, kk, local_window, int(reallocate), scale,
+        sm_count, _ptr(q.contiguous()), _ptr(k.contiguous()), _ptr(v.contiguous()),
+        _ptr(key_t), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out))
+    assert err == 0, f"launch error {err}"
+    return out
+
+
+def check(lib, q, k, v, r, kk, *, with_key_t=True, atol=None, exact_choice=True, **kw):
+    key_t = k.transpose(-1, -2).contiguous() if with_key_t else None
+    if exact_choice:  # no ties at the top-r / top-k boundaries (see sparq_testutil)
+        q = separated_query(q, k, r, kk, key_t=key_t, seq_lens=kw.get("seq_lens"),
+                            attn_mask=kw.get("attn_mask"),
+                            local_window=kw.get("local_window", 0), scale=kw.get("scale"))
+    got = run_emulated(lib, q, k, v, r, kk, key_t=key_t, **kw)
+    ref = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
+                                    kw.get("seq_lens"), kw.get("attn_mask"),
+                                    kw.get("local_window", 0), kw.get("reallocate", True),
+                                    kw.get("scale"))
+    assert torch.isfinite(got).all(), "NaN/inf in the emulated output (unwritten or bad math)"
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[q.dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol or tol, rtol=atol or tol)
+    return got
+
+
+def inputs(B, Hq, Hkv, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_basic_gqa(emu, dtype):
+    q, k, v = inputs(1, 4, 1, 700, 64, dtype, 0)
+    check(emu, q, k, v, 8, 60)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_head_dims(emu, D):
+    q, k, v = inputs(1, 2, 2, 300, D, torch.bfloat16, D)
+    check(emu, q, k, v, D // 4, 40, local_window=5)
+
+
+def test_no_key_t_mask_window_seq_lens(emu, topk_path):
+    B, S = 3, 900
+    q, k, v = inputs(B, 2, 1, S, 64, torch.float32, 1)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[1, ..., :400] = False
+    seq_lens = torch.tensor([900, 850, 0])
+    check(emu, q, k, v, 16, 70, with_key_t=False, attn_mask=mask, seq_lens=seq_lens,
+          local_window=30)
+
+
+@pytest.mark.parametrize("reallocate", [True, False])
+def test_value_mean_and_reallocate(emu, reallocate):
+    q, k, v = inputs(2, 2, 2, 500, 64, torch.float32, 3)
+    vm = torch.randn(2, 2, 1, 64)
+    check(emu, q, k, v, 8, 50, value_mean=vm, reallocate=reallocate, scale=0.3)
+
+
+def test_group_chunks_and_splits(emu):
+    # G = 12 -> two group chunks of 8; k = 1000 over several flash-decoding splits.
+    q, k, v = inputs(1, 12, 1, 2100, 64, torch.float16, 4)
+    assert emu.sparq_emu_splits(1, 1, 12, 1, 2100, 64, 1000, 132) > 1
+    check(emu, q, k, v, 8, 1000, local_window=100)
+
+
+def test_k_covers_everything(emu):
+    q, k, v = inputs(1, 2, 1, 200, 64, torch.float32, 5)
+    check(emu, q, k, v, 64, 500, local_window=500)  # k > S, window = all: dense
+    check(emu, q, k, v, 3, 200)  # k = S
+
+
+@pytest.mark.parametrize("kk", [10, 25, 37, 50, 190])
+def test_ties_any_choice_is_right(emu, kk, topk_path):
+    # Keys and values constant within 4 groups of positions (sizes 10, 15, 25, 150), so every
+    # approximate score ties inside its group and the k-th often falls inside one: the radix
+    # select must take exactly the right number from the tied group, and any choice among
+    # equal rows gives the same output.
+    S, D = 200, 64
+    g = torch.Generator().manual_seed(kk)
+    group = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 15, 25, 150]))
+    group = group[torch.randperm(S, generator=g)]
+    rows_k = torch.randn(4, D, generator=g)
+    rows_k[1:] *= torch.tensor([0.7, 0.4, 0.1])[:, None]  # ordered approximate scores
+    q = (rows_k[0] * 3).view(1, 1, 1, D).expand(1, 2, 1, D).contiguous()
+    k = rows_k[group].view(1, 1, S, D)
+    v = torch.randn(4, D, generator=g)[group].view(1, 1, S, D)
+    check(emu, q, k, v, 64, kk, exact_choice=False)
+    check(emu, q, k, v, 64, kk, exact_choice=False, reallocate=False)
+
+
+def test_multiple_topk_chunks(emu, topk_path):
+    # S > 4096 keys: several radix blocks per row (chunked histogram passes and emit).
+    q, k, v = inputs(1, 1, 1, 9000, 64, torch.bfloat16, 6)
+    check(emu, q, k, v, 4, 700, seq_lens=torch.tensor([8999]), local_window=10)
+
+
+@pytest.mark.parametrize("D,dtype", [(32, torch.float32), (80, torch.float16),
+                                     (200, torch.bfloat16), (256, torch.float32),
+                                     (128, torch.float32), (64, torch.float16)])
+def test_head_dims_inside_buckets(emu, D, dtype):
+    # D below its instantiated bucket (lanes without components), and fp32 rows that take
+    # two 16-byte loads per lane (D = 256).
+    q, k, v = inputs(2, 4, 2, 400, D, dtype, D + 1)
+    check(emu, q, k, v, max(1, D // 8), 64, local_window=4, seq_lens=torch.tensor([400, 333]))
+
+
+def test_window_only_and_single_position(emu):
+    q, k, v = inputs(1, 2, 1, 1, 64, torch.float32, 7)
+    check(emu, q, k, v, 8, 1, local_window=1)
+    q, k, v = inputs(1, 2, 1, 50, 64, torch.float32, 8)
+    check(emu, q, k, v, 8, 20, local_window=20)  # the whole top-k is the window
+
+
+@pytest.mark.parametrize("case", range(int(os.environ.get("SPARQ_EMU_CASES", "12"))))
+def test_randomised_options(emu, case, monkeypatch):
+    # Hypothesis-style sweep with a fixed seed per case: shapes, dtypes and every option.
+    g = torch.Generator().manual_seed(1000 + case)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    B, Hkv, G = pick([1, 2, 3]), pick([1, 2]), pick([1, 2, 4, 5, 8, 9])
+    D = pick([32, 64, 72, 128, 256])
+    S = int(torch.randint(1, 2500, (1,), generator=g))
+    dtype = pick([torch.float32, torch.float16, torch.bfloat16])
+    r = int(torch.randint(1, D + 1, (1,), generator=g))
+    kk = int(torch.randint(1, S + 50, (1,), generator=g))
+    window = pick([0, 0, int(torch.randint(0, kk + 1, (1,), generator=g))])
+    q, k, v = inputs(B, G * Hkv, Hkv, S, D, dtype, 2000 + case)
+    if case % 2:  # odd cases take the chunked top-k
+        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", "4")
+    kw = dict(local_window=window, reallocate=pick([True, True, False]))
+    if pick([False, True]):
+        kw["seq_lens"] = torch.randint(0, S + 1, (B,), generator=g)
+    if pick([False, True]):
+        mask = torch.rand(B, 1, 1, S, generator=g) > pick([0.1, 0.5, 0.9])
+        kw["attn_mask"] = mask
+    if pick([False, True]):
+        kw["value_mean"] = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
+    if pick([False, True]):
+        kw["scale"] = float(torch.rand(1, generator=g)) + 0.01
+    check(emu, q, k, v, r, kk, with_key_t=pick([True, False]), **kw)
