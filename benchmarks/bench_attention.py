@@ -94,13 +94,18 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     dtype = DTYPES[dtype_name]
     r, k = sparq_ext.rk_for_ratio(ratio, S, D)
     e = torch.empty((), dtype=dtype).element_size()
-    set_bytes = 3 * B * Hkv * S * D * e + (0 if args.no_seed else 2 * B * Hq * S * D * e)
+    set_bytes = 3 * B * Hkv * S * D * e  # K, V, key_t
+    seed_bytes = 2 * B * Hq * S * D * e + (2 * B * Hq * S * D * e if Hq != Hkv else 0)  # + its temporaries
     row = dict(dtype=dtype_name, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, ratio=ratio, r=r, k=k)
-    if set_bytes * 1.3 > free_bytes(device):
+    available = free_bytes(device)
+    if set_bytes * 1.3 > available:
         row["skipped"] = f"needs {set_bytes / 2**30:.1f} GiB"
         return row
-    n_sets = max(1, min(8, math.ceil(ROTATION_BYTES / set_bytes)))
-    sets = [make_set(B, Hq, Hkv, S, D, dtype, device, not args.no_seed) for _ in range(n_sets)]
+    with_seed = not args.no_seed and (set_bytes + seed_bytes) * 1.3 <= available
+    if not args.no_seed and not with_seed:
+        row["seed_skipped"] = f"the seed's MHA copies need {seed_bytes / 2**30:.1f} GiB more"
+    n_sets = max(1, min(8, math.ceil(ROTATION_BYTES / (set_bytes + (seed_bytes if with_seed else 0)))))
+    sets = [make_set(B, Hq, Hkv, S, D, dtype, device, with_seed) for _ in range(n_sets)]
     enable_gqa = Hq != Hkv
 
     def sparq(i):
@@ -131,7 +136,7 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
             if best is None or t < times[best]:
                 best = f"sdpa_{name}"
         row["sdpa_best_backend"] = best
-        if not args.no_seed:
+        if with_seed:
             pbar.set_postfix_str(f"S={S} seed")
             times["seed"] = common.time_call(seed, device, warm, max(3, reps // 3))
             if seed_compiled is not None:
@@ -238,7 +243,9 @@ def main(argv=None):
     args.repeats = args.repeats or (100 if cuda else 15)
     if args.seed_compile is None:
         args.seed_compile = cuda
-    seed_compiled = torch.compile(sparq_attn) if args.seed_compile and not args.no_seed else None
+    # dynamic=True: one compiled graph for every S and k instead of a recompile per shape
+    seed_compiled = (torch.compile(sparq_attn, dynamic=True) if args.seed_compile and not args.no_seed
+                     else None)
 
     meta = common.run_metadata(device)
     meta["copy_GBps"] = common.copy_bandwidth(device, nbytes=(4 << 30) if cuda else (1 << 30)) / 1e9
