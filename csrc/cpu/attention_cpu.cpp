@@ -27,8 +27,10 @@
 // for stage 1 and (b, h, split) for stage 2. Chunks and splits are the same either way, so the
 // result does not depend on the thread count (bit for bit).
 //
-// GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip this warning
-// wherever they are inlined; it says nothing about this file.
+// GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip these
+// warnings wherever they are inlined (-Wuninitialized at -O0, as in the plain CMake build;
+// -Wmaybe-uninitialized at -O2+); they say nothing about this file. Before any include.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "cpu/cpu_simd.h"  // first: sets ATen's CPU_CAPABILITY macros for the vector width
 #include "cpu/topk_cpu.h"

@@ -60,21 +60,14 @@ inline fVec load_f(const T* p, int64_t n) {
   }
 }
 
-// Horizontal reductions through a store: at::vec::vec_reduce_all trips GCC 12's
-// -Wuninitialized inside its own AVX-512 intrinsics header (a known false positive).
-inline float hsum(const fVec& v) {
-  alignas(64) float t[kVec];
-  v.store(t);
-  float s = 0.0f;
-  for (int i = 0; i < kVec; ++i) s += t[i];
-  return s;
-}
+// Horizontal reductions in registers (stage 2 does one per head per selected row). GCC 12's
+// AVX-512 intrinsics self-initialise their "undefined" vectors, which -Wuninitialized (-O0)
+// and -Wmaybe-uninitialized (-O2+) report wherever they are inlined: a known false positive,
+// silenced for this TU at the top of attention_cpu.cpp.
+inline float hsum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 inline float hmax(const fVec& v) {
-  alignas(64) float t[kVec];
-  v.store(t);
-  float m = t[0];
-  for (int i = 1; i < kVec; ++i) m = t[i] > m ? t[i] : m;
-  return m;
+  return at::vec::vec_reduce_all<float>(
+      [](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
 }
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
