@@ -97,7 +97,7 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
     return budget_positions(settings, seq_len, head_dim) / seq_len
 
 
-def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log):
+def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None):
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
@@ -139,6 +139,8 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log):
                        f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"]
                       for r in rows if r["context"] == context],
                      headers=["method", "ratio", "bytes", "ppl", "Δppl", "top-1 agr"]))
+        if on_context is not None:
+            on_context(rows)
     disable_sparq(model)
     return rows
 
@@ -243,6 +245,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1K context, ratios 4 and 8, 32 tokens, one passkey")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep rows of other contexts already in the output JSON (grid run in pieces)")
     args = ap.parse_args()
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
@@ -269,19 +273,34 @@ def main():
                 threads=torch.get_num_threads(), native_cpu_kernel=sparq_ext.has_native_kernel("cpu"),
                 args=vars(args))
     log(f"backend: native CPU kernel = {meta['native_cpu_kernel']}; threads = {meta['threads']}")
-    t0 = time.time()
-    rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log)
-    meta["accuracy_seconds"] = time.time() - t0
     tag = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
-    if rows:
-        (out / f"accuracy{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    table = tabulate([[r["context"], r["tokens"], r["method"], r["ratio"], r.get("r"), r.get("k"),
-                       r.get("local_window"), f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}",
-                       f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"] for r in rows],
-                     headers=["context", "tokens", "method", "ratio", "r", "k", "window", "bytes/dense",
-                              "ppl", "Δppl", "top-1 agr"], tablefmt="github")
-    if rows:
+    json_path = out / f"accuracy{tag}.json"
+    previous = []
+    if args.merge and json_path.exists():  # keep other contexts' rows from earlier runs
+        old = json.loads(json_path.read_text())
+        previous = [r for r in old["rows"] if r["context"] not in args.contexts]
+        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"]]
+
+    def write(rows):
+        rows = sorted(previous + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
+                                                        if r["method"] in METHODS else -1))
+        json_path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        table = tabulate([[r["context"], r["tokens"], r["method"], r["ratio"], r.get("r"), r.get("k"),
+                           r.get("local_window"), f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}",
+                           f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"] for r in rows],
+                         headers=["context", "tokens", "method", "ratio", "r", "k", "window", "bytes/dense",
+                                  "ppl", "Δppl", "top-1 agr"], tablefmt="github")
+        (out / f"accuracy{tag}.md").write_text(
+            f"# Decode-mode accuracy\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
         plot(rows, out / f"accuracy{tag}.png")
+        return table
+
+    t0 = time.time()
+    rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
+                        on_context=lambda rows: write(rows)) if args.contexts else []
+    meta["accuracy_seconds"] = time.time() - t0
+    if rows:
+        print(write(rows))
     passkey = []
     if args.passkey_contexts and args.passkey_depths:
         t0 = time.time()
@@ -289,17 +308,16 @@ def main():
                               args.methods, log, filler=args.passkey_filler)
         meta["passkey_seconds"] = time.time() - t0
         (out / f"passkey{tag}.json").write_text(json.dumps(dict(meta=meta, results=passkey), indent=1))
-    summary = {}
-    for r in passkey:
-        key = (r["context"] // 1024 * 1024 if r["context"] >= 1024 else r["context"], r["method"])
-        summary.setdefault(r["method"], []).append(r["correct"])
-    ptable = tabulate([[m, f"{sum(v)}/{len(v)}"] for m, v in summary.items()],
-                      headers=[f"method (ratio {args.passkey_ratio})", "passkey correct"], tablefmt="github")
-    md = (f"# Decode-mode accuracy\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n\n"
-          f"## Passkey retrieval\n\n{ptable}\n")
-    (out / f"accuracy{tag}.md" if rows else out / f"passkey{tag}.md").write_text(md)
-    print(table)
-    print(ptable)
+    if passkey:
+        summary = {}
+        for r in passkey:
+            summary.setdefault((r["context"], r["method"]), []).append(r["correct"])
+        ptable = tabulate([[c, m, f"{sum(v)}/{len(v)}"] for (c, m), v in summary.items()],
+                          headers=["context", f"method (ratio {args.passkey_ratio:g})", "passkey correct"],
+                          tablefmt="github")
+        (out / f"passkey{tag}.md").write_text(f"# Passkey retrieval\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n"
+                                              f"{ptable}\n")
+        print(ptable)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def _parse(argv=None):
     ap.add_argument("--r", type=int, default=None, help="fix r instead of following the ratio")
     ap.add_argument("--k", type=int, default=None, help="fix k instead of following the ratio")
     ap.add_argument("--local-window", type=int, default=None, help="default k/4")
+    ap.add_argument("--min-k", type=int, default=64,
+                    help="floor on the ratio-derived k: short prompts keep at least this many positions")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -74,9 +76,12 @@ def main(argv=None) -> int:
     ids = ids.to(device)
     mode = "dense"
     if not args.dense:
-        enable_sparq(model, ratio=args.ratio, r=args.r, k=args.k, local_window=args.local_window)
-        mode = f"SparQ ratio {args.ratio:g}" + (f", r={args.r}" if args.r else "") + (f", k={args.k}" if args.k else "")
-    backend = "native kernel" if sparq_ext.has_native_kernel(device.type) else "pure-torch reference"
+        enable_sparq(model, ratio=args.ratio, r=args.r, k=args.k, local_window=args.local_window,
+                     min_k=args.min_k)
+        mode = f"SparQ ratio {args.ratio:g}" + (f", r={args.r}" if args.r else "") + \
+            (f", k={args.k}" if args.k else f", min_k={args.min_k}")
+    backend = ("native kernel" if sparq_ext.has_native_kernel(device.type) else "pure-torch reference") \
+        if not args.dense else "SDPA"
 
     torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)

@@ -51,11 +51,12 @@ class SparQSettings:
     r: int | None = None
     k: int | None = None
     local_window: int | None = None  # None: k // 4 (the paper's setting)
+    min_k: int = 0  # floor on the ratio-derived k (short contexts); min_k >= S means dense
 
     def resolve(self, seq_len: int, head_dim: int) -> tuple[int, int, int]:
         r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
         r = min(self.r if self.r is not None else r0, head_dim)
-        k = self.k if self.k is not None else k0
+        k = self.k if self.k is not None else max(k0, self.min_k)
         window = k // 4 if self.local_window is None else min(self.local_window, k)
         return r, k, window
 
@@ -133,7 +134,7 @@ def _wrap_cache_preparation(model):
 
 
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
-                 k: int | None = None, *, attn_name: str = ATTN_NAME, attn_fn=None):
+                 k: int | None = None, *, min_k: int = 0, attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
@@ -141,6 +142,8 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
             ``S`` (:func:`sparq_ext.rk_for_ratio`) unless ``r``/``k`` are given.
         local_window: positions always attended (inside ``k``); default ``k // 4``.
         r, k: fix the rank and the number of attended positions instead of following ``ratio``.
+        min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
+            positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
         attn_name, attn_fn: register a different decode function under another name (the
             benchmarks use this for baselines); the default is SparQ.
 
@@ -149,8 +152,8 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     """
     if not ratio > 0:
         raise ValueError(f"ratio must be > 0, got {ratio!r}")
-    for name, value in (("r", r), ("k", k), ("local_window", local_window)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "local_window" else 1)):
+    for name, value in (("r", r), ("k", k), ("local_window", local_window), ("min_k", min_k)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("local_window", "min_k") else 1)):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     modules = _attention_modules(model)
     if not modules:
@@ -163,7 +166,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     if not hasattr(model, "_sparq_previous_attn"):
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
-    settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window)
+    settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k)
     for module in modules:
         module._sparq_settings = settings
     model.set_attn_implementation(attn_name)
