@@ -5,12 +5,15 @@ step. The compiled kernels are used where built; otherwise a pure-torch implemen
 """
 
 from .budget import rk_for_ratio, transfer_bytes
+from .cache import SparQCache, SparQCacheLayer
 from .ops import attention, check_attention_inputs, extension_error, has_native_kernel
 from .reference import sparq_attention_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SparQCache",
+    "SparQCacheLayer",
     "attention",
     "check_attention_inputs",
     "extension_error",

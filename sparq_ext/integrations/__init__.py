@@ -1,0 +1,1 @@
+"""Integrations of SparQ attention with model libraries (optional dependencies)."""

