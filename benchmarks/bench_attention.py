@@ -256,6 +256,8 @@ def main(argv=None):
 
     configs = [(dt, B, Hkv, S, ratio) for dt in args.dtypes for ratio in args.ratios
                for B in args.batch for Hkv in args.kv_heads for S in args.seq_lens]
+    tag = args.tag or device.type
+    json_path = os.path.join(args.out, f"bench_attention_{tag}.json")
     rows = []
     with tqdm(configs, desc="bench_attention", unit="shape") as pbar:
         for dt, B, Hkv, S, ratio in pbar:
@@ -264,11 +266,9 @@ def main(argv=None):
             if "sparq_GBps" in row:
                 row["sparq_pct_of_copy"] = 100 * row["sparq_GBps"] / meta["copy_GBps"]
             rows.append(row)
+            # after every shape, so a run cut short (a time limit) keeps what it measured
+            common.write_json(json_path, {"meta": meta, "args": vars(args), "rows": rows})
     print_table(rows)
-
-    tag = args.tag or device.type
-    json_path = os.path.join(args.out, f"bench_attention_{tag}.json")
-    common.write_json(json_path, {"meta": meta, "args": vars(args), "rows": rows})
     png_path = os.path.join(args.out, f"bench_attention_{tag}.png")
     plot(rows, meta, png_path)
     print(f"wrote {json_path} and {png_path}")
