@@ -9,6 +9,10 @@ test. Metrics: perplexity of the N tokens and top-1 agreement with dense decodin
 Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
   sparq          r = D/rho, k = S/(2 rho), local window k/4 (the paper's setting; enable_sparq default)
   sparq_nowin    the same without local window
+  sparq_auto     the same bytes, split per layer by calibration (enable_sparq(split="auto")):
+                 r chosen once per ratio from a dense prefill of a DIFFERENT text (the first
+                 --calibration-tokens tokens of the NVIDIA CUDA EULA shipped in the
+                 nvidia-cuda-runtime wheel), saved to benchmarks/results/split_smollm2_r{ratio}.json
   streaming      StreamingLLM: 4 sinks + recent window, W positions with 2 W D = SparQ's bytes
   h2o            H2O heavy hitters (W/2 heavy + W/2 recent), same W
 Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
@@ -47,7 +51,28 @@ from sparq_ext.integrations.evaluation import nll_and_top1, prefill, teacher_for
 from sparq_ext.integrations.smollm2 import gpl3_text, load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
 
-METHODS = ("sparq", "sparq_nowin", "streaming", "h2o")
+METHODS = ("sparq", "sparq_nowin", "sparq_auto", "streaming", "h2o")
+SPLIT_FILES = {}  # ratio -> split JSON for sparq_auto (filled by calibrate_auto_splits)
+
+
+def split_file_for(out, ratio):
+    return str(Path(out) / f"split_smollm2_r{ratio:g}.json")
+
+
+def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log):
+    """One calibration per ratio on the calibration text; returns {ratio: calibrate_split result}."""
+    from sparq_ext.integrations.smollm2 import calibration_text_ids
+    from sparq_ext.integrations.transformers import calibrate_split
+    ids = calibration_text_ids(tok, n_tokens)
+    results = {}
+    for ratio in ratios:
+        path = split_file_for(out, ratio)
+        res = calibrate_split(model, ids, ratio, path=path)
+        SPLIT_FILES[ratio] = path
+        results[ratio] = res
+        log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "
+            f"{res['prefill_seconds']:.2f}s ({ids.shape[1]} tokens); r per layer {list(res['layer_r'].values())}")
+    return results
 
 
 def set_method(model, method, ratio):
@@ -57,6 +82,8 @@ def set_method(model, method, ratio):
         enable_sparq(model, ratio=ratio)
     elif method == "sparq_nowin":
         enable_sparq(model, ratio=ratio, local_window=0)
+    elif method == "sparq_auto":
+        enable_sparq(model, ratio=ratio, split="auto", split_file=SPLIT_FILES[ratio])
     elif method == "streaming":
         enable_sparq(model, ratio=ratio, attn_name="sparq_streaming", attn_fn=streaming_attention_forward)
     elif method == "h2o":
@@ -89,12 +116,23 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
     """Bytes read per decode step relative to dense (KV cache only) at length seq_len."""
     if method == "dense":
         return 1.0
-    settings = SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
-    r, k, _ = settings.resolve(seq_len, head_dim)
+    settings = method_settings(method, ratio)
     if method.startswith("sparq"):
-        tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
-        return (tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4)
+        fractions = []
+        for layer in (sorted(settings.layer_r) or [None]):  # sparq_auto: mean over layers
+            r, k, _ = settings.resolve(seq_len, head_dim, layer)
+            tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
+            fractions.append((tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4))
+        return sum(fractions) / len(fractions)
     return budget_positions(settings, seq_len, head_dim) / seq_len
+
+
+def method_settings(method, ratio):
+    """The SparQSettings a method decodes with (sparq_auto: with the calibrated layer_r)."""
+    if method == "sparq_auto":
+        from sparq_ext.calibrate import load_split
+        return SparQSettings(ratio=ratio, split="auto", layer_r=load_split(SPLIT_FILES[ratio])[1])
+    return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
 def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None):
@@ -127,7 +165,15 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
                        ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
                        top1_acc=m["top1_acc"], seconds=seconds)
             if ratio:
-                r, k, w = SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None).resolve(mid, D)
+                settings = method_settings(method, ratio)
+                if method == "sparq_auto":  # per layer: report the r values used and their k
+                    rks = sorted({settings.resolve(mid, D, layer)[:2] for layer in settings.layer_r})
+                    r = "/".join(str(a) for a, _ in rks)
+                    k = "/".join(str(b) for _, b in rks)
+                    w = "k/4"
+                    row["layer_r"] = {str(a): b for a, b in sorted(settings.layer_r.items())}
+                else:
+                    r, k, w = settings.resolve(mid, D)
                 row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
                            budget_positions=budget_positions(SparQSettings(ratio=ratio), mid, D))
             rows.append(row)
@@ -241,6 +287,8 @@ def main():
     ap.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
     ap.add_argument("--passkey-ratio", type=float, default=8)
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
+    ap.add_argument("--calibration-tokens", type=int, default=2048,
+                    help="tokens of the calibration text (NVIDIA CUDA EULA) for sparq_auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="1K context, ratios 4 and 8, 32 tokens, one passkey")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -295,6 +343,13 @@ def main():
         plot(rows, out / f"accuracy{tag}.png")
         return table
 
+    if "sparq_auto" in args.methods:
+        ratios_auto = sorted(set(ratios) | ({args.passkey_ratio} if args.passkey_contexts else set()))
+        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log)
+        meta["auto_split"] = {f"{ratio:g}": dict(res, layer_r={str(a): b for a, b in res["layer_r"].items()},
+                                                 text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
+                                                 file=os.path.relpath(SPLIT_FILES[ratio], ROOT))
+                              for ratio, res in calib.items()}
     t0 = time.time()
     rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
                         on_context=lambda rows: write(rows)) if args.contexts else []

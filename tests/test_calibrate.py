@@ -69,3 +69,20 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"ratio": 8}')
     with pytest.raises(ValueError, match="not a sparq_ext split file"):
         load_split(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 8, 16])
+@pytest.mark.parametrize("S", [100, 1024, 4096, 8000])
+def test_settings_resolve_with_a_layer_split_respects_the_budget(ratio, S):
+    from sparq_ext.integrations.transformers import SparQSettings
+    D = 64
+    layer_r = dict(enumerate(candidate_rs(ratio, D)))
+    settings = SparQSettings(ratio=ratio, split="auto", layer_r=layer_r)
+    for layer, r in layer_r.items():
+        r_used, k, window = settings.resolve(S, D, layer)
+        assert r_used == r and k == k_on_budget(ratio, S, D, r) and window == k // 4
+        t = sparq_ext.transfer_bytes(1, 3, S, D, r, k, dtype=torch.float32, query_heads=9)
+        assert t["sparq"] <= t["dense"] / ratio + 3 * (D + 2 * 9 * D) * 4
+    # a layer without an entry, and split="even", use the paper's rule
+    assert settings.resolve(S, D, 99)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
+    assert SparQSettings(ratio=ratio, layer_r=layer_r).resolve(S, D, 0)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)

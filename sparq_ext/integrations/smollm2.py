@@ -9,6 +9,11 @@ being imported (its ``__init__`` needs the ``llm`` CLI, which we do not install)
 Text: the GNU GPL-3 licence text that numpy ships in its dist-info (``LICENSE.txt``, section
 "GNU GENERAL PUBLIC LICENSE"), followed by the rest of that file (numpy's own BSD licence and
 the licences of bundled libraries) when more tokens are needed.
+
+A second, different real text for calibrating the auto split (so that evaluation on GPL-3 is
+not on the calibration text): the NVIDIA CUDA end-user licence agreement that the
+``nvidia-cuda-runtime`` wheel (a dependency of CUDA builds of torch) ships in its dist-info
+(``License.txt``, ~12K tokens); :func:`calibration_text`.
 """
 
 from __future__ import annotations
@@ -69,6 +74,27 @@ def gpl3_text() -> str:
             if start >= 0:
                 return text[start:] + "\n\n" + text[:start]
     raise RuntimeError("numpy's LICENSE.txt with the GPL-3 text was not found")
+
+
+def calibration_text() -> str:
+    """The NVIDIA CUDA EULA from an installed ``nvidia-*`` wheel's dist-info (not GPL-3)."""
+    for dist in ("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu12", "nvidia-cublas", "nvidia-cublas-cu12"):
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name.lower() == "license.txt" and "dist-info" in str(f):
+                text = Path(f.locate()).read_text(encoding="utf-8")
+                if "End User License Agreement" in text:
+                    return text
+    raise RuntimeError("no nvidia-* wheel with the CUDA EULA (License.txt) is installed")
+
+
+def calibration_text_ids(tokenizer, n_tokens: int | None = None):
+    """Token ids ``(1, n)`` of :func:`calibration_text`."""
+    ids = tokenizer(calibration_text(), return_tensors="pt").input_ids
+    return ids if n_tokens is None else ids[:, :n_tokens]
 
 
 def real_text_ids(tokenizer, n_tokens: int | None = None):

@@ -22,12 +22,15 @@ How it plugs in, without patching model code:
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import types
 
 import torch
 
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
+from ..calibrate import candidate_rs, choose_layer_split, k_on_budget, load_split, save_split
 from ..ops import attention as sparq_attention
 
 try:
@@ -45,16 +48,30 @@ ATTN_NAME = "sparq"
 
 @dataclasses.dataclass
 class SparQSettings:
-    """What a decode step uses. ``r``/``k`` fixed if given, else from ``ratio`` and the length."""
+    """What a decode step uses. ``r``/``k`` fixed if given, else from ``ratio`` and the length.
+
+    ``split``: how the ratio's byte budget is shared between the two reads when ``r``/``k`` are
+    not given. ``"even"``: the paper's ``r = D/ratio``, ``k = S/(2 ratio)``. ``"auto"``: per
+    layer, ``r = layer_r[layer_idx]`` (calibrated, :mod:`sparq_ext.calibrate`) and ``k`` the
+    rest of the budget (:func:`sparq_ext.calibrate.k_on_budget`); a layer not (yet) calibrated
+    uses the even split.
+    """
 
     ratio: float = 8.0
     r: int | None = None
     k: int | None = None
     local_window: int | None = None  # None: k // 4 (the paper's setting)
     min_k: int = 0  # floor on the ratio-derived k (short contexts); min_k >= S means dense
+    split: str = "even"
+    layer_r: dict = dataclasses.field(default_factory=dict)  # {layer_idx: r} for split="auto"
+    calibration_positions: int = 8  # sampled query positions per layer when calibrating
+    calibration_seconds: float = 0.0  # time spent calibrating (all layers)
 
-    def resolve(self, seq_len: int, head_dim: int) -> tuple[int, int, int]:
+    def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None) -> tuple[int, int, int]:
         r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
+        if self.split == "auto" and layer_idx in self.layer_r:
+            r0 = self.layer_r[layer_idx]
+            k0 = k_on_budget(self.ratio, seq_len, head_dim, r0)
         r = min(self.r if self.r is not None else r0, head_dim)
         k = self.k if self.k is not None else max(k0, self.min_k)
         window = k // 4 if self.local_window is None else min(self.local_window, k)
@@ -90,13 +107,16 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
         if layer is not None and attention_mask is not None:
             # Padding (left, from generate) must not count in the running mean of V.
             layer.set_valid(hf_mask_to_bool(attention_mask, key.shape[2])[:, 0, 0, :])
+        settings = getattr(module, "_sparq_settings", None)
+        if settings is not None and settings.split == "auto" and not module.training:
+            _calibrate_layer(module, settings, query, key, value, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     settings = getattr(module, "_sparq_settings", None) or _DEFAULT_SETTINGS
     mask = hf_mask_to_bool(attention_mask, key.shape[2])
     if layer is not None and mask is not None:
         layer.set_last_valid(mask[:, 0, 0, -1])
-    r, k, window = settings.resolve(key.shape[2], query.shape[-1])
+    r, k, window = settings.resolve(key.shape[2], query.shape[-1], getattr(module, "layer_idx", None))
     with torch.no_grad():
         out = sparq_attention(
             query, key, value, r=r, k=k,
@@ -104,6 +124,30 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
             value_mean=layer.value_mean() if layer is not None else None,
             attn_mask=mask, local_window=window, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _calibrate_layer(module, settings, query, key, value, attention_mask, scaling):
+    """Choose this layer's ``r`` from its prefill (once): batch row 0, or the longest row."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None or layer_idx in settings.layer_r or settings.r is not None:
+        return
+    Q, S = query.shape[2], key.shape[2]
+    if Q != S:  # a chunk of a longer prefill: its queries do not start at key position 0
+        return
+    row, start = 0, 0
+    if attention_mask is not None and query.shape[0] > 1:
+        valid = hf_mask_to_bool(attention_mask, S)[:, 0, 0, :]  # (B, S) of the last query
+        counts = valid.sum(-1)
+        row = int(counts.argmax())
+        start = S - int(counts[row])  # left padding
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        choice = choose_layer_split(query[row, :, start:], key[row, :, start:], value[row, :, start:],
+                                    settings.ratio, scale=scaling,
+                                    positions=settings.calibration_positions)
+    settings.calibration_seconds += time.perf_counter() - t0
+    if choice["source"] == "auto":  # too short: stay even now and calibrate on a longer prefill
+        settings.layer_r[layer_idx] = choice["r"]
 
 
 def register(name: str = ATTN_NAME, fn=sparq_attention_forward) -> None:
@@ -134,7 +178,8 @@ def _wrap_cache_preparation(model):
 
 
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
-                 k: int | None = None, *, min_k: int = 0, attn_name: str = ATTN_NAME, attn_fn=None):
+                 k: int | None = None, *, min_k: int = 0, split: str = "even", split_file: str | None = None,
+                 attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
@@ -144,6 +189,12 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         r, k: fix the rank and the number of attended positions instead of following ``ratio``.
         min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
             positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
+        split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` on
+            the ratio's byte-budget line whose SparQ output is closest to exact attention, chosen
+            from the first prefill of at least 64 positions (or read from ``split_file``); ``k``
+            spends the rest of the budget. Explicit ``r``/``k`` win over both.
+        split_file: with ``split="auto"``, a JSON written by :func:`calibrate_split` (or
+            :func:`sparq_ext.calibrate.save_split`); its ratio must equal ``ratio``.
         attn_name, attn_fn: register a different decode function under another name (the
             benchmarks use this for baselines); the default is SparQ.
 
@@ -155,9 +206,26 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     for name, value in (("r", r), ("k", k), ("local_window", local_window), ("min_k", min_k)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("local_window", "min_k") else 1)):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if split not in ("even", "auto"):
+        raise ValueError(f"split must be 'even' or 'auto', got {split!r}")
+    if split_file is not None and split != "auto":
+        raise ValueError("split_file needs split='auto'")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
+    layer_r = {}
+    if split_file is not None and os.path.exists(split_file):
+        file_ratio, layer_r = load_split(split_file)
+        if file_ratio != float(ratio):
+            raise ValueError(f"split_file {split_file} was calibrated for ratio {file_ratio:g}, "
+                             f"not {ratio:g}")
+        head_dim = getattr(modules[0], "head_dim", None)
+        if head_dim is not None:
+            allowed = candidate_rs(ratio, head_dim)
+            bad = {layer: v for layer, v in layer_r.items() if v not in allowed}
+            if bad:
+                raise ValueError(f"split_file {split_file}: r {bad} not on the budget line of ratio "
+                                 f"{ratio:g} (candidates {allowed})")
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
@@ -166,11 +234,51 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     if not hasattr(model, "_sparq_previous_attn"):
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
-    settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k)
+    settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k, split=split,
+                             layer_r=layer_r)
     for module in modules:
         module._sparq_settings = settings
     model.set_attn_implementation(attn_name)
     return model
+
+
+def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
+                    positions: int = 8) -> dict:
+    """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
+
+    Runs ``model(input_ids)`` once (SDPA prefill, no cache kept) with ``split="auto"``; the
+    previous attention setup of ``model`` is restored afterwards. Returns ``{"ratio",
+    "layer_r", "calibration_seconds", "prefill_seconds"}``; with ``path`` also writes the JSON
+    that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
+    hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
+    """
+    modules = _attention_modules(model)
+    previous = [getattr(m, "_sparq_settings", None) for m in modules]
+    was_enabled = hasattr(model, "_sparq_previous_attn")
+    previous_attn = model.config._attn_implementation
+    enable_sparq(model, ratio=ratio, split="auto")
+    settings = sparq_settings(model)
+    settings.calibration_positions = positions
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        total = time.perf_counter() - t0
+    finally:
+        if was_enabled:
+            for module, saved in zip(modules, previous):
+                module._sparq_settings = saved
+            model.set_attn_implementation(previous_attn)
+        else:
+            disable_sparq(model)
+    result = {"ratio": float(ratio), "layer_r": dict(sorted(settings.layer_r.items())),
+              "calibration_seconds": settings.calibration_seconds,
+              "prefill_seconds": total - settings.calibration_seconds, "tokens": int(input_ids.shape[-1])}
+    if path is not None:
+        save_split(path, result["layer_r"], ratio, model=getattr(model.config, "_name_or_path", "") or
+                   type(model).__name__, extra={k: result[k] for k in
+                                                ("calibration_seconds", "prefill_seconds", "tokens")})
+    return result
 
 
 def disable_sparq(model):
@@ -194,5 +302,5 @@ def sparq_settings(model) -> SparQSettings | None:
     return getattr(modules[0], "_sparq_settings", None) if modules else None
 
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "SparQSettings", "disable_sparq", "enable_sparq",
+__all__ = ["SUPPORTED_TRANSFORMERS", "SparQSettings", "calibrate_split", "disable_sparq", "enable_sparq",
            "hf_mask_to_bool", "register", "sparq_attention_forward", "sparq_settings"]
