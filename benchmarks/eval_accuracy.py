@@ -294,7 +294,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--merge", action="store_true",
-                    help="keep rows of other contexts already in the output JSON (grid run in pieces)")
+                    help="keep rows (and passkey trials) of other contexts already in the output JSON "
+                         "(grid run in pieces)")
     args = ap.parse_args()
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
@@ -362,7 +363,11 @@ def main():
         passkey = run_passkey(model, tok, args.passkey_contexts, args.passkey_depths, args.passkey_ratio,
                               args.methods, log, filler=args.passkey_filler)
         meta["passkey_seconds"] = time.time() - t0
-        (out / f"passkey{tag}.json").write_text(json.dumps(dict(meta=meta, results=passkey), indent=1))
+        passkey_path = out / f"passkey{tag}.json"
+        if args.merge and passkey_path.exists():  # keep other contexts' trials, as for accuracy rows
+            old = json.loads(passkey_path.read_text())
+            passkey = [r for r in old["results"] if r["context"] not in args.passkey_contexts] + passkey
+        passkey_path.write_text(json.dumps(dict(meta=meta, results=passkey), indent=1))
     if passkey:
         summary = {}
         for r in passkey:
