@@ -206,10 +206,16 @@ def test_scale_keyword():
 
 def test_all_zero_query_gives_mean_of_values_not_nan():
     q, K, V = make_inputs(1, 4, 2, 30, 8, seed=14)
-    out = sparq_ext.attention(torch.zeros_like(q), K, V, r=2, k=5)
+    zero = torch.zeros_like(q)
+    out = sparq_ext.attention(zero, K, V, r=2, k=5)
     assert torch.isfinite(out).all()
-    # uniform scores: y = mean of the 5 picked rows, alpha = 5/30, mix with mean(V)
-    assert out.shape == q.shape
+    # uniform scores: y = mean of the 5 picked rows (any 5), alpha = 5/30 exactly
+    y = sparq_ext.attention(zero, K, V, r=2, k=5, reallocate=False)
+    v_mean = V.mean(2, keepdim=True).repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out, y / 6 + v_mean * 5 / 6, **TOLERANCES[torch.float32])
+    # k covering every position: exactly the mean of V
+    torch.testing.assert_close(sparq_ext.attention(zero, K, V, r=2, k=30), v_mean,
+                               **TOLERANCES[torch.float32])
 
 
 def test_non_contiguous_and_expanded_inputs():
