@@ -50,6 +50,11 @@ def parse_args(argv=None):
                    help="also time the seed under torch.compile (default: on for cuda)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay sparq/SDPA calls as CUDA graphs")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--cache", choices=("cold", "warm"), default=None,
+                   help="cold (CPU default): read 2x the last-level cache, untimed, before every "
+                        "call, so each method reads its inputs from memory as a decode step does; "
+                        "warm: no flush (inputs still rotate). CUDA default: warm (rotation "
+                        "already exceeds its L2)")
     p.add_argument("--out", default=common.RESULTS_DIR, help="directory for JSON and PNG")
     p.add_argument("--tag", help="file name tag (default: device type)")
     return p.parse_args(argv)
@@ -89,7 +94,7 @@ def make_set(B, Hq, Hkv, S, D, dtype, device, seed_heads: bool):
     return s
 
 
-def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar):
+def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar, flush=None):
     Hq, D = args.query_heads, args.head_dim
     dtype = DTYPES[dtype_name]
     r, k = sparq_ext.rk_for_ratio(ratio, S, D)
@@ -123,13 +128,15 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     times = {}
     reps, warm = args.repeats, args.warmup
     with torch.inference_mode():
-        times["sparq"] = common.time_call(maybe_graphs(sparq, n_sets, args, device), device, warm, reps)
+        times["sparq"] = common.time_call(maybe_graphs(sparq, n_sets, args, device), device, warm, reps,
+                                            flush)
         pbar.set_postfix_str(f"S={S} sdpa")
         best = None
         for name, ctx in sdpa_backends(device):
             try:
                 with ctx():
-                    t = common.time_call(maybe_graphs(sdpa, n_sets, args, device), device, warm, reps)
+                    t = common.time_call(maybe_graphs(sdpa, n_sets, args, device), device, warm, reps,
+                                         flush)
             except RuntimeError:  # backend does not support this shape/dtype
                 continue
             times[f"sdpa_{name}"] = t
@@ -138,10 +145,10 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
         row["sdpa_best_backend"] = best
         if with_seed:
             pbar.set_postfix_str(f"S={S} seed")
-            times["seed"] = common.time_call(seed, device, warm, max(3, reps // 3))
+            times["seed"] = common.time_call(seed, device, warm, max(3, reps // 3), flush)
             if seed_compiled is not None:
                 times["seed_compiled"] = common.time_call(lambda i: seed(i, seed_compiled), device,
-                                                          warm, reps)
+                                                          warm, reps, flush)
     del sets
     bytes_ = sparq_ext.transfer_bytes(B, Hkv, S, D, r, k, dtype=dtype, query_heads=Hq)
     row.update({f"{m}_ms": t * 1e3 for m, t in times.items()})
@@ -250,9 +257,17 @@ def main(argv=None):
     meta = common.run_metadata(device)
     meta["copy_GBps"] = common.copy_bandwidth(device, nbytes=(4 << 30) if cuda else (1 << 30)) / 1e9
     meta["cuda_graphs"] = bool(args.cuda_graphs and cuda)
+    args.cache = args.cache or ("warm" if cuda else "cold")
+    flush = None
+    if args.cache == "cold":
+        if cuda:
+            raise SystemExit("--cache cold is for CPU runs (on CUDA the rotated inputs exceed L2)")
+        flush = common.CacheFlush()
+        meta["cache_flush_bytes"] = flush.nbytes
+    meta["cache"] = args.cache
     print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | "
           f"sparq backend: {meta['sparq_backend']} | copy bandwidth {meta['copy_GBps']:.1f} GB/s"
-          + (f" | threads {meta['threads']}" if not cuda else ""))
+          + (f" | threads {meta['threads']} | cache {args.cache}" if not cuda else ""))
 
     configs = [(dt, B, Hkv, S, ratio) for dt in args.dtypes for ratio in args.ratios
                for B in args.batch for Hkv in args.kv_heads for S in args.seq_lens]
@@ -262,7 +277,7 @@ def main(argv=None):
     with tqdm(configs, desc="bench_attention", unit="shape") as pbar:
         for dt, B, Hkv, S, ratio in pbar:
             pbar.set_postfix_str(f"{dt} B={B} Hkv={Hkv} S={S}")
-            row = bench_config(args, device, dt, B, Hkv, S, ratio, seed_compiled, pbar)
+            row = bench_config(args, device, dt, B, Hkv, S, ratio, seed_compiled, pbar, flush)
             if "sparq_GBps" in row:
                 row["sparq_pct_of_copy"] = 100 * row["sparq_GBps"] / meta["copy_GBps"]
             rows.append(row)

@@ -64,17 +64,56 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
+def last_level_cache_bytes(default: int = 64 << 20) -> int:
+    """Size of the largest CPU cache in sysfs (the last level), or ``default``."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+    except (OSError, ValueError):
+        pass
+    return max(sizes, default=default)
+
+
+class CacheFlush:
+    """Evicts the CPU caches: a read of twice the last-level cache (reads, not writes: a write
+    sweep also costs the other thread page-table work on VMs that track dirty pages).
+
+    Called untimed before each timed call, so every method reads its inputs from memory, as a
+    decode step does: between two visits to one layer, the other layers' caches pass through.
+    """
+
+    def __init__(self, nbytes: int | None = None):
+        nbytes = nbytes or 2 * last_level_cache_bytes()
+        self.nbytes = nbytes
+        self.buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int, before=None) -> float:
     """Median seconds of ``fn(i)`` (``i`` = call number, for rotating inputs).
 
     CUDA: events around each call, after warm-up. CPU: wall clock around each call.
+    ``before()``, when given, runs untimed before every call (e.g. a :class:`CacheFlush`).
     """
+    before = before or (lambda: None)
     for i in range(warmup):
+        before()
         fn(i)
     sync(device)
     times = []
     if device.type == "cuda":
         for i in range(repeats):
+            before()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(i)
@@ -83,6 +122,7 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
             times.append(start.elapsed_time(end) / 1e3)
     else:
         for i in range(repeats):
+            before()
             t0 = time.perf_counter()
             fn(i)
             times.append(time.perf_counter() - t0)
