@@ -74,5 +74,9 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(s.m, s.l);
   });
   m.def("_approx_logit_scale", &sparq::approx_logit_scale);
+#ifdef SPARQ_WITH_CPU
+  m.def("_cpu_select_topk", &sparq::select_topk_cpu, "the CPU kernel's exact top-k (test hook)",
+        pybind11::arg("scores"), pybind11::arg("want"), pybind11::arg("histogram_only") = false);
+#endif
 }
 #endif  // SPARQ_NO_PYTHON

@@ -104,6 +104,9 @@ inline at::Tensor mask_as_batch_by_seq(const at::Tensor& attn_mask, int64_t B, i
       std::optional<double> scale
 
 at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS);   // csrc/cpu/
+// Test hook: the CPU kernel's exact top-k of a 1-D float32 CPU tensor (positions, ascending);
+// `histogram_only` skips the sampled fast path.
+at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
 at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
 
 }  // namespace sparq

@@ -747,6 +747,27 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
 }  // namespace
 }  // namespace cpu
 
+at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only) {
+  TORCH_CHECK(scores.dim() == 1 && scores.scalar_type() == at::kFloat && scores.is_cpu(),
+              "scores must be a 1-D float32 CPU tensor");
+  TORCH_CHECK(scores.numel() < (int64_t{1} << 31), "scores must hold fewer than 2^31 values");
+  TORCH_CHECK(want >= 0, "want must be >= 0, got ", want);
+  const at::Tensor x = scores.contiguous();
+  const float* data = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(data[i])) {
+      lo = std::min(lo, data[i]);
+      hi = std::max(hi, data[i]);
+    }
+  at::Tensor out = at::empty({std::min(want, n)}, x.options().dtype(at::kLong));
+  const int64_t taken =
+      histogram_only ? cpu::select_topk_histogram(data, 0, n, want, lo, hi, out.data_ptr<int64_t>())
+                     : cpu::select_topk(data, 0, n, want, lo, hi, out.data_ptr<int64_t>());
+  return out.narrow(0, 0, taken);
+}
+
 at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
   const AttentionDims d =
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
