@@ -5,7 +5,7 @@
 # torch), FORCE_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (read by setup.py), BENCH_ARGS.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch>=2.4
+TORCH_SPEC ?= torch>=2.5
 BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
