@@ -265,8 +265,13 @@ def main(argv=None):
         flush = common.CacheFlush()
         meta["cache_flush_bytes"] = flush.nbytes
     meta["cache"] = args.cache
+    row_bytes = args.head_dim * 4
+    meta["row_gather_GBps"] = common.row_gather_bandwidth(device, row_bytes=row_bytes,
+                                                          before=flush) / 1e9
+    meta["row_gather_row_bytes"] = row_bytes
     print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | "
-          f"sparq backend: {meta['sparq_backend']} | copy bandwidth {meta['copy_GBps']:.1f} GB/s"
+          f"sparq backend: {meta['sparq_backend']} | copy bandwidth {meta['copy_GBps']:.1f} GB/s | "
+          f"row gather ({row_bytes} B rows, index_select) {meta['row_gather_GBps']:.1f} GB/s"
           + (f" | threads {meta['threads']} | cache {args.cache}" if not cuda else ""))
 
     configs = [(dt, B, Hkv, S, ratio) for dt in args.dtypes for ratio in args.ratios

@@ -138,6 +138,24 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes / seconds
 
 
+def row_gather_bandwidth(device: torch.device, row_bytes: int = 512, nbytes: int = 1 << 30,
+                         fraction: float = 1 / 16, repeats: int = 10, before=None) -> float:
+    """Bytes/s that ``torch.index_select`` reads gathering a random ``fraction`` of the
+    ``row_bytes`` rows of an ``nbytes`` table, in ascending order: the access pattern of
+    SparQ's step 2 (k of S rows of K and V), done by PyTorch. Against copy_bandwidth it shows
+    what gathers cost on the machine (each row is a separate run of a few cache lines)."""
+    cols = max(1, row_bytes // 4)
+    table = torch.empty(nbytes // (4 * cols), cols, dtype=torch.float32, device=device).uniform_()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(table.shape[0], generator=gen)[: int(table.shape[0] * fraction)]
+    idx = idx.sort().values.to(device)
+    out = torch.empty(len(idx), cols, dtype=torch.float32, device=device)
+    seconds = time_call(lambda i: torch.index_select(table, 0, idx, out=out), device, warmup=2,
+                        repeats=repeats, before=before)
+    del table, out
+    return len(idx) * cols * 4 / seconds
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
