@@ -51,8 +51,10 @@ def candidate_rs(ratio: float, head_dim: int) -> list[int]:
 #              approximate scores plus the local window); the issue's proposal.
 #   "logmass": -log of that retained mass (weighs heads that lose most of their mass harder).
 #   "output":  relative L2 error of SparQ's output (with the mean-value reallocation) against
-#              exact attention.
-CRITERIA = ("mass", "logmass", "output")
+#              exact attention, per head.
+#   "layer_output": the same error over all heads of the layer at once (heads with small outputs
+#              weigh less than in "output").
+CRITERIA = ("mass", "logmass", "output", "layer_output")
 DEFAULT_CRITERION = "output"
 
 
@@ -63,7 +65,8 @@ def split_scores(queries, keys, values, positions, ratio, candidates=None, local
     ``queries`` ``(Hq, P, D)``: the queries of the prefill positions ``positions`` (``P``
     ints); ``keys``/``values`` ``(Hkv, S, D)``; query position ``t`` attends to ``[0, t]``
     (causal), with the local window ``k * local_window_frac`` as in decoding. Returns
-    ``{r: {"k", "mass", "logmass", "output", "retained_mass"}}`` (``rel_error`` = ``output``).
+    ``{r: {"k", "mass", "logmass", "output", "layer_output", "retained_mass"}}``
+    (``rel_error`` = ``output``).
     """
     Hq, P, D = queries.shape
     Hkv, S, _ = keys.shape
@@ -91,10 +94,13 @@ def split_scores(queries, keys, values, positions, ratio, candidates=None, local
         out, i2 = sparq_attention_reference(q, K_rows, V_rows, r, k, value_mean=v_mean, seq_lens=lens,
                                             local_window=int(k * local_window_frac), scale=scale,
                                             return_selection=True)
-        err = (out[:, :, 0] - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
+        diff = out[:, :, 0] - exact  # (P, Hq, D)
+        err = diff.norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
+        layer_err = diff.flatten(1).norm(dim=-1) / exact.flatten(1).norm(dim=-1).clamp_min(1e-12)
         # positions past a row's prefix carry zero probability, so they add no mass
         mass = probs.gather(-1, i2.repeat_interleave(G, 1)).sum(-1).clamp(1e-12, 1.0)  # (P, Hq)
         results[r] = {"k": k, "output": err.mean().item(), "rel_error": err.mean().item(),
+                      "layer_output": layer_err.mean().item(),
                       "mass": (1 - mass).mean().item(), "logmass": (-mass.log()).mean().item(),
                       "retained_mass": mass.mean().item()}
     return results
