@@ -6,9 +6,15 @@ point on the budget line ``S*r + 2*k*D = 2*S*D/rho`` reads the same bytes, and o
 models a smaller ``r`` with a larger ``k`` loses much less accuracy. Layers differ, so the
 split is chosen per layer from data the user already has: queries, keys and values of a
 prefill. For a few recent query positions we run SparQ at each candidate split and keep the
-split whose output is closest to exact attention (relative L2 error, averaged over heads
-and positions): the error of the attention output is what the next layer sees. The
-attention mass retained by the selected positions is reported beside it.
+split that loses the least exact attention mass: the positions step 2 reads (top-k of the
+approximate scores plus the local window) should hold as much of the exact softmax as
+possible (criterion ``"mass"``, the default). The other criteria of :data:`CRITERIA` (the
+relative L2 error of SparQ's output, the previous default ``"output"``; ``-log`` of the mass;
+the output error over a whole layer) are computed in the same pass and can be chosen by name.
+``benchmarks/split_criteria.py`` compares them with measured perplexity on SmolLM2-135M
+(``benchmarks/results/split_criteria.md``): all rank uniform splits about equally well, and
+the per-layer choice by mass decodes with the lowest perplexity in 3 of 4 (context, ratio)
+cells at ratios 4 and 8 (``"logmass"`` ties it), so it is the default.
 
 A split is stored as ``r`` alone: ``k`` follows from the budget at each length
 (:func:`k_on_budget`), so one calibration serves every context length.
@@ -55,7 +61,7 @@ def candidate_rs(ratio: float, head_dim: int) -> list[int]:
 #   "layer_output": the same error over all heads of the layer at once (heads with small outputs
 #              weigh less than in "output").
 CRITERIA = ("mass", "logmass", "output", "layer_output")
-DEFAULT_CRITERION = "output"
+DEFAULT_CRITERION = "mass"  # evidence: benchmarks/results/split_criteria.md
 
 
 def split_scores(queries, keys, values, positions, ratio, candidates=None, local_window_frac=0.25,

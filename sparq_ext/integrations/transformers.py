@@ -193,7 +193,9 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
             positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
         split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` on
-            the ratio's byte-budget line whose SparQ output is closest to exact attention, chosen
+            the ratio's byte-budget line whose selected positions keep the most exact attention
+            mass (:data:`sparq_ext.calibrate.DEFAULT_CRITERION`; other criteria through
+            :func:`calibrate_split`), chosen
             from the first prefill of at least 64 positions (or read from ``split_file``); ``k``
             spends the rest of the budget. Explicit ``r``/``k`` win over both.
         split_file: with ``split="auto"``, a JSON written by :func:`calibrate_split` (or
