@@ -336,12 +336,13 @@ def main():
     if args.merge and json_path.exists():  # keep other contexts' rows from earlier runs
         old = json.loads(json_path.read_text())
         previous = [r for r in old["rows"] if r["context"] not in args.contexts or
-                    (r.get("text", "gpl3") == args.text and r["method"] not in args.methods + ["dense"])]
+                    (r.get("text", "gpl3") == args.text and r["method"] not in args.methods)]
         old_dense = {r["context"]: r["ppl"] for r in old["rows"] if r["method"] == "dense"}
         meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"]]
 
     def write(rows):
-        rows = sorted(previous + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
+        rerun = {r["context"] for r in rows if r["method"] == "dense"}  # a new dense row replaces the kept one
+        rows = sorted([r for r in previous if not (r["method"] == "dense" and r["context"] in rerun)] + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
                                                         if r["method"] in METHODS else -1))
         json_path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         table = tabulate([[r["context"], r["tokens"], r.get("text", "gpl3"), r["method"], r["ratio"], r.get("r"), r.get("k"),
@@ -366,7 +367,7 @@ def main():
                         on_context=lambda rows: write(rows), text=args.text) if args.contexts else []
     for r in previous:  # rows kept at a context run now must share this run's dense reference
         dense = next((d for d in rows if d["method"] == "dense" and d["context"] == r["context"]), None)
-        if dense is None:
+        if dense is None or r["method"] == "dense":
             continue
         if r["tokens"] != dense["tokens"]:
             raise SystemExit(f"--merge: kept row {r['method']} at {r['context']} has {r['tokens']} tokens, "
