@@ -17,7 +17,8 @@ not on the calibration text): the NVIDIA CUDA end-user licence agreement that th
 
 A long evaluation text that is neither licence boilerplate nor the calibration text: the
 Python language reference that CPython's standard library ships as ``pydoc_data.topics``
-(the ``help()`` topics, prose and grammar, ~113K tokens; :func:`python_reference_text`). The
+(the ``help()`` topics, prose and grammar, each paragraph once, ~92K tokens;
+:func:`python_reference_text`). The
 GPL-3 text ends before 8K tokens, where the scored tokens of an 8K context fall into numpy's
 BSD licence boilerplate (dense perplexity ~7), so the 8K evaluation uses this text.
 """
@@ -104,9 +105,18 @@ def calibration_text_ids(tokenizer, n_tokens: int | None = None):
 
 
 def python_reference_text() -> str:
-    """The Python language reference from ``pydoc_data.topics`` (topics in sorted order)."""
+    """The Python language reference from ``pydoc_data.topics`` (topics in sorted order), each
+    paragraph once: topics repeat sections verbatim (``augassign`` is part of ``assignment``),
+    which would turn the evaluation into copying from the context."""
     from pydoc_data.topics import topics
-    return "\n\n".join(topics[name] for name in sorted(topics))
+    seen, parts = set(), []
+    for name in sorted(topics):
+        paragraphs = topics[name].split("\n\n")
+        keep = [p for p in paragraphs if len(p.strip()) < 40 or p.strip() not in seen]
+        seen.update(p.strip() for p in paragraphs)
+        if keep:
+            parts.append("\n\n".join(keep))
+    return "\n\n".join(parts)
 
 
 EVALUATION_TEXTS = {"gpl3": gpl3_text, "python-reference": python_reference_text}
