@@ -18,6 +18,14 @@ Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
 Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
 depth, prefilled densely; the question and the answer are then decoded step by step.
 
+--text python-reference evaluates on the Python language reference (pydoc_data.topics, each
+paragraph once) instead: GPL-3 ends before 8K tokens, so an 8K context scores licence boilerplate.
+The auto-split grid (benchmarks/results/AUTO_SPLIT.md) was run in pieces with --merge:
+    python benchmarks/eval_accuracy.py --threads 1 --contexts 1024 4096 --methods sparq sparq_auto \
+        streaming h2o --passkey-contexts --tag auto_split --merge
+    python benchmarks/eval_accuracy.py --threads 1 --contexts 8000 --text python-reference \
+        --methods sparq sparq_auto streaming h2o --passkey-contexts --tag auto_split --merge
+
 Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib).
     python benchmarks/eval_accuracy.py            # the grid in the results README
     python benchmarks/eval_accuracy.py --quick    # a minute-scale smoke run
@@ -270,10 +278,10 @@ def plot(rows, path):
             ax.set_ylabel(label)
             if metric == "ppl_increase_pct":
                 ax.set_yscale("symlog", linthresh=10)
-            ax.set_title(f"context {context}, {dense['tokens']} decoded tokens")
+            ax.set_title(f"context {context} ({dense.get('text', 'gpl3')}), {dense['tokens']} tokens")
             ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct, GPL-3 text, decode-mode teacher forcing")
+    fig.suptitle("SmolLM2-135M-Instruct, decode-mode teacher forcing (text per panel; default GPL-3)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
