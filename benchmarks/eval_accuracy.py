@@ -18,6 +18,14 @@ Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
 Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
 depth, prefilled densely; the question and the answer are then decoded step by step.
 
+--text python-reference evaluates on the Python language reference (pydoc_data.topics, each
+paragraph once) instead: GPL-3 ends before 8K tokens, so an 8K context scores licence boilerplate.
+The auto-split grid (benchmarks/results/AUTO_SPLIT.md) was run in pieces with --merge:
+    python benchmarks/eval_accuracy.py --threads 1 --contexts 1024 4096 --methods sparq sparq_auto \
+        streaming h2o --passkey-contexts --tag auto_split --merge
+    python benchmarks/eval_accuracy.py --threads 1 --contexts 8000 --text python-reference \
+        --methods sparq sparq_auto streaming h2o --passkey-contexts --tag auto_split --merge
+
 Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib).
     python benchmarks/eval_accuracy.py            # the grid in the results README
     python benchmarks/eval_accuracy.py --quick    # a minute-scale smoke run
@@ -48,7 +56,8 @@ from sparq_ext import SparQCache, transfer_bytes  # noqa: E402
 from sparq_ext.integrations.baselines import (  # noqa: E402
     budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward)
 from sparq_ext.integrations.evaluation import nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
-from sparq_ext.integrations.smollm2 import gpl3_text, load_smollm2, real_text_ids  # noqa: E402
+from sparq_ext.calibrate import CRITERIA, DEFAULT_CRITERION  # noqa: E402
+from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, gpl3_text, load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
 
 METHODS = ("sparq", "sparq_nowin", "sparq_auto", "streaming", "h2o")
@@ -59,7 +68,7 @@ def split_file_for(out, ratio):
     return str(Path(out) / f"split_smollm2_r{ratio:g}.json")
 
 
-def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log):
+def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None):
     """One calibration per ratio on the calibration text; returns {ratio: calibrate_split result}."""
     from sparq_ext.integrations.smollm2 import calibration_text_ids
     from sparq_ext.integrations.transformers import calibrate_split
@@ -67,7 +76,7 @@ def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log):
     results = {}
     for ratio in ratios:
         path = split_file_for(out, ratio)
-        res = calibrate_split(model, ids, ratio, path=path)
+        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion)
         SPLIT_FILES[ratio] = path
         results[ratio] = res
         log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "
@@ -135,11 +144,11 @@ def method_settings(method, ratio):
     return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
-def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None):
+def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None, text="gpl3"):
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
-    total_ids = real_text_ids(tok)
+    total_ids = real_text_ids(tok, text=text)
     for context in contexts:
         if context + n_tokens + 1 > min(total_ids.shape[1], cfg.max_position_embeddings):
             log(f"skip context {context}: needs {context + n_tokens + 1} tokens")
@@ -160,7 +169,7 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
                 dense_logits = logits
             m = nll_and_top1(logits, targets, dense_logits)
             mid = context + n_tokens // 2
-            row = dict(context=context, tokens=n_tokens, method=method, ratio=ratio,
+            row = dict(context=context, tokens=n_tokens, text=text, method=method, ratio=ratio,
                        bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads),
                        ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
                        top1_acc=m["top1_acc"], seconds=seconds)
@@ -269,10 +278,10 @@ def plot(rows, path):
             ax.set_ylabel(label)
             if metric == "ppl_increase_pct":
                 ax.set_yscale("symlog", linthresh=10)
-            ax.set_title(f"context {context}, {dense['tokens']} decoded tokens")
+            ax.set_title(f"context {context} ({dense.get('text', 'gpl3')}), {dense['tokens']} tokens")
             ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct, GPL-3 text, decode-mode teacher forcing")
+    fig.suptitle("SmolLM2-135M-Instruct, decode-mode teacher forcing (text per panel; default GPL-3)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -289,13 +298,18 @@ def main():
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
     ap.add_argument("--calibration-tokens", type=int, default=2048,
                     help="tokens of the calibration text (NVIDIA CUDA EULA) for sparq_auto")
+    ap.add_argument("--criterion", choices=CRITERIA, default=None,
+                    help=f"what sparq_auto's calibration minimises per layer (default {DEFAULT_CRITERION})")
+    ap.add_argument("--text", choices=sorted(EVALUATION_TEXTS), default="gpl3",
+                    help="evaluation text: GPL-3 (numpy dist-info) or the Python language reference "
+                         "(pydoc_data.topics; not licence boilerplate at 8K)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="1K context, ratios 4 and 8, 32 tokens, one passkey")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--merge", action="store_true",
-                    help="keep rows (and passkey trials) of other contexts already in the output JSON "
-                         "(grid run in pieces)")
+                    help="keep rows (and passkey trials) of other contexts already in the output JSON, and "
+                         "rows of methods not run now at the same context and text (grid run in pieces)")
     args = ap.parse_args()
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
@@ -316,7 +330,9 @@ def main():
     model, tok = load_smollm2(torch.float32)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text="GPL-3 (numpy dist-info)",
+    meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+                text={"gpl3": "GPL-3 (numpy dist-info)",
+                      "python-reference": "Python language reference (pydoc_data.topics)"}[args.text],
                 device=platform.processor() or platform.machine(), torch=torch.__version__,
                 transformers=__import__("transformers").__version__, commit=commit,
                 threads=torch.get_num_threads(), native_cpu_kernel=sparq_ext.has_native_kernel("cpu"),
@@ -327,17 +343,20 @@ def main():
     previous = []
     if args.merge and json_path.exists():  # keep other contexts' rows from earlier runs
         old = json.loads(json_path.read_text())
-        previous = [r for r in old["rows"] if r["context"] not in args.contexts]
+        previous = [r for r in old["rows"] if r["context"] not in args.contexts or
+                    (r.get("text", "gpl3") == args.text and r["method"] not in args.methods)]
+        old_dense = {r["context"]: r["ppl"] for r in old["rows"] if r["method"] == "dense"}
         meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"]]
 
     def write(rows):
-        rows = sorted(previous + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
+        rerun = {r["context"] for r in rows if r["method"] == "dense"}  # a new dense row replaces the kept one
+        rows = sorted([r for r in previous if not (r["method"] == "dense" and r["context"] in rerun)] + rows, key=lambda r: (r["context"], r["ratio"] or 0, METHODS.index(r["method"])
                                                         if r["method"] in METHODS else -1))
         json_path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        table = tabulate([[r["context"], r["tokens"], r["method"], r["ratio"], r.get("r"), r.get("k"),
+        table = tabulate([[r["context"], r["tokens"], r.get("text", "gpl3"), r["method"], r["ratio"], r.get("r"), r.get("k"),
                            r.get("local_window"), f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}",
                            f"{r['ppl_increase_pct']:+.1f}%", f"{r['top1_agreement']:.3f}"] for r in rows],
-                         headers=["context", "tokens", "method", "ratio", "r", "k", "window", "bytes/dense",
+                         headers=["context", "tokens", "text", "method", "ratio", "r", "k", "window", "bytes/dense",
                                   "ppl", "Δppl", "top-1 agr"], tablefmt="github")
         (out / f"accuracy{tag}.md").write_text(
             f"# Decode-mode accuracy\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
@@ -346,14 +365,23 @@ def main():
 
     if "sparq_auto" in args.methods:
         ratios_auto = sorted(set(ratios) | ({args.passkey_ratio} if args.passkey_contexts else set()))
-        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log)
+        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log, args.criterion)
         meta["auto_split"] = {f"{ratio:g}": dict(res, layer_r={str(a): b for a, b in res["layer_r"].items()},
                                                  text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
                                                  file=os.path.relpath(SPLIT_FILES[ratio], ROOT))
                               for ratio, res in calib.items()}
     t0 = time.time()
     rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
-                        on_context=lambda rows: write(rows)) if args.contexts else []
+                        on_context=lambda rows: write(rows), text=args.text) if args.contexts else []
+    for r in previous:  # rows kept at a context run now must share this run's dense reference
+        dense = next((d for d in rows if d["method"] == "dense" and d["context"] == r["context"]), None)
+        if dense is None or r["method"] == "dense":
+            continue
+        if r["tokens"] != dense["tokens"]:
+            raise SystemExit(f"--merge: kept row {r['method']} at {r['context']} has {r['tokens']} tokens, "
+                             f"this run {dense['tokens']}")
+        if abs(old_dense[r["context"]] - dense["ppl"]) > 1e-4 * dense["ppl"]:
+            raise SystemExit(f"--merge: dense ppl at {r['context']} was {old_dense[r['context']]}, now {dense['ppl']}")
     meta["accuracy_seconds"] = time.time() - t0
     if rows:
         print(write(rows))

@@ -6,9 +6,15 @@ point on the budget line ``S*r + 2*k*D = 2*S*D/rho`` reads the same bytes, and o
 models a smaller ``r`` with a larger ``k`` loses much less accuracy. Layers differ, so the
 split is chosen per layer from data the user already has: queries, keys and values of a
 prefill. For a few recent query positions we run SparQ at each candidate split and keep the
-split whose output is closest to exact attention (relative L2 error, averaged over heads
-and positions): the error of the attention output is what the next layer sees. The
-attention mass retained by the selected positions is reported beside it.
+split that loses the least exact attention mass: the positions step 2 reads (top-k of the
+approximate scores plus the local window) should hold as much of the exact softmax as
+possible (criterion ``"mass"``, the default). The other criteria of :data:`CRITERIA` (the
+relative L2 error of SparQ's output, the previous default ``"output"``; ``-log`` of the mass;
+the output error over a whole layer) are computed in the same pass and can be chosen by name.
+``benchmarks/split_criteria.py`` compares them with measured perplexity on SmolLM2-135M
+(``benchmarks/results/split_criteria.md``): all rank uniform splits about equally well, and
+the per-layer choice by mass decodes with the lowest perplexity in 3 of 4 (context, ratio)
+cells at ratios 4 and 8 (``"logmass"`` ties it), so it is the default.
 
 A split is stored as ``r`` alone: ``k`` follows from the budget at each length
 (:func:`k_on_budget`), so one calibration serves every context length.
@@ -46,13 +52,27 @@ def candidate_rs(ratio: float, head_dim: int) -> list[int]:
     return sorted(r for r in rs if r < limit and r <= head_dim)
 
 
-def split_errors(queries, keys, values, positions, ratio, candidates=None, local_window_frac=0.25,
+# Criteria for choosing r, each a per-layer score to minimise (mean over heads and positions):
+#   "mass":    1 - the exact attention mass of the positions SparQ reads in step 2 (top-k of the
+#              approximate scores plus the local window); the issue's proposal.
+#   "logmass": -log of that retained mass (weighs heads that lose most of their mass harder).
+#   "output":  relative L2 error of SparQ's output (with the mean-value reallocation) against
+#              exact attention, per head.
+#   "layer_output": the same error over all heads of the layer at once (heads with small outputs
+#              weigh less than in "output").
+CRITERIA = ("mass", "logmass", "output", "layer_output")
+DEFAULT_CRITERION = "mass"  # evidence: benchmarks/results/split_criteria.md
+
+
+def split_scores(queries, keys, values, positions, ratio, candidates=None, local_window_frac=0.25,
                  scale=None) -> dict[int, dict]:
-    """Per candidate ``r``: ``k`` on the budget and the mean relative error of SparQ's output.
+    """Per candidate ``r``: ``k`` on the budget and every criterion of :data:`CRITERIA`.
 
     ``queries`` ``(Hq, P, D)``: the queries of the prefill positions ``positions`` (``P``
     ints); ``keys``/``values`` ``(Hkv, S, D)``; query position ``t`` attends to ``[0, t]``
-    (causal), with the local window ``k * local_window_frac`` as in decoding.
+    (causal), with the local window ``k * local_window_frac`` as in decoding. Returns
+    ``{r: {"k", "mass", "logmass", "output", "layer_output", "retained_mass"}}``
+    (``rel_error`` = ``output``).
     """
     Hq, P, D = queries.shape
     Hkv, S, _ = keys.shape
@@ -77,11 +97,25 @@ def split_errors(queries, keys, values, positions, ratio, candidates=None, local
     results = {}
     for r in candidates:
         k = k_on_budget(ratio, mean_len, D, r)
-        out = sparq_attention_reference(q, K_rows, V_rows, r, k, value_mean=v_mean, seq_lens=lens,
-                                        local_window=int(k * local_window_frac), scale=scale)
-        err = (out[:, :, 0] - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
-        results[r] = {"k": k, "rel_error": err.mean().item()}
+        out, i2 = sparq_attention_reference(q, K_rows, V_rows, r, k, value_mean=v_mean, seq_lens=lens,
+                                            local_window=int(k * local_window_frac), scale=scale,
+                                            return_selection=True)
+        diff = out[:, :, 0] - exact  # (P, Hq, D)
+        err = diff.norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
+        layer_err = diff.flatten(1).norm(dim=-1) / exact.flatten(1).norm(dim=-1).clamp_min(1e-12)
+        # positions past a row's prefix carry zero probability, so they add no mass
+        mass = probs.gather(-1, i2.repeat_interleave(G, 1)).sum(-1).clamp(1e-12, 1.0)  # (P, Hq)
+        results[r] = {"k": k, "output": err.mean().item(), "rel_error": err.mean().item(),
+                      "layer_output": layer_err.mean().item(),
+                      "mass": (1 - mass).mean().item(), "logmass": (-mass.log()).mean().item(),
+                      "retained_mass": mass.mean().item()}
     return results
+
+
+def split_errors(queries, keys, values, positions, ratio, candidates=None, local_window_frac=0.25,
+                 scale=None) -> dict[int, dict]:
+    """:func:`split_scores` (kept under its earlier name; ``rel_error`` is the output error)."""
+    return split_scores(queries, keys, values, positions, ratio, candidates, local_window_frac, scale)
 
 
 def calibration_positions(seq_len: int, count: int = 16) -> list[int]:
@@ -91,23 +125,28 @@ def calibration_positions(seq_len: int, count: int = 16) -> list[int]:
 
 
 def choose_layer_split(queries, keys, values, ratio, scale=None, positions=16,
-                       local_window_frac=0.25) -> dict:
+                       local_window_frac=0.25, criterion: str | None = None) -> dict:
     """Pick ``r`` on the budget line for one layer from its prefill ``queries`` ``(Hq, S, D)``,
-    ``keys``/``values`` ``(Hkv, S, D)``. Deterministic: ties go to the smaller error, then the
-    larger ``r``. Falls back to the even split when the prefill is shorter than
+    ``keys``/``values`` ``(Hkv, S, D)``, minimising ``criterion`` (one of :data:`CRITERIA`,
+    default :data:`DEFAULT_CRITERION`). Deterministic: ties (to 6 decimals) go to the larger
+    ``r``. Falls back to the even split when the prefill is shorter than
     ``MIN_CALIBRATION_POSITIONS``.
     """
+    criterion = criterion or DEFAULT_CRITERION
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     S, D = keys.shape[1], keys.shape[2]
     even_r, _ = rk_for_ratio(ratio, S, D)
     if S < MIN_CALIBRATION_POSITIONS:
         return {"r": even_r, "source": f"even (calibration needs >= {MIN_CALIBRATION_POSITIONS} "
                                         f"positions, got {S})"}
     pos = calibration_positions(S, positions)
-    errors = split_errors(queries[:, pos], keys, values, pos, ratio, scale=scale,
+    scores = split_scores(queries[:, pos], keys, values, pos, ratio, scale=scale,
                           local_window_frac=local_window_frac)
-    best = min(errors, key=lambda r: (round(errors[r]["rel_error"], 6), -r))
-    return {"r": best, "source": "auto", "seq_len": S,
-            "errors": {str(r): e["rel_error"] for r, e in errors.items()}}
+    best = min(scores, key=lambda r: (round(scores[r][criterion], 6), -r))
+    return {"r": best, "source": "auto", "seq_len": S, "criterion": criterion,
+            "errors": {str(r): e[criterion] for r, e in scores.items()},
+            "scores": {str(r): {c: e[c] for c in CRITERIA} for r, e in scores.items()}}
 
 
 def save_split(path: str, layer_r: dict[int, int], ratio: float, model: str = "", extra=None) -> None:

@@ -48,11 +48,13 @@ def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def sparq_attention_reference(
     query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
-    local_window=0, reallocate=True, scale=None,
+    local_window=0, reallocate=True, scale=None, return_selection=False,
 ):
     """SparQ attention for one query position; arguments as ``sparq_ext.attention``.
 
-    Inputs are assumed validated (``sparq_ext.attention`` does that).
+    Inputs are assumed validated (``sparq_ext.attention`` does that). With
+    ``return_selection`` returns ``(out, i2)``, ``i2`` ``(B, Hkv, k)`` the positions step 2
+    read (used by :mod:`sparq_ext.calibrate` to measure the attention mass they retain).
     """
     B, Hq, _, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -101,4 +103,5 @@ def sparq_attention_reference(
         y = alpha * y + (1 - alpha) * v_mean[:, :, None, :]
         # A row with no valid position attends to nothing: zeros, as y already is.
         y = y * valid.any(-1).to(f32)[:, None, None, None]
-    return y.reshape(B, Hq, 1, D).to(query.dtype)
+    out = y.reshape(B, Hq, 1, D).to(query.dtype)
+    return (out, i2) if return_selection else out

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sparq_ext
-from sparq_ext.calibrate import (MIN_CALIBRATION_POSITIONS, candidate_rs, choose_layer_split,
-                                 k_on_budget, load_split, save_split, split_errors)
+from sparq_ext.calibrate import (CRITERIA, DEFAULT_CRITERION, MIN_CALIBRATION_POSITIONS, candidate_rs,
+                                 choose_layer_split, k_on_budget, load_split, save_split, split_errors,
+                                 split_scores)
 
 
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
@@ -49,9 +50,61 @@ def test_choice_is_deterministic_and_on_the_candidate_list():
     assert a["errors"][str(a["r"])] == min(a["errors"].values())
 
 
-def test_short_calibration_data_falls_back_to_the_even_split():
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_every_criterion_is_selectable_deterministic_and_minimised(criterion):
+    Q, K, V = _prefill(512, seed=3)
+    a = choose_layer_split(Q, K, V, ratio=4, criterion=criterion)
+    b = choose_layer_split(Q.clone(), K.clone(), V.clone(), ratio=4, criterion=criterion)
+    assert a == b and a["criterion"] == criterion
+    assert a["r"] in candidate_rs(4, 32)
+    assert a["errors"] == {r: s[criterion] for r, s in a["scores"].items()}
+    best = min(a["errors"].values())
+    # the smallest score wins; among ties (6 decimals) the larger r
+    assert a["r"] == max(int(r) for r, e in a["errors"].items() if round(e, 6) == round(best, 6))
+
+
+def test_default_criterion_is_used_and_unknown_criteria_raise():
+    assert DEFAULT_CRITERION in CRITERIA
+    Q, K, V = _prefill(256)
+    assert choose_layer_split(Q, K, V, ratio=8)["criterion"] == DEFAULT_CRITERION
+    assert choose_layer_split(Q, K, V, ratio=8) == choose_layer_split(Q, K, V, ratio=8, criterion=DEFAULT_CRITERION)
+    with pytest.raises(ValueError, match="criterion"):
+        choose_layer_split(Q, K, V, ratio=8, criterion="vibes")
+
+
+def test_retained_mass_is_the_exact_top_k_mass_when_step_1_is_exact():
+    # r = D makes the approximate scores exact; one query head per KV head and no local window:
+    # step 2 reads the top-k positions of the exact scores, whose probability mass is known.
+    Q, K, V = _prefill(300, Hq=2, Hkv=2, seed=5)
+    pos = [150, 299]
+    ratio, D = 1.5, 32
+    scores = split_scores(Q[:, pos], K, V, pos, ratio, candidates=[D], local_window_frac=0.0)[D]
+    k = scores["k"]
+    assert k == k_on_budget(ratio, (151 + 300) // 2, D, D)
+    kept = []
+    for p in pos:
+        probs = torch.softmax((Q[:, p] [:, None, :] * K[:, :p + 1]).sum(-1) / D**0.5, -1)  # (H, p+1)
+        kept.append(probs.topk(min(k, p + 1), -1).values.sum(-1))
+    kept = torch.stack(kept)
+    assert scores["retained_mass"] == pytest.approx(kept.mean().item(), rel=1e-5)
+    assert scores["mass"] == pytest.approx(1 - kept.mean().item(), abs=1e-6)
+    assert scores["logmass"] == pytest.approx((-kept.log()).mean().item(), rel=1e-5)
+    assert 0 < scores["mass"] < 1
+
+
+def test_less_selection_keeps_less_mass():
+    # the same r with a smaller budget (larger ratio: smaller k) cannot retain more mass
+    Q, K, V = _prefill(512, seed=7)
+    pos = list(range(400, 512, 16))
+    masses = [split_scores(Q[:, pos], K, V, pos, ratio, candidates=[2])[2]["retained_mass"]
+              for ratio in (2, 4, 8, 16)]
+    assert all(a >= b - 1e-7 for a, b in zip(masses, masses[1:])), masses
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_short_calibration_data_falls_back_to_the_even_split(criterion):
     Q, K, V = _prefill(MIN_CALIBRATION_POSITIONS - 1)
-    choice = choose_layer_split(Q, K, V, ratio=8)
+    choice = choose_layer_split(Q, K, V, ratio=8, criterion=criterion)
     assert choice["r"] == sparq_ext.rk_for_ratio(8, MIN_CALIBRATION_POSITIONS - 1, 32)[0]
     assert choice["source"].startswith("even")
 
@@ -60,6 +113,7 @@ def test_split_errors_vanish_when_k_covers_the_prefix():
     Q, K, V = _prefill(200)
     errs = split_errors(Q[:, [10, 20]], K, V, [10, 20], ratio=0.5, candidates=[1])
     assert errs[1]["k"] >= 21 and errs[1]["rel_error"] < 1e-5  # k >= valid length: exact
+    assert errs[1]["mass"] < 1e-6 and errs[1]["logmass"] < 1e-6 and errs[1]["retained_mass"] > 1 - 1e-6
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -235,6 +235,29 @@ def test_split_file_round_trips_and_wrong_ratio_raises(model, tokenizer, tmp_pat
         enable_sparq(model, ratio=8, split="sideways")
 
 
+def test_calibrate_split_uses_and_records_the_chosen_criterion(model, tokenizer, tmp_path, monkeypatch):
+    import json
+    from sparq_ext.calibrate import CRITERIA
+    from sparq_ext.integrations import transformers as integration
+    from sparq_ext.integrations.transformers import calibrate_split
+    seen = []
+    original = integration.choose_layer_split
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("criterion"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "choose_layer_split", recording)
+    ids = real_text_ids(tokenizer, 128)
+    path = str(tmp_path / "mass.json")
+    result = calibrate_split(model, ids, ratio=4, path=path, criterion="mass")
+    assert seen == ["mass"] * model.config.num_hidden_layers
+    assert result["criterion"] == "mass" and json.load(open(path))["criterion"] == "mass"
+    assert "output" in CRITERIA
+    with pytest.raises(ValueError, match="criterion"):
+        calibrate_split(model, ids, ratio=4, criterion="vibes")
+
+
 def test_explicit_r_k_win_over_the_auto_split(model, tokenizer, long_prompt):
     enable_sparq(model, ratio=8, split="auto", r=16, k=100)
     _greedy(model, long_prompt, 2)

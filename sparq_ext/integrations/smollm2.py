@@ -14,6 +14,13 @@ A second, different real text for calibrating the auto split (so that evaluation
 not on the calibration text): the NVIDIA CUDA end-user licence agreement that the
 ``nvidia-cuda-runtime`` wheel (a dependency of CUDA builds of torch) ships in its dist-info
 (``License.txt``, ~12K tokens); :func:`calibration_text`.
+
+A long evaluation text that is neither licence boilerplate nor the calibration text: the
+Python language reference that CPython's standard library ships as ``pydoc_data.topics``
+(the ``help()`` topics, prose and grammar, each paragraph once, ~92K tokens;
+:func:`python_reference_text`). The
+GPL-3 text ends before 8K tokens, where the scored tokens of an 8K context fall into numpy's
+BSD licence boilerplate (dense perplexity ~7), so the 8K evaluation uses this text.
 """
 
 from __future__ import annotations
@@ -97,9 +104,28 @@ def calibration_text_ids(tokenizer, n_tokens: int | None = None):
     return ids if n_tokens is None else ids[:, :n_tokens]
 
 
-def real_text_ids(tokenizer, n_tokens: int | None = None):
-    """Token ids ``(1, n)`` of :func:`gpl3_text` (all of it when ``n_tokens`` is None)."""
-    ids = tokenizer(gpl3_text(), return_tensors="pt").input_ids
+def python_reference_text() -> str:
+    """The Python language reference from ``pydoc_data.topics`` (topics in sorted order), each
+    paragraph once: topics repeat sections verbatim (``augassign`` is part of ``assignment``),
+    which would turn the evaluation into copying from the context."""
+    from pydoc_data.topics import topics
+    seen, parts = set(), []
+    for name in sorted(topics):
+        paragraphs = topics[name].split("\n\n")
+        keep = [p for p in paragraphs if len(p.strip()) < 40 or p.strip() not in seen]
+        seen.update(p.strip() for p in paragraphs)
+        if keep:
+            parts.append("\n\n".join(keep))
+    return "\n\n".join(parts)
+
+
+EVALUATION_TEXTS = {"gpl3": gpl3_text, "python-reference": python_reference_text}
+
+
+def real_text_ids(tokenizer, n_tokens: int | None = None, text: str = "gpl3"):
+    """Token ids ``(1, n)`` of :func:`gpl3_text` (all of it when ``n_tokens`` is None), or of
+    another of :data:`EVALUATION_TEXTS` (``text="python-reference"``)."""
+    ids = tokenizer(EVALUATION_TEXTS[text](), return_tensors="pt").input_ids
     if n_tokens is not None:
         if ids.shape[1] < n_tokens:
             raise ValueError(f"the real text has {ids.shape[1]} tokens, {n_tokens} were asked for")

@@ -30,7 +30,8 @@ import torch
 
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
-from ..calibrate import candidate_rs, choose_layer_split, k_on_budget, load_split, save_split
+from ..calibrate import (CRITERIA, DEFAULT_CRITERION, candidate_rs, choose_layer_split, k_on_budget,
+                         load_split, save_split)
 from ..ops import attention as sparq_attention
 
 try:
@@ -65,6 +66,7 @@ class SparQSettings:
     split: str = "even"
     layer_r: dict = dataclasses.field(default_factory=dict)  # {layer_idx: r} for split="auto"
     calibration_positions: int = 8  # sampled query positions per layer when calibrating
+    calibration_criterion: str | None = None  # sparq_ext.calibrate.CRITERIA; None: the default
     calibration_seconds: float = 0.0  # time spent calibrating (all layers)
 
     def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None) -> tuple[int, int, int]:
@@ -144,7 +146,8 @@ def _calibrate_layer(module, settings, query, key, value, attention_mask, scalin
     with torch.no_grad():
         choice = choose_layer_split(query[row, :, start:], key[row, :, start:], value[row, :, start:],
                                     settings.ratio, scale=scaling,
-                                    positions=settings.calibration_positions)
+                                    positions=settings.calibration_positions,
+                                    criterion=settings.calibration_criterion)
     settings.calibration_seconds += time.perf_counter() - t0
     if choice["source"] == "auto":  # too short: stay even now and calibrate on a longer prefill
         settings.layer_r[layer_idx] = choice["r"]
@@ -190,7 +193,9 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
             positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
         split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` on
-            the ratio's byte-budget line whose SparQ output is closest to exact attention, chosen
+            the ratio's byte-budget line whose selected positions keep the most exact attention
+            mass (:data:`sparq_ext.calibrate.DEFAULT_CRITERION`; other criteria through
+            :func:`calibrate_split`), chosen
             from the first prefill of at least 64 positions (or read from ``split_file``); ``k``
             spends the rest of the budget. Explicit ``r``/``k`` win over both.
         split_file: with ``split="auto"``, a JSON written by :func:`calibrate_split` (or
@@ -243,7 +248,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 
 
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
-                    positions: int = 8) -> dict:
+                    positions: int = 8, criterion: str | None = None) -> dict:
     """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
 
     Runs ``model(input_ids)`` once (SDPA prefill, no cache kept) with ``split="auto"``; the
@@ -251,7 +256,11 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
     "layer_r", "calibration_seconds", "prefill_seconds"}``; with ``path`` also writes the JSON
     that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
     hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
+    ``criterion``: what each layer's ``r`` minimises, one of :data:`sparq_ext.calibrate.CRITERIA`
+    (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`).
     """
+    if criterion is not None and criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     modules = _attention_modules(model)
     previous = [getattr(m, "_sparq_settings", None) for m in modules]
     was_enabled = hasattr(model, "_sparq_previous_attn")
@@ -259,6 +268,7 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
     enable_sparq(model, ratio=ratio, split="auto")
     settings = sparq_settings(model)
     settings.calibration_positions = positions
+    settings.calibration_criterion = criterion
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -272,12 +282,14 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
         else:
             disable_sparq(model)
     result = {"ratio": float(ratio), "layer_r": dict(sorted(settings.layer_r.items())),
+              "criterion": criterion or DEFAULT_CRITERION, "positions": positions,
               "calibration_seconds": settings.calibration_seconds,
               "prefill_seconds": total - settings.calibration_seconds, "tokens": int(input_ids.shape[-1])}
     if path is not None:
         save_split(path, result["layer_r"], ratio, model=getattr(model.config, "_name_or_path", "") or
                    type(model).__name__, extra={k: result[k] for k in
-                                                ("calibration_seconds", "prefill_seconds", "tokens")})
+                                                ("criterion", "positions", "calibration_seconds",
+                                                 "prefill_seconds", "tokens")})
     return result
 
 
