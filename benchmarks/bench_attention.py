@@ -5,7 +5,7 @@ read the ratios), reports achieved GB/s against a memory copy measured in the sa
 the ideal speedup from the bytes each method must read, and writes a table, JSON and a PNG
 (speedup vs sequence length) under benchmarks/results/.
 
-    python benchmarks/bench_attention.py --quick            # CPU-sized subset
+    python benchmarks/bench_attention.py                    # CPU: the CPU-sized subset (--quick)
     python benchmarks/bench_attention.py --device cuda      # DESIGN.md section 5 shapes
 """
 
@@ -34,7 +34,10 @@ ROTATION_BYTES = 512 << 20  # inputs rotated so each call reads from beyond the 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    p.add_argument("--quick", action="store_true", help="B=1, S in 1K..64K: the CPU subset")
+    p.add_argument("--quick", action="store_true",
+                   help="B=1, S in 1K..64K: the CPU subset (the default on CPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the DESIGN.md grid (B 1/8/32, S 1K..128K) even on CPU (hours there)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8 32; quick: 1)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="cache lengths S")
     p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
@@ -44,7 +47,7 @@ def parse_args(argv=None):
                    help="compression ratios rho: r = D/rho, k = S/(2 rho) (DESIGN: 8, also 4)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default cpu: fp32 bf16; cuda: bf16")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, help="timed calls per method (default cpu 15, cuda 100)")
+    p.add_argument("--repeats", type=int, help="timed calls per method (default cpu 21, cuda 100)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed's pure-torch SparQ")
     p.add_argument("--seed-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the seed under torch.compile (default: on for cuda)")
@@ -243,11 +246,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
+    args.quick = args.quick or not (cuda or args.full)
     args.batch = args.batch or ([1] if args.quick else [1, 8, 32])
     args.seq_lens = args.seq_lens or ([1024, 4096, 16384, 65536] if args.quick
                                       else [1024 << i for i in range(8)])
     args.dtypes = args.dtypes or (["bf16"] if cuda else ["fp32", "bf16"])
-    args.repeats = args.repeats or (100 if cuda else 15)
+    args.repeats = args.repeats or (100 if cuda else 21)
     if args.seed_compile is None:
         args.seed_compile = cuda
     # dynamic=True: one compiled graph for every S and k instead of a recompile per shape
