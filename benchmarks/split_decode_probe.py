@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparq_ext import SparQCache  # noqa: E402
 from sparq_ext.calibrate import candidate_rs  # noqa: E402
-from sparq_ext.integrations.evaluation import nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
+from sparq_ext.integrations.evaluation import nll_and_top1, teacher_forced_decode  # noqa: E402
 from sparq_ext.integrations.smollm2 import calibration_text, load_smollm2  # noqa: E402
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
+
+from eval_accuracy import PrefilledCache  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 class _Text(HTMLParser):
@@ -93,20 +94,11 @@ def main():
         span = T - L - N - 1
         offsets = [0] if args.windows == 1 else [j * span // (args.windows - 1) for j in range(args.windows)]
         for o in offsets:
-            disable_sparq(model)
-            cache = SparQCache(config=model.config)
             t0 = time.time()
-            prefill(model, ids[:, o:o + L], cache)
+            pre = PrefilledCache(model, ids[:, o:o + L])
             t_prefill = time.time() - t0
-            sums = [layer.value_sum.clone() for layer in cache.layers]
-
-            def fresh():
-                for layer, saved in zip(cache.layers, sums):
-                    extra = layer.get_seq_length() - L
-                    if extra:
-                        layer.crop(-extra)
-                    layer.value_sum.copy_(saved)
-                return cache
+            disable_sparq(model)
+            fresh = pre.fresh
 
             toks, targets = ids[:, o + L:o + L + N], ids[:, o + L + 1:o + L + N + 1]
             t0 = time.time()

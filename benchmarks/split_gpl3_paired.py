@@ -21,11 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparq_ext import SparQCache  # noqa: E402
 from sparq_ext.calibrate import candidate_rs  # noqa: E402
-from sparq_ext.integrations.evaluation import prefill, teacher_forced_decode  # noqa: E402
+from sparq_ext.integrations.evaluation import teacher_forced_decode  # noqa: E402
 from sparq_ext.integrations.smollm2 import load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
+
+from eval_accuracy import PrefilledCache  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main():
@@ -41,18 +42,9 @@ def main():
     D = model.config.hidden_size // model.config.num_attention_heads
     ids, N, out = real_text_ids(tok), args.tokens, {"args": vars(args), "cells": {}}
     for C in args.contexts:
+        pre = PrefilledCache(model, ids[:, :C])
         disable_sparq(model)
-        cache = SparQCache(config=model.config)
-        prefill(model, ids[:, :C], cache)
-        sums = [layer.value_sum.clone() for layer in cache.layers]
-
-        def fresh():
-            for layer, saved in zip(cache.layers, sums):
-                extra = layer.get_seq_length() - C
-                if extra:
-                    layer.crop(-extra)
-                layer.value_sum.copy_(saved)
-            return cache
+        fresh = pre.fresh
 
         toks, targets = ids[:, C:C + N], ids[0, C + 1:C + N + 1]
 
