@@ -168,3 +168,22 @@ def test_is_a_transformers_cache():
     k, v = _kv(3)
     keys, _ = cache.update(k, v, 1)
     assert keys._sparq_layer is cache.layers[1] and cache.get_seq_length(1) == 3
+
+
+def test_unsupported_cache_features_refuse_clearly():
+    """Offloading and crop of a right-padded (per-row length) cache are refused, not mishandled;
+    crop of an ordinary cache still works."""
+    layer = SparQCacheLayer()
+    k, v = _kv(6)
+    layer.prefill(k, v, seq_lens=torch.tensor([6, 4]))
+    with pytest.raises(NotImplementedError, match="offloading"):
+        layer.offload()
+    with pytest.raises(NotImplementedError, match="offloading"):
+        layer.prefetch()
+    with pytest.raises(NotImplementedError, match="per-row-length"):
+        layer.crop(-1)
+    plain = SparQCacheLayer()
+    plain.update(k, v)
+    plain.crop(-2)
+    assert plain.get_seq_length() == 4
+    torch.testing.assert_close(plain.value_sum, v[:, :, :4].sum(2), rtol=1e-5, atol=1e-5)
