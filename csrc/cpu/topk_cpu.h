@@ -158,36 +158,70 @@ inline int64_t select_topk_histogram(const float* scores, int64_t begin, int64_t
 
 // Copies the scores >= cut of [begin, end) and their positions to values/positions (room
 // for cap + kVec), in position order; returns how many, or cap + 1 once more than cap pass.
+// `finite_max`: the largest finite score that passed (-inf if none).
 inline int64_t compact_at_or_above(const float* scores, int64_t begin, int64_t end, float cut,
-                                   int64_t cap, float* values, int32_t* positions) {
+                                   int64_t cap, float* values, int32_t* positions,
+                                   float* finite_max) {
   int64_t n = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  // Compress-stores: no branch per passing lane (they are scattered, so a per-lane loop
-  // mispredicts about once per vector).
+  // Compress in registers, then store whole vectors: no branch per passing lane (they are
+  // scattered, so a per-lane loop mispredicts about once per vector), and no compress-to-
+  // memory form, which is several times slower than a register compress plus a plain store.
+  // The stores write up to kVec - 1 lanes past the passing ones: room the caller provides.
   const __m512 cut_v = _mm512_set1_ps(cut);
+  const __m512 inf_v = _mm512_set1_ps(INFINITY);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 max_v = _mm512_set1_ps(-INFINITY);
   for (int64_t s = begin; s < end; s += kVec) {
     if (n > cap) return cap + 1;
     const __m512 x = load_scores(scores, s, end);
     const __mmask16 pass = _mm512_cmp_ps_mask(x, cut_v, _CMP_GE_OQ);
-    _mm512_mask_compressstoreu_ps(values + n, pass, x);
-    _mm512_mask_compressstoreu_epi32(
-        positions + n, pass, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(s))));
+    max_v = _mm512_mask_max_ps(max_v, _mm512_mask_cmp_ps_mask(pass, x, inf_v, _CMP_LT_OQ),
+                               max_v, x);
+    _mm512_storeu_ps(values + n, _mm512_maskz_compress_ps(pass, x));
+    _mm512_storeu_si512(positions + n,
+                        _mm512_maskz_compress_epi32(
+                            pass, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(s)))));
     n += __builtin_popcount(pass);
   }
   if (n > cap) return cap + 1;
+  *finite_max = _mm512_reduce_max_ps(max_v);
 #else
   const fVec cut_v(cut);
+  float max_finite = -INFINITY;
   for (int64_t s = begin; s < end; s += kVec) {
     for (int bits = lane_bits(load_scores(scores, s, end) >= cut_v); bits; bits &= bits - 1) {
       if (n == cap) return cap + 1;
       const int64_t i = s + __builtin_ctz(bits);
       values[n] = scores[i];
       positions[n++] = static_cast<int32_t>(i);
+      if (scores[i] < INFINITY) max_finite = std::max(max_finite, scores[i]);
     }
   }
+  *finite_max = max_finite;
 #endif
   return n;
+}
+
+// A cut that at least rank + 1 of the n samples (n a multiple of kVec, no NaN) lie at or
+// above: the bucket edge below the sample's rank-th largest, from a histogram of the sample
+// over the buckets of [lo, hi]. (nth_element on the sample costs ~20 cycles per element in
+// mispredicted branches, more than the compaction pass it prepares.) -inf when the rank
+// falls into the bottom bucket.
+inline float sample_cut(const float* sample, int64_t n, int64_t rank, float lo, float hi) {
+  const BucketMap bucket(lo, hi);
+  int32_t counts[kSelectBuckets] = {};
+  alignas(64) int32_t lanes[kVec];
+  for (int64_t i = 0; i < n; i += kVec) {
+    bucket.vec(fVec::loadu(sample + i)).store(lanes);
+    for (int l = 0; l < kVec; ++l) ++counts[lanes[l]];
+  }
+  int64_t at_or_above = 0;
+  for (int b = kSelectBuckets - 1; b > 0; --b) {
+    at_or_above += counts[b];
+    if (at_or_above > rank) return bucket.cut(b);
+  }
+  return -INFINITY;
 }
 
 // select_topk_histogram's two passes over all of scores cost ~1 ns per score, as much as a
@@ -214,19 +248,16 @@ inline int64_t select_topk(const float* scores, int64_t begin, int64_t end, int6
     usable &= !std::isnan(sample[i]);
   }
   const int64_t rank = std::min<int64_t>(kSample - 1, want * 5 * kSample / (4 * len) + 24);
-  if (usable) std::nth_element(sample, sample + rank, sample + kSample, std::greater<float>());
-  const float cut = sample[rank];
+  const float cut = usable ? sample_cut(sample, kSample, rank, finite_lo, finite_hi) : NAN;
   if (usable && cut > -INFINITY && cut < INFINITY) {
     const int64_t cap = 2 * want + 256;
     std::unique_ptr<float[]> values(new float[cap + kVec]);
     std::unique_ptr<int32_t[]> positions(new int32_t[cap + kVec]);  // S < 2^31 (checked)
     std::unique_ptr<int64_t[]> picked(new int64_t[want]);
+    float hi = -INFINITY;  // largest finite score that passed
     const int64_t n = compact_at_or_above(scores, begin, end, cut, cap, values.get(),
-                                          positions.get());
+                                          positions.get(), &hi);
     if (n >= want && n <= cap) {
-      float hi = -INFINITY;  // largest finite score that passed
-      for (int64_t j = 0; j < n; ++j)
-        if (values[j] < INFINITY) hi = std::max(hi, values[j]);
       const int64_t taken = select_topk_histogram(values.get(), 0, n, want, cut, hi, picked.get());
       for (int64_t j = 0; j < taken; ++j) out[j] = positions[picked[j]];  // still ascending
       return taken;
