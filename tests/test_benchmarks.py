@@ -4,6 +4,7 @@ writes what it reports; its timing helper flushes before every timed call. No ti
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,3 +51,35 @@ def test_bench_attention_cpu_smoke(tmp_path):
     assert row["sparq_ms"] > 0 and row["sdpa_ms"] > 0
     assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa_ms"] / row["sparq_ms"])
     assert (tmp_path / "bench_attention_cpu.png").stat().st_size > 0
+
+
+def test_split_windows_places_disjoint_windows_and_refuses_too_many():
+    pytest.importorskip("transformers")
+    import eval_split_windows as sw
+
+    starts = sw.window_starts(total=1000, need=90, windows=10)
+    assert len(starts) == 10 and starts[0] == 0 and starts[-1] + 90 <= 1000
+    assert all(b - a >= 90 for a, b in zip(starts, starts[1:]))  # disjoint
+    assert sw.window_starts(total=100, need=90, windows=1) == [0]
+    with pytest.raises(ValueError, match="--windows 12"):
+        sw.window_starts(total=1000, need=90, windows=12)
+
+
+def test_split_windows_summary_pools_losses_and_bootstraps_the_ratio():
+    pytest.importorskip("transformers")
+    import eval_split_windows as sw
+
+    W = 6
+    dense = [0.1 * w for w in range(W)]  # windows differ; losses are relative to each window's dense
+    cell = {"dense_window_nll": dense,
+            "window_nll": {"even": [d + math.log(1.2) for d in dense], "auto": [d + math.log(1.05) for d in dense]}}
+    s = sw.summarise(cell, torch.Generator().manual_seed(0))
+    assert s["loss_pct"]["even"] == pytest.approx(20.0, rel=1e-4)
+    assert s["loss_pct"]["auto"] == pytest.approx(5.0, rel=1e-3)
+    assert s["auto_over_even"] == pytest.approx(0.25, rel=1e-3)
+    assert s["auto_over_even_ci95"] == pytest.approx([0.25, 0.25], rel=1e-3)
+    assert s["p_goal"] == 1.0 and s["nll_auto_minus_even"] == pytest.approx(math.log(1.05 / 1.2), rel=1e-4)
+    # no loss for the even split: the ratio is undefined and no resample counts as meeting the goal
+    cell["window_nll"]["even"] = dense
+    s = sw.summarise(cell, torch.Generator().manual_seed(0))
+    assert s["auto_over_even"] is None and s["auto_over_even_ci95"] is None and s["p_goal"] == 0.0
