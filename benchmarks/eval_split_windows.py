@@ -93,10 +93,16 @@ def plot(cells: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(cells)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        s = cells[key]["summary"]
+    contexts = sorted({c["context"] for c in cells.values()})
+    ratios = sorted({c["ratio"] for c in cells.values()})
+    fig, axes = plt.subplots(len(ratios), len(contexts), figsize=(4.6 * len(contexts), 3.6 * len(ratios)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for key, cell in cells.items():
+        ax = axes[ratios.index(cell["ratio"])][contexts.index(cell["context"])]
+        ax.set_visible(True)
+        s = cell["summary"]
         for m, style in (("even", "o-"), ("auto", "s-")):
             ax.plot(s["window_loss_pct"][m], style, label=f"{m}: pooled {s['loss_pct'][m]:+.1f}%", alpha=0.8)
         for m, v in s["window_loss_pct"].items():
@@ -112,7 +118,8 @@ def plot(cells: dict, path: Path) -> None:
         ax.set_xlabel("window")
         ax.set_ylabel("perplexity increase vs dense (%)")
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M, Python language reference: per-window loss of the even and auto splits", fontsize=10)
+    fig.suptitle("SmolLM2-135M, decode-mode teacher forcing: per-window loss of the even and auto splits",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
