@@ -95,7 +95,7 @@ def plot(cells: dict, path: Path) -> None:
 
     contexts = sorted({c["context"] for c in cells.values()})
     ratios = sorted({c["ratio"] for c in cells.values()})
-    fig, axes = plt.subplots(len(ratios), len(contexts), figsize=(4.6 * len(contexts), 3.6 * len(ratios)),
+    fig, axes = plt.subplots(len(ratios), len(contexts), figsize=(max(4.6 * len(contexts), 8), 3.6 * len(ratios)),
                              squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
