@@ -39,7 +39,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,8 +59,21 @@ from sparq_ext.calibrate import CRITERIA, DEFAULT_CRITERION  # noqa: E402
 from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, gpl3_text, load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
 
+from common import git_commit  # noqa: E402  (benchmarks/ is the script's directory)
+
 METHODS = ("sparq", "sparq_nowin", "sparq_auto", "streaming", "h2o")
 SPLIT_FILES = {}  # ratio -> split JSON for sparq_auto (filled by calibrate_auto_splits)
+
+
+def prepare_run(args):
+    """Setup shared by the accuracy scripts: torch threads, offline hub, the output directory,
+    and the ratios as ints where whole (file names and table keys). Returns (out, ratios)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, [int(r) if float(r).is_integer() else r for r in args.ratios]
 
 
 def split_file_for(out, ratio):
@@ -314,12 +326,7 @@ def main():
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
         args.passkey_contexts, args.passkey_depths = [2048], [0.5]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
+    out, ratios = prepare_run(args)
 
     lines = []
 
@@ -328,8 +335,7 @@ def main():
         lines.append(msg)
 
     model, tok = load_smollm2(torch.float32)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
                 text={"gpl3": "GPL-3 (numpy dist-info)",
                       "python-reference": "Python language reference (pydoc_data.topics)"}[args.text],

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, load_smollm2, real_
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
 
 import eval_accuracy  # noqa: E402  (benchmarks/ is the script's directory)
-from eval_accuracy import PrefilledCache, set_method, split_file_for  # noqa: E402
+from common import git_commit  # noqa: E402
+from eval_accuracy import PrefilledCache, prepare_run, set_method, split_file_for  # noqa: E402
 
 BOOTSTRAP = 2000
 
@@ -141,12 +141,7 @@ def main():
     args = ap.parse_args()
     if args.windows < 1 or args.tokens < 1:
         ap.error("--windows and --tokens must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
+    out, ratios = prepare_run(args)
     stem = out / f"split_windows{'_' + args.tag if args.tag else ''}"
 
     model, tok = load_smollm2(torch.float32)
@@ -160,15 +155,15 @@ def main():
                 raise SystemExit(f"no saved split for ratio {ratio:g} ({path}); run with --recalibrate")
             eval_accuracy.SPLIT_FILES[ratio] = path
     ids = real_text_ids(tok, text=args.text)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text=args.text,
                 text_tokens=ids.shape[1], commit=commit, threads=torch.get_num_threads(), torch=torch.__version__,
                 split_files={f"{r:g}": os.path.relpath(eval_accuracy.SPLIT_FILES[r], ROOT) for r in ratios},
                 args=vars(args))
     n_layers = model.config.num_hidden_layers
     N = args.tokens
-    cells = {}
+    cells = {f"{C}/{ratio:g}": {"context": C, "ratio": ratio, "window_start": [], "dense_window_nll": [],
+                                "window_nll": {}} for C in args.contexts for ratio in ratios}
     t_start = time.time()
     plan = [(C, s) for C in args.contexts for s in window_starts(ids.shape[1], C + N + 1, args.windows)]
     configs = [(m, ratio) for ratio in ratios for m in ("even", "auto", *(f"r={r}" for r in args.uniform_r))]
@@ -183,6 +178,9 @@ def main():
 
         set_method(model, "dense", None)
         dense = window_nll(teacher_forced_decode(model, toks, pre.fresh()))
+        for ratio in ratios:
+            cells[f"{C}/{ratio:g}"]["window_start"].append(start)
+            cells[f"{C}/{ratio:g}"]["dense_window_nll"].append(dense)
         bar.update(1)
         for method, ratio in configs:
             if method == "even":
@@ -194,12 +192,7 @@ def main():
                 sparq_settings(model).layer_r.update({layer: int(method[2:]) for layer in range(n_layers)})
             nll = window_nll(teacher_forced_decode(model, toks, pre.fresh()))
             disable_sparq(model)
-            cell = cells.setdefault(f"{C}/{ratio:g}", {"context": C, "ratio": ratio, "window_start": [],
-                                                        "dense_window_nll": [], "window_nll": {}})
-            if len(cell["window_start"]) == 0 or cell["window_start"][-1] != start:
-                cell["window_start"].append(start)
-                cell["dense_window_nll"].append(dense)
-            cell["window_nll"].setdefault(method, []).append(nll)
+            cells[f"{C}/{ratio:g}"]["window_nll"].setdefault(method, []).append(nll)
             bar.update(1)
     bar.close()
     meta["seconds"] = time.time() - t_start
