@@ -9,10 +9,14 @@ test. Metrics: perplexity of the N tokens and top-1 agreement with dense decodin
 Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
   sparq          r = D/rho, k = S/(2 rho), local window k/4 (the paper's setting; enable_sparq default)
   sparq_nowin    the same without local window
-  sparq_auto     the same bytes, split per layer by calibration (enable_sparq(split="auto")):
-                 r chosen once per ratio from a dense prefill of a DIFFERENT text (the first
-                 --calibration-tokens tokens of the NVIDIA CUDA EULA shipped in the
-                 nvidia-cuda-runtime wheel), saved to benchmarks/results/split_smollm2_r{ratio}.json
+  sparq_auto     the same bytes, split per layer by calibration (enable_sparq(split="auto"),
+                 budget="layer": every layer on its own budget line): r chosen once per ratio
+                 from a dense prefill of a DIFFERENT text (the first --calibration-tokens tokens
+                 of the NVIDIA CUDA EULA shipped in the nvidia-cuda-runtime wheel), saved to
+                 benchmarks/results/split_smollm2_r{ratio}.json
+  sparq_auto_model  the same, with the layers sharing the model's budget (budget="model", the
+                 library's default): r and each layer's share, the same bytes over all layers;
+                 saved to benchmarks/results/split_smollm2_r{ratio}_model.json
   streaming      StreamingLLM: 4 sinks + recent window, W positions with 2 W D = SparQ's bytes
   h2o            H2O heavy hitters (W/2 heavy + W/2 recent), same W
 Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
@@ -61,8 +65,9 @@ from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, en
 
 from common import git_commit  # noqa: E402  (benchmarks/ is the script's directory)
 
-METHODS = ("sparq", "sparq_nowin", "sparq_auto", "streaming", "h2o")
-SPLIT_FILES = {}  # ratio -> split JSON for sparq_auto (filled by calibrate_auto_splits)
+METHODS = ("sparq", "sparq_nowin", "sparq_auto", "sparq_auto_model", "streaming", "h2o")
+AUTO_BUDGETS = {"sparq_auto": "layer", "sparq_auto_model": "model"}  # method -> calibration budget
+SPLIT_FILES = {}  # (budget, ratio) -> split JSON for sparq_auto* (filled by calibrate_auto_splits)
 
 
 def prepare_run(args):
@@ -76,23 +81,24 @@ def prepare_run(args):
     return out, [int(r) if float(r).is_integer() else r for r in args.ratios]
 
 
-def split_file_for(out, ratio):
-    return str(Path(out) / f"split_smollm2_r{ratio:g}.json")
+def split_file_for(out, ratio, budget="layer"):
+    return str(Path(out) / f"split_smollm2_r{ratio:g}{'_model' if budget == 'model' else ''}.json")
 
 
-def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None):
+def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer"):
     """One calibration per ratio on the calibration text; returns {ratio: calibrate_split result}."""
     from sparq_ext.integrations.smollm2 import calibration_text_ids
     from sparq_ext.integrations.transformers import calibrate_split
     ids = calibration_text_ids(tok, n_tokens)
     results = {}
     for ratio in ratios:
-        path = split_file_for(out, ratio)
-        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion)
-        SPLIT_FILES[ratio] = path
+        path = split_file_for(out, ratio, budget)
+        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget)
+        SPLIT_FILES[budget, ratio] = path
         results[ratio] = res
         log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "
-            f"{res['prefill_seconds']:.2f}s ({ids.shape[1]} tokens); r per layer {list(res['layer_r'].values())}")
+            f"{res['prefill_seconds']:.2f}s ({ids.shape[1]} tokens, budget {budget}); r per layer "
+            f"{list(res['layer_r'].values())}; ratio per layer {[round(v, 2) for v in res['layer_ratio'].values()]}")
     return results
 
 
@@ -103,8 +109,8 @@ def set_method(model, method, ratio):
         enable_sparq(model, ratio=ratio)
     elif method == "sparq_nowin":
         enable_sparq(model, ratio=ratio, local_window=0)
-    elif method == "sparq_auto":
-        enable_sparq(model, ratio=ratio, split="auto", split_file=SPLIT_FILES[ratio])
+    elif method in AUTO_BUDGETS:
+        enable_sparq(model, ratio=ratio, split="auto", split_file=SPLIT_FILES[AUTO_BUDGETS[method], ratio])
     elif method == "streaming":
         enable_sparq(model, ratio=ratio, attn_name="sparq_streaming", attn_fn=streaming_attention_forward)
     elif method == "h2o":
@@ -140,7 +146,7 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
     settings = method_settings(method, ratio)
     if method.startswith("sparq"):
         fractions = []
-        for layer in (sorted(settings.layer_r) or [None]):  # sparq_auto: mean over layers
+        for layer in (sorted(settings.layer_r) or [None]):  # sparq_auto*: mean over layers
             r, k, _ = settings.resolve(seq_len, head_dim, layer)
             tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
             fractions.append((tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4))
@@ -149,10 +155,11 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
 
 
 def method_settings(method, ratio):
-    """The SparQSettings a method decodes with (sparq_auto: with the calibrated layer_r)."""
-    if method == "sparq_auto":
+    """The SparQSettings a method decodes with (sparq_auto*: with the calibrated layer_r)."""
+    if method in AUTO_BUDGETS:
         from sparq_ext.calibrate import load_split
-        return SparQSettings(ratio=ratio, split="auto", layer_r=load_split(SPLIT_FILES[ratio])[1])
+        _, layer_r, layer_ratio = load_split(SPLIT_FILES[AUTO_BUDGETS[method], ratio])
+        return SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratio)
     return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
@@ -187,12 +194,14 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
                        top1_acc=m["top1_acc"], seconds=seconds)
             if ratio:
                 settings = method_settings(method, ratio)
-                if method == "sparq_auto":  # per layer: report the r values used and their k
+                if method in AUTO_BUDGETS:  # per layer: report the r values used and their k
                     rks = sorted({settings.resolve(mid, D, layer)[:2] for layer in settings.layer_r})
                     r = "/".join(str(a) for a, _ in rks)
                     k = "/".join(str(b) for _, b in rks)
                     w = "k/4"
                     row["layer_r"] = {str(a): b for a, b in sorted(settings.layer_r.items())}
+                    if settings.layer_ratio:
+                        row["layer_ratio"] = {str(a): b for a, b in sorted(settings.layer_ratio.items())}
                 else:
                     r, k, w = settings.resolve(mid, D)
                 row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
@@ -369,13 +378,18 @@ def main():
         plot(rows, out / f"accuracy{tag}.png")
         return table
 
-    if "sparq_auto" in args.methods:
+    for method, budget in AUTO_BUDGETS.items():
+        if method not in args.methods:
+            continue
         ratios_auto = sorted(set(ratios) | ({args.passkey_ratio} if args.passkey_contexts else set()))
-        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log, args.criterion)
-        meta["auto_split"] = {f"{ratio:g}": dict(res, layer_r={str(a): b for a, b in res["layer_r"].items()},
-                                                 text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
-                                                 file=os.path.relpath(SPLIT_FILES[ratio], ROOT))
-                              for ratio, res in calib.items()}
+        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log, args.criterion,
+                                      budget=budget)
+        meta[{"layer": "auto_split", "model": "auto_split_model"}[budget]] = {
+            f"{ratio:g}": dict(res, layer_r={str(a): b for a, b in res["layer_r"].items()},
+                               layer_ratio={str(a): b for a, b in res["layer_ratio"].items()},
+                               text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
+                               file=os.path.relpath(SPLIT_FILES[budget, ratio], ROOT))
+            for ratio, res in calib.items()}
     t0 = time.time()
     rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
                         on_context=lambda rows: write(rows), text=args.text) if args.contexts else []

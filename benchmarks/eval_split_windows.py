@@ -8,11 +8,13 @@ language reference (pydoc_data.topics, each paragraph once, ~92K tokens; the aut
 calibrated on a different text, the CUDA EULA). Each window's first C tokens are prefilled
 densely, then its next N tokens are teacher-forced one decode step at a time through dense
 attention, the even split (r = D/rho, k = S/(2 rho), local window k/4: enable_sparq's default)
-and the auto split (the saved benchmarks/results/split_smollm2_r{rho}.json, mass criterion),
+and the auto split with each layer on its own budget line ("auto": the saved
+benchmarks/results/split_smollm2_r{rho}.json, mass criterion) and with the layers sharing the
+model's budget ("auto_model": split_smollm2_r{rho}_model.json, the library's default budget),
 optionally also with every layer at one uniform r (--uniform-r).
 
 Loss of a method = exp(mean NLL - mean dense NLL) - 1, pooled over all windows' tokens. The
-95% interval of auto/even comes from a bootstrap over windows (tokens of one window are
+95% interval of auto/even (and auto_model/even) comes from a bootstrap over windows (tokens of one window are
 correlated), 2000 resamples; P(<= 0.5) is the share of resamples meeting the goal.
 Writes benchmarks/results/split_windows.{json,md,png}.
 
@@ -46,6 +48,7 @@ from common import git_commit  # noqa: E402
 from eval_accuracy import PrefilledCache, prepare_run, set_method, split_file_for  # noqa: E402
 
 BOOTSTRAP = 2000
+AUTO_METHODS = ("auto", "auto_model")  # method -> split file budget: "layer", "model"
 
 
 def window_starts(total: int, need: int, windows: int) -> list[int]:
@@ -65,26 +68,34 @@ def loss_pct(nll: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 def summarise(cell: dict, generator: torch.Generator) -> dict:
-    """Pooled losses and the bootstrap (over windows) of auto/even for one (context, ratio)."""
+    """Pooled losses and the bootstrap (over windows) of each auto variant over even, for one
+    (context, ratio): keys ``auto_over_even``... for "auto", ``auto_model_over_even``... for
+    "auto_model"."""
     dense = torch.tensor(cell["dense_window_nll"])
     methods = {m: torch.tensor(v) for m, v in cell["window_nll"].items()}
     W = dense.numel()
     idx = torch.randint(0, W, (BOOTSTRAP, W), generator=generator)
     out = {"loss_pct": {m: float(loss_pct(v, dense)) for m, v in methods.items()},
            "window_loss_pct": {m: [float(x) for x in 100 * (torch.exp(v - dense) - 1)] for m, v in methods.items()}}
-    even, auto = methods["even"], methods["auto"]
-    boot_even, boot_auto = loss_pct(even[idx], dense[idx]), loss_pct(auto[idx], dense[idx])
-    ratio = float(loss_pct(auto, dense) / loss_pct(even, dense)) if float(loss_pct(even, dense)) > 0 else None
+    even = methods["even"]
+    boot_even = loss_pct(even[idx], dense[idx])
     defined = boot_even > 0
-    boot_ratio = (boot_auto[defined] / boot_even[defined])
-    out["auto_over_even"] = ratio
-    out["auto_over_even_ci95"] = ([float(boot_ratio.quantile(0.025)), float(boot_ratio.quantile(0.975))]
-                                  if defined.any() else None)
-    out["p_goal"] = float((boot_ratio <= 0.5).float().sum() / BOOTSTRAP)  # undefined resamples fail
     out["bootstrap_even_loss_positive"] = float(defined.float().mean())
-    diff = (auto - even)[idx].mean(1)  # per-token mean NLL difference, auto - even
-    out["nll_auto_minus_even"] = float((auto - even).mean())
-    out["nll_auto_minus_even_ci95"] = [float(diff.quantile(0.025)), float(diff.quantile(0.975))]
+    for name in AUTO_METHODS:
+        if name not in methods:
+            continue
+        auto = methods[name]
+        boot_auto = loss_pct(auto[idx], dense[idx])
+        ratio = float(loss_pct(auto, dense) / loss_pct(even, dense)) if float(loss_pct(even, dense)) > 0 else None
+        boot_ratio = boot_auto[defined] / boot_even[defined]
+        out[f"{name}_over_even"] = ratio
+        out[f"{name}_over_even_ci95"] = ([float(boot_ratio.quantile(0.025)), float(boot_ratio.quantile(0.975))]
+                                         if defined.any() else None)
+        out[f"p_goal_{name}" if name != "auto" else "p_goal"] = \
+            float((boot_ratio <= 0.5).float().sum() / BOOTSTRAP)  # undefined resamples fail
+        diff = (auto - even)[idx].mean(1)  # per-token mean NLL difference, auto - even
+        out[f"nll_{name}_minus_even"] = float((auto - even).mean())
+        out[f"nll_{name}_minus_even_ci95"] = [float(diff.quantile(0.025)), float(diff.quantile(0.975))]
     return out
 
 
@@ -103,17 +114,20 @@ def plot(cells: dict, path: Path) -> None:
         ax = axes[ratios.index(cell["ratio"])][contexts.index(cell["context"])]
         ax.set_visible(True)
         s = cell["summary"]
-        for m, style in (("even", "o-"), ("auto", "s-")):
-            ax.plot(s["window_loss_pct"][m], style, label=f"{m}: pooled {s['loss_pct'][m]:+.1f}%", alpha=0.8)
+        for m, style in (("even", "o-"), ("auto", "s-"), ("auto_model", "^-")):
+            if m in s["window_loss_pct"]:
+                ax.plot(s["window_loss_pct"][m], style, label=f"{m}: pooled {s['loss_pct'][m]:+.1f}%", alpha=0.8)
         for m, v in s["window_loss_pct"].items():
             if m.startswith("r="):
                 ax.plot(v, ":", label=f"uniform {m}: {s['loss_pct'][m]:+.1f}%", alpha=0.6)
         ax.axhline(0, color="grey", lw=0.8)
-        ratio = s["auto_over_even"]
-        ci = s["auto_over_even_ci95"]
-        title = f"{key.replace('/', ', ratio ')}: auto/even " + (f"{ratio:.2f}" if ratio is not None else "n/a")
-        if ci:
-            title += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        title = key.replace('/', ', ratio ')
+        for name in AUTO_METHODS:
+            if f"{name}_over_even" in s:
+                ratio, ci = s[f"{name}_over_even"], s[f"{name}_over_even_ci95"]
+                title += f"\n{name}/even " + (f"{ratio:.2f}" if ratio is not None else "n/a")
+                if ci:
+                    title += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
         ax.set_title(f"context {title}", fontsize=9)
         ax.set_xlabel("window")
         ax.set_ylabel("perplexity increase vs dense (%)")
@@ -131,6 +145,8 @@ def main():
     ap.add_argument("--windows", type=int, default=10, help="disjoint windows per context")
     ap.add_argument("--tokens", type=int, default=128, help="teacher-forced decode steps per window")
     ap.add_argument("--text", choices=sorted(EVALUATION_TEXTS), default="python-reference")
+    ap.add_argument("--auto", nargs="+", choices=AUTO_METHODS, default=list(AUTO_METHODS),
+                    help="auto splits to decode: per-layer budget lines (auto), model-wide budget (auto_model)")
     ap.add_argument("--uniform-r", type=int, nargs="*", default=[],
                     help="also decode with every layer at this r (k on the byte budget)")
     ap.add_argument("--recalibrate", action="store_true",
@@ -146,19 +162,22 @@ def main():
 
     model, tok = load_smollm2(torch.float32)
     results = ROOT / "benchmarks" / "results"
-    if args.recalibrate:
-        eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, 2048, tqdm.write)
-    else:
+    budgets = [{"auto": "layer", "auto_model": "model"}[m] for m in args.auto]
+    for budget in budgets:
+        if args.recalibrate:
+            eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, 2048, tqdm.write, budget=budget)
+            continue
         for ratio in ratios:
-            path = split_file_for(results, ratio)
+            path = split_file_for(results, ratio, budget)
             if not Path(path).exists():
                 raise SystemExit(f"no saved split for ratio {ratio:g} ({path}); run with --recalibrate")
-            eval_accuracy.SPLIT_FILES[ratio] = path
+            eval_accuracy.SPLIT_FILES[budget, ratio] = path
     ids = real_text_ids(tok, text=args.text)
     commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text=args.text,
                 text_tokens=ids.shape[1], commit=commit, threads=torch.get_num_threads(), torch=torch.__version__,
-                split_files={f"{r:g}": os.path.relpath(eval_accuracy.SPLIT_FILES[r], ROOT) for r in ratios},
+                split_files={f"{b}/{r:g}": os.path.relpath(eval_accuracy.SPLIT_FILES[b, r], ROOT)
+                             for b in budgets for r in ratios},
                 args=vars(args))
     n_layers = model.config.num_hidden_layers
     N = args.tokens
@@ -166,7 +185,7 @@ def main():
                                 "window_nll": {}} for C in args.contexts for ratio in ratios}
     t_start = time.time()
     plan = [(C, s) for C in args.contexts for s in window_starts(ids.shape[1], C + N + 1, args.windows)]
-    configs = [(m, ratio) for ratio in ratios for m in ("even", "auto", *(f"r={r}" for r in args.uniform_r))]
+    configs = [(m, ratio) for ratio in ratios for m in ("even", *args.auto, *(f"r={r}" for r in args.uniform_r))]
     bar = tqdm(total=len(plan) * (1 + len(configs)), desc="decodes", unit="decode")
     for C, start in plan:
         span = ids[:, start:start + C + N + 1]
@@ -185,8 +204,8 @@ def main():
         for method, ratio in configs:
             if method == "even":
                 set_method(model, "sparq", ratio)
-            elif method == "auto":
-                set_method(model, "sparq_auto", ratio)
+            elif method in AUTO_METHODS:
+                set_method(model, {"auto": "sparq_auto", "auto_model": "sparq_auto_model"}[method], ratio)
             else:  # uniform r: the auto machinery with every layer set to one r
                 enable_sparq(model, ratio=ratio, split="auto")
                 sparq_settings(model).layer_r.update({layer: int(method[2:]) for layer in range(n_layers)})
@@ -201,17 +220,20 @@ def main():
     rows = []
     for key, cell in cells.items():
         cell["summary"] = s = summarise(cell, gen)
-        ci = s["auto_over_even_ci95"]
-        d_ci = s["nll_auto_minus_even_ci95"]
-        rows.append([cell["context"], cell["ratio"], len(cell["window_start"]),
-                     f"{math.exp(sum(cell['dense_window_nll']) / len(cell['dense_window_nll'])):.3f}",
-                     f"{s['loss_pct']['even']:+.2f}%", f"{s['loss_pct']['auto']:+.2f}%",
-                     "n/a" if s["auto_over_even"] is None else f"{s['auto_over_even']:.2f}",
-                     "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]", f"{s['p_goal']:.2f}",
-                     f"{s['nll_auto_minus_even']:+.4f} [{d_ci[0]:+.4f}, {d_ci[1]:+.4f}]",
-                     " ".join(f"{m} {v:+.1f}%" for m, v in s["loss_pct"].items() if m.startswith("r="))])
-    headers = ["context", "ratio", "windows", "dense ppl", "even loss", "auto loss", "auto/even",
-               "95% CI (windows)", "P(<= 0.5)", "NLL auto - even [95% CI]", "uniform r"]
+        for name in args.auto:
+            ci = s[f"{name}_over_even_ci95"]
+            d_ci = s[f"nll_{name}_minus_even_ci95"]
+            ratio = s[f"{name}_over_even"]
+            rows.append([cell["context"], cell["ratio"], len(cell["window_start"]),
+                         f"{math.exp(sum(cell['dense_window_nll']) / len(cell['dense_window_nll'])):.3f}",
+                         f"{s['loss_pct']['even']:+.2f}%", name, f"{s['loss_pct'][name]:+.2f}%",
+                         "n/a" if ratio is None else f"{ratio:.2f}",
+                         "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
+                         f"{s['p_goal' if name == 'auto' else 'p_goal_' + name]:.2f}",
+                         f"{s[f'nll_{name}_minus_even']:+.4f} [{d_ci[0]:+.4f}, {d_ci[1]:+.4f}]",
+                         " ".join(f"{m} {v:+.1f}%" for m, v in s["loss_pct"].items() if m.startswith("r="))])
+    headers = ["context", "ratio", "windows", "dense ppl", "even loss", "auto split", "its loss", "its loss / even's",
+               "95% CI (windows)", "P(<= 0.5)", "NLL it - even [95% CI]", "uniform r"]
     table = tabulate(rows, headers=headers, tablefmt="github")
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=cells), indent=1))
     stem.with_suffix(".md").write_text(

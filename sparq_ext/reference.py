@@ -46,6 +46,36 @@ def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
+def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0):
+    """Steps 1 and 2's selection: ``(approx_logits, i2)`` for grouped fp32 queries ``q``
+    ``(B, Hkv, G, D)`` and the ``(B, S)`` bool ``valid``.
+
+    ``approx_logits`` ``(B, Hkv, G, S)``: ``q[i1] . K[:, i1] * scale / sqrt(gamma)`` with ``i1``
+    the ``r`` largest components of ``sum_g |q_g|``; ``i2`` ``(B, Hkv, k)``: the top-``k`` of the
+    group-summed approximate logits over valid positions, the last ``local_window`` forced in.
+    """
+    B, Hkv, G, D = q.shape
+    S = key.shape[2]
+    f32 = torch.float32
+    valid_kv = valid[:, None, :].expand(B, Hkv, S)
+    # Step 1: i1 = the r largest components of sum_g |q_g|; approximate logits from them.
+    i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
+    q_hat = q.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
+    if key_t is not None:  # r contiguous rows of the transposed cache
+        K_hat_t = key_t.gather(2, i1[..., None].expand(B, Hkv, r, S)).to(f32)  # (B, Hkv, r, S)
+    else:
+        K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(f32).transpose(-1, -2)
+    gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
+    approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
+
+    # Step 2: i2 = top-k of the group-summed approximate logits, local window forced in.
+    selection_score = approx_logits.sum(2).masked_fill(~valid_kv, -math.inf)
+    in_window = local_window_positions(valid, local_window)[:, None, :].expand(B, Hkv, S)
+    selection_score = selection_score.masked_fill(in_window, math.inf)
+    i2 = selection_score.topk(min(k, S), dim=-1).indices  # (B, Hkv, k)
+    return approx_logits, i2
+
+
 def sparq_attention_reference(
     query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
     local_window=0, reallocate=True, scale=None, return_selection=False,
@@ -67,22 +97,11 @@ def sparq_attention_reference(
     valid = valid_positions(B, S, seq_lens, attn_mask, device)  # (B, S)
     valid_kv = valid[:, None, :].expand(B, Hkv, S)
 
-    # Step 1: i1 = the r largest components of sum_g |q_g|; approximate logits from them.
-    i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
-    q_hat = q.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
-    if key_t is not None:  # r contiguous rows of the transposed cache
-        K_hat_t = key_t.gather(2, i1[..., None].expand(B, Hkv, r, S)).to(f32)  # (B, Hkv, r, S)
-    else:
-        K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(f32).transpose(-1, -2)
-    gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
-    approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
+    # Steps 1 and 2a: approximate logits, and the positions i2 they select.
+    approx_logits, i2 = approximate_selection(q, key, r, k, valid, key_t, local_window, scale)
     s_hat = _masked_softmax(approx_logits, valid_kv[:, :, None, :])
 
-    # Step 2: i2 = top-k of the group-summed approximate logits, local window forced in.
-    selection_score = approx_logits.sum(2).masked_fill(~valid_kv, -math.inf)
-    in_window = local_window_positions(valid, local_window)[:, None, :].expand(B, Hkv, S)
-    selection_score = selection_score.masked_fill(in_window, math.inf)
-    i2 = selection_score.topk(min(k, S), dim=-1).indices  # (B, Hkv, k)
+    # Step 2b: exact attention over the selected rows.
     # (gather in the cache's dtype, then widen: only the k selected rows are converted)
     K_sel = key.gather(2, i2[..., None].expand(*i2.shape, D)).to(f32)
     V_sel = value.gather(2, i2[..., None].expand(*i2.shape, D)).to(f32)

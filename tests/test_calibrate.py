@@ -119,7 +119,7 @@ def test_split_errors_vanish_when_k_covers_the_prefix():
 def test_save_and_load_round_trip(tmp_path):
     path = str(tmp_path / "split.json")
     save_split(path, {0: 2, 3: 8, 1: 4}, ratio=8, model="m")
-    assert load_split(path) == (8.0, {0: 2, 1: 4, 3: 8})
+    assert load_split(path) == (8.0, {0: 2, 1: 4, 3: 8}, {})
     (tmp_path / "bad.json").write_text('{"ratio": 8}')
     with pytest.raises(ValueError, match="not a sparq_ext split file"):
         load_split(str(tmp_path / "bad.json"))
@@ -140,3 +140,127 @@ def test_settings_resolve_with_a_layer_split_respects_the_budget(ratio, S):
     # a layer without an entry, and split="even", use the paper's rule
     assert settings.resolve(S, D, 99)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
     assert SparQSettings(ratio=ratio, layer_r=layer_r).resolve(S, D, 0)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
+
+
+# --- budget="model": the layers share the model's budget ------------------------------------
+
+def test_budget_shares_stay_below_dense_and_layer_budget_is_the_even_share():
+    from sparq_ext.calibrate import MAX_LAYER_FRACTION, budget_shares
+    assert budget_shares(8, "layer") == (1.0,)
+    for ratio in (2, 4, 8, 16):
+        shares = budget_shares(ratio, "model")
+        assert 1.0 in shares and len(shares) > 1
+        assert all(s / ratio <= MAX_LAYER_FRACTION for s in shares if s != 1.0)
+    assert max(budget_shares(2, "model")) == 1.5 and max(budget_shares(8, "model")) == 3.0
+    with pytest.raises(ValueError, match="budget"):
+        budget_shares(8, "global")
+
+
+def _brute_force_allocation(options):
+    import itertools
+    layers = sorted(options)
+    best = None
+    for combo in itertools.product(*(sorted(options[layer]) for layer in layers)):
+        if sum(combo) > len(layers) + 1e-9:
+            continue
+        total = sum(options[layer][share] for layer, share in zip(layers, combo))
+        if best is None or total < best[0] - 1e-9:
+            best = (total, combo)
+    return best[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_budget_is_optimal_within_the_budget_and_deterministic(seed):
+    from sparq_ext.calibrate import BUDGET_SHARES, allocate_budget
+    g = torch.Generator().manual_seed(seed)
+    layers = 4
+    # lost mass falls with the share, faster in some layers than in others
+    steep = torch.rand(layers, generator=g) * 2
+    options = {layer: {s: float(torch.exp(-steep[layer] * s) + 0.01 * torch.rand((), generator=g))
+                       for s in BUDGET_SHARES} for layer in range(layers)}
+    shares = allocate_budget(options)
+    assert sorted(shares) == list(range(layers))
+    assert sum(shares.values()) <= layers + 1e-9  # the model's budget: shares average at most 1
+    total = sum(options[layer][s] for layer, s in shares.items())
+    assert total == pytest.approx(_brute_force_allocation(options), abs=1e-8)
+    assert total <= sum(options[layer][1.0] for layer in range(layers)) + 1e-12  # never worse than even
+    assert allocate_budget(dict(options)) == shares
+
+
+def test_allocate_budget_prefers_even_on_ties_and_moves_budget_to_the_layer_that_needs_it():
+    from sparq_ext.calibrate import allocate_budget
+    flat = {layer: {0.5: 0.2, 1.0: 0.2, 2.0: 0.2} for layer in range(3)}
+    assert allocate_budget(flat) == {0: 1.0, 1: 1.0, 2: 1.0}
+    # layer 0 loses a lot at small budgets, layers 1 and 2 almost nothing
+    needy = {0: {0.5: 0.9, 1.0: 0.6, 2.0: 0.1}, 1: {0.5: 0.011, 1.0: 0.01, 2.0: 0.009},
+             2: {0.5: 0.011, 1.0: 0.01, 2.0: 0.009}}
+    assert allocate_budget(needy) == {0: 2.0, 1: 0.5, 2: 0.5}
+    with pytest.raises(ValueError, match="share 1.0"):
+        allocate_budget({0: {0.5: 0.1, 2.0: 0.0}})
+
+
+def test_model_budget_choice_offers_every_share_and_keeps_the_layer_choice():
+    from sparq_ext.calibrate import budget_shares, layer_ratio
+    Q, K, V = _prefill(512, seed=11)
+    layer = choose_layer_split(Q, K, V, ratio=8, budget="layer")
+    model = choose_layer_split(Q, K, V, ratio=8, budget="model")
+    assert "options" not in layer
+    assert {k: v for k, v in model.items() if k != "options"} == layer
+    assert sorted(model["options"]) == sorted(budget_shares(8, "model"))
+    assert model["options"][1.0]["r"] == layer["r"]
+    for share, option in model["options"].items():
+        assert option["r"] in candidate_rs(layer_ratio(8, share), 32)
+    # more budget keeps at least as much mass (the best r at each share)
+    scores = [model["options"][s]["score"] for s in sorted(model["options"])]
+    assert all(a >= b - 1e-6 for a, b in zip(scores, scores[1:])), scores
+    short = choose_layer_split(*_prefill(MIN_CALIBRATION_POSITIONS - 1), ratio=8, budget="model")
+    assert short["source"].startswith("even") and "options" not in short
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 8, 16])
+@pytest.mark.parametrize("S", [100, 1024, 4096, 8000])
+def test_a_model_budget_split_reads_at_most_the_ratios_bytes_over_all_layers(ratio, S):
+    from sparq_ext.calibrate import allocate_budget, budget_shares, layer_ratio
+    from sparq_ext.integrations.transformers import SparQSettings
+    D, layers = 64, 6
+    g = torch.Generator().manual_seed(ratio)
+    options = {layer: {s: float(torch.rand((), generator=g)) / s for s in budget_shares(ratio)}
+               for layer in range(layers)}
+    shares = allocate_budget(options)
+    assert any(s != 1.0 for s in shares.values())  # the test exercises a real reallocation
+    layer_ratios = {layer: layer_ratio(ratio, s) for layer, s in shares.items()}
+    layer_r = {layer: candidate_rs(rho, D)[layer % len(candidate_rs(rho, D))] for layer, rho in layer_ratios.items()}
+    settings = SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratios)
+    sparq = dense = 0
+    for layer in range(layers):
+        r, k, window = settings.resolve(S, D, layer)
+        assert r == layer_r[layer] and k == k_on_budget(layer_ratios[layer], S, D, r) and window == k // 4
+        assert k < S or S < 4 * ratio  # a layer never reads all of K and V
+        t = sparq_ext.transfer_bytes(1, 3, S, D, r, k, dtype=torch.float32, query_heads=9)
+        sparq, dense = sparq + t["sparq"], dense + t["dense"]
+    # within the ratio over the whole model, up to each layer's D-element mean and query reads
+    assert sparq <= dense / ratio + layers * 3 * (D + 2 * 9 * D) * 4
+
+
+def test_check_split_rejects_splits_that_overspend_the_budget():
+    from sparq_ext.calibrate import check_split
+    D = 64
+    check_split(8, {0: 4, 1: 4}, {0: 8 / 1.5, 1: 16.0}, D, n_layers=3)  # 3/16 + 1/16 + 1/8 = 3/8: ok
+    with pytest.raises(ValueError, match="spend"):
+        check_split(8, {0: 4}, {0: 4.0}, D, n_layers=2)  # 1/4 + 1/8 > 2/8
+    with pytest.raises(ValueError, match="not on the budget line"):
+        check_split(8, {0: 16}, {0: 8.0}, D, n_layers=2)  # r = 16 spends all of ratio 8
+    with pytest.raises(ValueError, match="of dense"):
+        check_split(2, {0: 4, 1: 4}, {0: 1.0, 1: 8.0}, D, n_layers=2)  # a layer reading all of dense
+    with pytest.raises(ValueError, match="out of range"):
+        check_split(8, {}, {5: 8.0}, D, n_layers=2)
+
+
+def test_split_file_round_trip_with_layer_ratios_and_old_files(tmp_path):
+    import json
+    path = str(tmp_path / "model.json")
+    save_split(path, {0: 4, 1: 2}, ratio=8, layer_ratio={0: 4.0, 1: 16.0})
+    assert load_split(path) == (8.0, {0: 4, 1: 2}, {0: 4.0, 1: 16.0})
+    old = tmp_path / "old.json"  # written before layer ratios existed: every layer at the ratio
+    old.write_text(json.dumps({"ratio": 8, "model": "m", "layer_r": {"0": 4}}))
+    assert load_split(str(old)) == (8.0, {0: 4}, {})

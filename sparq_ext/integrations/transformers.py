@@ -30,8 +30,8 @@ import torch
 
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
-from ..calibrate import (CRITERIA, DEFAULT_CRITERION, candidate_rs, choose_layer_split, k_on_budget,
-                         load_split, save_split)
+from ..calibrate import (BUDGETS, CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION, allocate_budget,
+                         check_split, choose_layer_split, k_on_budget, layer_ratio, load_split, save_split)
 from ..ops import attention as sparq_attention
 
 try:
@@ -54,8 +54,8 @@ class SparQSettings:
     ``split``: how the ratio's byte budget is shared between the two reads when ``r``/``k`` are
     not given. ``"even"``: the paper's ``r = D/ratio``, ``k = S/(2 ratio)``. ``"auto"``: per
     layer, ``r = layer_r[layer_idx]`` (calibrated, :mod:`sparq_ext.calibrate`) and ``k`` the
-    rest of the budget (:func:`sparq_ext.calibrate.k_on_budget`); a layer not (yet) calibrated
-    uses the even split.
+    rest of the layer's budget (:func:`sparq_ext.calibrate.k_on_budget`) at the layer's ratio
+    ``layer_ratio.get(layer_idx, ratio)``; a layer not (yet) calibrated uses the even split.
     """
 
     ratio: float = 8.0
@@ -65,6 +65,10 @@ class SparQSettings:
     min_k: int = 0  # floor on the ratio-derived k (short contexts); min_k >= S means dense
     split: str = "even"
     layer_r: dict = dataclasses.field(default_factory=dict)  # {layer_idx: r} for split="auto"
+    layer_ratio: dict = dataclasses.field(default_factory=dict)  # {layer_idx: rho_l}; absent: ratio
+    budget: str = DEFAULT_BUDGET  # calibration: "model" (layers share the budget) or "layer"
+    n_layers: int = 0  # attention layers of the model (budget="model" allocates once all are scored)
+    layer_options: dict = dataclasses.field(default_factory=dict)  # {layer_idx: choose_layer_split()}
     calibration_positions: int = 8  # sampled query positions per layer when calibrating
     calibration_criterion: str | None = None  # sparq_ext.calibrate.CRITERIA; None: the default
     calibration_seconds: float = 0.0  # time spent calibrating (all layers)
@@ -73,7 +77,7 @@ class SparQSettings:
         r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
         if self.split == "auto" and layer_idx in self.layer_r:
             r0 = self.layer_r[layer_idx]
-            k0 = k_on_budget(self.ratio, seq_len, head_dim, r0)
+            k0 = k_on_budget(self.layer_ratio.get(layer_idx, self.ratio), seq_len, head_dim, r0)
         r = min(self.r if self.r is not None else r0, head_dim)
         k = self.k if self.k is not None else max(k0, self.min_k)
         window = k // 4 if self.local_window is None else min(self.local_window, k)
@@ -129,9 +133,14 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
 
 
 def _calibrate_layer(module, settings, query, key, value, attention_mask, scaling):
-    """Choose this layer's ``r`` from its prefill (once): batch row 0, or the longest row."""
+    """Choose this layer's ``r`` from its prefill (once): batch row 0, or the longest row.
+
+    With ``budget="model"`` the layer's options are kept until every layer has them (the end of
+    the prefill); then :func:`sparq_ext.calibrate.allocate_budget` shares the budget out.
+    """
     layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None or layer_idx in settings.layer_r or settings.r is not None:
+    if layer_idx is None or layer_idx in settings.layer_r or layer_idx in settings.layer_options \
+            or settings.r is not None:
         return
     Q, S = query.shape[2], key.shape[2]
     if Q != S:  # a chunk of a longer prefill: its queries do not start at key position 0
@@ -147,10 +156,20 @@ def _calibrate_layer(module, settings, query, key, value, attention_mask, scalin
         choice = choose_layer_split(query[row, :, start:], key[row, :, start:], value[row, :, start:],
                                     settings.ratio, scale=scaling,
                                     positions=settings.calibration_positions,
-                                    criterion=settings.calibration_criterion)
+                                    criterion=settings.calibration_criterion, budget=settings.budget)
+        if choice["source"] != "auto":  # too short: stay even now and calibrate on a longer prefill
+            pass
+        elif settings.budget == "layer":
+            settings.layer_r[layer_idx] = choice["r"]
+        else:
+            settings.layer_options[layer_idx] = choice["options"]
+            if len(settings.layer_options) == settings.n_layers:
+                shares = allocate_budget({layer: {share: o["score"] for share, o in options.items()}
+                                          for layer, options in settings.layer_options.items()})
+                for layer, share in shares.items():
+                    settings.layer_r[layer] = settings.layer_options[layer][share]["r"]
+                    settings.layer_ratio[layer] = layer_ratio(settings.ratio, share)
     settings.calibration_seconds += time.perf_counter() - t0
-    if choice["source"] == "auto":  # too short: stay even now and calibrate on a longer prefill
-        settings.layer_r[layer_idx] = choice["r"]
 
 
 def register(name: str = ATTN_NAME, fn=sparq_attention_forward) -> None:
@@ -182,7 +201,7 @@ def _wrap_cache_preparation(model):
 
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
                  k: int | None = None, *, min_k: int = 0, split: str = "even", split_file: str | None = None,
-                 attn_name: str = ATTN_NAME, attn_fn=None):
+                 budget: str = DEFAULT_BUDGET, attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
@@ -192,14 +211,19 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         r, k: fix the rank and the number of attended positions instead of following ``ratio``.
         min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
             positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
-        split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` on
-            the ratio's byte-budget line whose selected positions keep the most exact attention
-            mass (:data:`sparq_ext.calibrate.DEFAULT_CRITERION`; other criteria through
-            :func:`calibrate_split`), chosen
-            from the first prefill of at least 64 positions (or read from ``split_file``); ``k``
-            spends the rest of the budget. Explicit ``r``/``k`` win over both.
+        split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` (and,
+            with ``budget="model"``, the layer's share of the budget) whose selected positions
+            keep the most exact attention mass (:data:`sparq_ext.calibrate.DEFAULT_CRITERION`;
+            other criteria through :func:`calibrate_split`), chosen from the first prefill of at
+            least 64 positions (or read from ``split_file``); ``k`` spends the rest of the
+            layer's budget. Explicit ``r``/``k`` win over both.
         split_file: with ``split="auto"``, a JSON written by :func:`calibrate_split` (or
-            :func:`sparq_ext.calibrate.save_split`); its ratio must equal ``ratio``.
+            :func:`sparq_ext.calibrate.save_split`); its ratio must equal ``ratio``, and its
+            layers may not spend more than the ratio's budget (checked).
+        budget: with ``split="auto"`` and no split file, how the first prefill calibrates:
+            ``"model"`` (default: layers share the model's budget, some read more and others
+            less, the total stays ``1/ratio`` of dense) or ``"layer"`` (every layer on its own
+            budget line, only ``r`` chosen).
         attn_name, attn_fn: register a different decode function under another name (the
             benchmarks use this for baselines); the default is SparQ.
 
@@ -218,19 +242,17 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
-    layer_r = {}
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    layer_r, ratios = {}, {}
     if split_file is not None and os.path.exists(split_file):
-        file_ratio, layer_r = load_split(split_file)
+        file_ratio, layer_r, ratios = load_split(split_file)
         if file_ratio != float(ratio):
             raise ValueError(f"split_file {split_file} was calibrated for ratio {file_ratio:g}, "
                              f"not {ratio:g}")
         head_dim = getattr(modules[0], "head_dim", None)
         if head_dim is not None:
-            allowed = candidate_rs(ratio, head_dim)
-            bad = {layer: v for layer, v in layer_r.items() if v not in allowed}
-            if bad:
-                raise ValueError(f"split_file {split_file}: r {bad} not on the budget line of ratio "
-                                 f"{ratio:g} (candidates {allowed})")
+            check_split(float(ratio), layer_r, ratios, head_dim, len(modules), f"split_file {split_file}")
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
@@ -240,7 +262,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
     settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k, split=split,
-                             layer_r=layer_r)
+                             layer_r=layer_r, layer_ratio=ratios, budget=budget, n_layers=len(modules))
     for module in modules:
         module._sparq_settings = settings
     model.set_attn_implementation(attn_name)
@@ -248,24 +270,28 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 
 
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
-                    positions: int = 8, criterion: str | None = None) -> dict:
+                    positions: int = 8, criterion: str | None = None, budget: str = DEFAULT_BUDGET) -> dict:
     """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
 
     Runs ``model(input_ids)`` once (SDPA prefill, no cache kept) with ``split="auto"``; the
     previous attention setup of ``model`` is restored afterwards. Returns ``{"ratio",
-    "layer_r", "calibration_seconds", "prefill_seconds"}``; with ``path`` also writes the JSON
+    "layer_r", "layer_ratio", "calibration_seconds", "prefill_seconds", ...}``; with ``path``
+    also writes the JSON
     that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
     hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
     ``criterion``: what each layer's ``r`` minimises, one of :data:`sparq_ext.calibrate.CRITERIA`
-    (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`).
+    (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`). ``budget``: ``"model"`` (layers
+    share the budget, the default) or ``"layer"`` (each layer on its own budget line).
     """
     if criterion is not None and criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     modules = _attention_modules(model)
     previous = [getattr(m, "_sparq_settings", None) for m in modules]
     was_enabled = hasattr(model, "_sparq_previous_attn")
     previous_attn = model.config._attn_implementation
-    enable_sparq(model, ratio=ratio, split="auto")
+    enable_sparq(model, ratio=ratio, split="auto", budget=budget)
     settings = sparq_settings(model)
     settings.calibration_positions = positions
     settings.calibration_criterion = criterion
@@ -282,13 +308,14 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
         else:
             disable_sparq(model)
     result = {"ratio": float(ratio), "layer_r": dict(sorted(settings.layer_r.items())),
+              "layer_ratio": dict(sorted(settings.layer_ratio.items())), "budget": budget,
               "criterion": criterion or DEFAULT_CRITERION, "positions": positions,
               "calibration_seconds": settings.calibration_seconds,
               "prefill_seconds": total - settings.calibration_seconds, "tokens": int(input_ids.shape[-1])}
     if path is not None:
         save_split(path, result["layer_r"], ratio, model=getattr(model.config, "_name_or_path", "") or
-                   type(model).__name__, extra={k: result[k] for k in
-                                                ("criterion", "positions", "calibration_seconds",
+                   type(model).__name__, layer_ratio=result["layer_ratio"],
+                   extra={k: result[k] for k in ("budget", "criterion", "positions", "calibration_seconds",
                                                  "prefill_seconds", "tokens")})
     return result
 
