@@ -85,15 +85,16 @@ def split_file_for(out, ratio, budget="layer"):
     return str(Path(out) / f"split_smollm2_r{ratio:g}{'_model' if budget == 'model' else ''}.json")
 
 
-def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer"):
-    """One calibration per ratio on the calibration text; returns {ratio: calibrate_split result}."""
+def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer", lengths=None):
+    """One calibration per ratio on the calibration text (at each of ``lengths`` if given);
+    returns {ratio: calibrate_split result}."""
     from sparq_ext.integrations.smollm2 import calibration_text_ids
     from sparq_ext.integrations.transformers import calibrate_split
     ids = calibration_text_ids(tok, n_tokens)
     results = {}
     for ratio in ratios:
         path = split_file_for(out, ratio, budget)
-        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget)
+        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget, lengths=lengths)
         SPLIT_FILES[budget, ratio] = path
         results[ratio] = res
         log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "
@@ -146,7 +147,7 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
     settings = method_settings(method, ratio)
     if method.startswith("sparq"):
         fractions = []
-        for layer in (sorted(settings.layer_r) or [None]):  # sparq_auto*: mean over layers
+        for layer in (range(len(settings.layer_r)) if settings.layer_r else [None]):  # sparq_auto*: mean over layers
             r, k, _ = settings.resolve(seq_len, head_dim, layer)
             tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
             fractions.append((tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4))
@@ -157,9 +158,11 @@ def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
 def method_settings(method, ratio):
     """The SparQSettings a method decodes with (sparq_auto*: with the calibrated layer_r)."""
     if method in AUTO_BUDGETS:
-        from sparq_ext.calibrate import load_split
-        _, layer_r, layer_ratio = load_split(SPLIT_FILES[AUTO_BUDGETS[method], ratio])
-        return SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratio)
+        from sparq_ext.calibrate import load_length_splits, load_split
+        path = SPLIT_FILES[AUTO_BUDGETS[method], ratio]
+        _, layer_r, layer_ratio = load_split(path)
+        return SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratio,
+                             length_splits=load_length_splits(path))
     return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
@@ -195,13 +198,13 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
             if ratio:
                 settings = method_settings(method, ratio)
                 if method in AUTO_BUDGETS:  # per layer: report the r values used and their k
-                    rks = sorted({settings.resolve(mid, D, layer)[:2] for layer in settings.layer_r})
+                    rks = sorted({settings.resolve(mid, D, layer)[:2] for layer in range(cfg.num_hidden_layers)})
                     r = "/".join(str(a) for a, _ in rks)
                     k = "/".join(str(b) for _, b in rks)
                     w = "k/4"
-                    row["layer_r"] = {str(a): b for a, b in sorted(settings.layer_r.items())}
-                    if settings.layer_ratio:
-                        row["layer_ratio"] = {str(a): b for a, b in sorted(settings.layer_ratio.items())}
+                    row["layer_r"] = {str(a): settings.resolve(mid, D, a)[0] for a in range(cfg.num_hidden_layers)}
+                    if settings.layer_ratio or settings.length_splits:
+                        row["layer_k"] = {str(a): settings.resolve(mid, D, a)[1] for a in range(cfg.num_hidden_layers)}
                 else:
                     r, k, w = settings.resolve(mid, D)
                 row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
@@ -319,6 +322,9 @@ def main():
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
     ap.add_argument("--calibration-tokens", type=int, default=2048,
                     help="tokens of the calibration text (NVIDIA CUDA EULA) for sparq_auto")
+    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=[2048, 4096],
+                    help="sparq_auto_model: calibrate at each of these prefix lengths of the calibration text "
+                         "(decoding uses the nearest); empty: one calibration of --calibration-tokens tokens")
     ap.add_argument("--criterion", choices=CRITERIA, default=None,
                     help=f"what sparq_auto's calibration minimises per layer (default {DEFAULT_CRITERION})")
     ap.add_argument("--text", choices=sorted(EVALUATION_TEXTS), default="gpl3",
@@ -382,11 +388,14 @@ def main():
         if method not in args.methods:
             continue
         ratios_auto = sorted(set(ratios) | ({args.passkey_ratio} if args.passkey_contexts else set()))
-        calib = calibrate_auto_splits(model, tok, ratios_auto, out, args.calibration_tokens, log, args.criterion,
-                                      budget=budget)
+        lengths = args.calibration_lengths if budget == "model" and args.calibration_lengths else None
+        calib = calibrate_auto_splits(model, tok, ratios_auto, out, max([args.calibration_tokens, *(lengths or [])]),
+                                      log, args.criterion, budget=budget, lengths=lengths)
         meta[{"layer": "auto_split", "model": "auto_split_model"}[budget]] = {
-            f"{ratio:g}": dict(res, layer_r={str(a): b for a, b in res["layer_r"].items()},
+            f"{ratio:g}": dict({k: v for k, v in res.items() if k != "lengths"},
+                               layer_r={str(a): b for a, b in res["layer_r"].items()},
                                layer_ratio={str(a): b for a, b in res["layer_ratio"].items()},
+                               lengths=sorted(res.get("lengths", {})),
                                text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
                                file=os.path.relpath(SPLIT_FILES[budget, ratio], ROOT))
             for ratio, res in calib.items()}

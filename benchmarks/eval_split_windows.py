@@ -150,7 +150,12 @@ def main():
     ap.add_argument("--uniform-r", type=int, nargs="*", default=[],
                     help="also decode with every layer at this r (k on the byte budget)")
     ap.add_argument("--recalibrate", action="store_true",
-                    help="calibrate the auto split again (CUDA EULA, 2048 tokens) instead of the saved files")
+                    help="calibrate the auto split again (CUDA EULA) instead of the saved files; the split "
+                         "files go to --out")
+    ap.add_argument("--calibration-tokens", type=int, default=2048,
+                    help="with --recalibrate: tokens of the calibration text")
+    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=None,
+                    help="with --recalibrate: calibrate auto_model at each of these lengths (nearest used)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
@@ -165,7 +170,9 @@ def main():
     budgets = [{"auto": "layer", "auto_model": "model"}[m] for m in args.auto]
     for budget in budgets:
         if args.recalibrate:
-            eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, 2048, tqdm.write, budget=budget)
+            lengths = args.calibration_lengths if budget == "model" else None
+            eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, max([args.calibration_tokens, *(lengths or [])]),
+                                                tqdm.write, budget=budget, lengths=lengths)
             continue
         for ratio in ratios:
             path = split_file_for(results, ratio, budget)

@@ -262,13 +262,18 @@ def choose_layer_split(queries, keys, values, ratio, scale=None, positions=16,
 
 
 def save_split(path: str, layer_r: dict[int, int], ratio: float, model: str = "", extra=None,
-               layer_ratio: dict[int, float] | None = None) -> None:
+               layer_ratio: dict[int, float] | None = None, lengths: dict | None = None) -> None:
     """Write a per-layer split as JSON (``{"ratio", "model", "layer_r": {layer: r}}``, plus
-    ``"layer_ratio": {layer: rho_l}`` for a model-wide budget)."""
+    ``"layer_ratio": {layer: rho_l}`` for a model-wide budget, and ``"lengths": {L: {"layer_r",
+    "layer_ratio"}}`` for a split calibrated at several context lengths ``L``)."""
     payload = {"ratio": ratio, "model": model,
                "layer_r": {str(layer): int(r) for layer, r in sorted(layer_r.items())}}
     if layer_ratio:
         payload["layer_ratio"] = {str(layer): float(v) for layer, v in sorted(layer_ratio.items())}
+    if lengths:
+        payload["lengths"] = {str(length): {"layer_r": {str(a): int(b) for a, b in sorted(lr.items())},
+                                            "layer_ratio": {str(a): float(b) for a, b in sorted(lq.items())}}
+                              for length, (lr, lq) in sorted(lengths.items())}
     payload.update(extra or {})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -279,13 +284,40 @@ def save_split(path: str, layer_r: dict[int, int], ratio: float, model: str = ""
 def load_split(path: str) -> tuple[float, dict[int, int], dict[int, float]]:
     """Read a JSON written by :func:`save_split`: ``(ratio, {layer: r}, {layer: rho_l})``; the
     last is empty for a split with every layer on its own budget line (``budget="layer"``)."""
-    with open(path) as f:
-        payload = json.load(f)
+    payload = _read_split(path)
     try:
         return (float(payload["ratio"]), {int(k): int(v) for k, v in payload["layer_r"].items()},
                 {int(k): float(v) for k, v in payload.get("layer_ratio", {}).items()})
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{path} is not a sparq_ext split file: {error}") from error
+
+
+def load_length_splits(path: str) -> dict[int, tuple[dict[int, int], dict[int, float]]]:
+    """The per-length splits of a split file: ``{L: ({layer: r}, {layer: rho_l})}``, empty when
+    the file holds one split for every length."""
+    payload = _read_split(path)
+    try:
+        return {int(length): ({int(k): int(v) for k, v in entry["layer_r"].items()},
+                              {int(k): float(v) for k, v in entry.get("layer_ratio", {}).items()})
+                for length, entry in payload.get("lengths", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not a sparq_ext split file: {error}") from error
+
+
+def _read_split(path: str) -> dict:
+    with open(path) as f:
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a sparq_ext split file: {error}") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is not a sparq_ext split file: not a JSON object")
+    return payload
+
+
+def nearest_length(lengths, seq_len: int) -> int:
+    """The calibration length closest to ``seq_len`` on a log scale (ties: the longer one)."""
+    return min(lengths, key=lambda length: (abs(math.log2(length) - math.log2(max(seq_len, 1))), -length))
 
 
 def check_split(ratio: float, layer_r: dict[int, int], layer_ratio: dict[int, float], head_dim: int,

@@ -264,3 +264,44 @@ def test_split_file_round_trip_with_layer_ratios_and_old_files(tmp_path):
     old = tmp_path / "old.json"  # written before layer ratios existed: every layer at the ratio
     old.write_text(json.dumps({"ratio": 8, "model": "m", "layer_r": {"0": 4}}))
     assert load_split(str(old)) == (8.0, {0: 4}, {})
+
+
+# --- splits calibrated at several context lengths --------------------------------------------
+
+def test_nearest_length_is_nearest_on_a_log_scale_ties_to_the_longer():
+    from sparq_ext.calibrate import nearest_length
+    lengths = [1024, 4096]
+    assert nearest_length(lengths, 100) == 1024 and nearest_length(lengths, 1500) == 1024
+    assert nearest_length(lengths, 2048) == 4096  # log2 distance 1 to both: the longer
+    assert nearest_length(lengths, 3000) == 4096 and nearest_length(lengths, 100_000) == 4096
+    assert nearest_length([2048], 1) == 2048
+
+
+def test_settings_use_the_split_of_the_nearest_calibration_length():
+    from sparq_ext.integrations.transformers import SparQSettings
+    D = 64
+    short = ({0: 8, 1: 4}, {0: 4.0, 1: 16.0})
+    long = ({0: 2, 1: 2}, {})
+    settings = SparQSettings(ratio=8, split="auto", layer_r={0: 4, 1: 4},
+                             length_splits={1024: short, 4096: long})
+    assert settings.resolve(1000, D, 0)[:2] == (8, k_on_budget(4.0, 1000, D, 8))
+    assert settings.resolve(1000, D, 1)[:2] == (4, k_on_budget(16.0, 1000, D, 4))
+    assert settings.resolve(5000, D, 0)[:2] == (2, k_on_budget(8, 5000, D, 2))
+    assert settings.resolve(5000, D, 7)[:2] == sparq_ext.rk_for_ratio(8, 5000, D)  # not in the split
+
+
+def test_split_file_round_trip_with_lengths(tmp_path):
+    from sparq_ext.calibrate import load_length_splits
+    path = str(tmp_path / "lengths.json")
+    lengths = {1024: ({0: 8}, {0: 4.0}), 4096: ({0: 2}, {})}
+    save_split(path, {0: 2}, ratio=8, lengths=lengths)
+    assert load_split(path) == (8.0, {0: 2}, {})
+    assert load_length_splits(path) == lengths
+    save_split(path, {0: 2}, ratio=8)
+    assert load_length_splits(path) == {}
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a sparq_ext split file"):
+        load_split(str(tmp_path / "junk.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not a sparq_ext split file"):
+        load_length_splits(str(tmp_path / "broken.json"))

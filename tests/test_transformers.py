@@ -260,6 +260,38 @@ def test_split_file_round_trips_and_wrong_ratio_raises(model, tokenizer, tmp_pat
         enable_sparq(model, ratio=8, split="sideways")
 
 
+def test_calibrate_split_at_several_lengths_round_trips_and_is_checked(model, tokenizer, tmp_path):
+    import json
+    from sparq_ext.calibrate import candidate_rs, load_length_splits
+    from sparq_ext.integrations.transformers import calibrate_split
+    ids = real_text_ids(tokenizer, 320)
+    path = str(tmp_path / "lengths.json")
+    result = calibrate_split(model, ids, ratio=8, path=path, lengths=(128, 256))
+    layers = model.config.num_hidden_layers
+    assert sorted(result["lengths"]) == [128, 256]
+    assert (result["layer_r"], result["layer_ratio"]) == result["lengths"][256]  # top level: the longest
+    assert load_length_splits(path) == result["lengths"]
+    D = model.config.hidden_size // model.config.num_attention_heads
+    for layer_r, layer_ratio in result["lengths"].values():
+        assert sorted(layer_r) == list(range(layers))
+        assert sum(1 / layer_ratio.get(layer, 8) for layer in range(layers)) <= layers / 8 + 1e-9
+        assert all(r in candidate_rs(layer_ratio.get(layer, 8), D) for layer, r in layer_r.items())
+    enable_sparq(model, ratio=8, split="auto", split_file=path)
+    settings = sparq_settings(model)
+    assert settings.length_splits == result["lengths"]
+    for seq_len, length in ((100, 128), (300, 256)):
+        layer_r, _ = result["lengths"][length]
+        assert [settings.resolve(seq_len, D, layer)[0] for layer in range(layers)] == \
+            [layer_r[layer] for layer in range(layers)]
+    payload = json.load(open(path))
+    payload["lengths"]["128"]["layer_ratio"] = {str(layer): 4.0 for layer in range(layers)}
+    (tmp_path / "greedy.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="length 128"):
+        enable_sparq(model, ratio=8, split="auto", split_file=str(tmp_path / "greedy.json"))
+    with pytest.raises(ValueError, match="lengths"):
+        calibrate_split(model, ids, ratio=8, lengths=(128, 1000))
+
+
 def test_calibrate_split_uses_and_records_the_chosen_criterion(model, tokenizer, tmp_path, monkeypatch):
     import json
     from sparq_ext.calibrate import CRITERIA

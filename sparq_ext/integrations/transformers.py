@@ -31,7 +31,8 @@ import torch
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
 from ..calibrate import (BUDGETS, CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION, allocate_budget,
-                         check_split, choose_layer_split, k_on_budget, layer_ratio, load_split, save_split)
+                         check_split, choose_layer_split, k_on_budget, layer_ratio, load_length_splits,
+                         load_split, nearest_length, save_split)
 from ..ops import attention as sparq_attention
 
 try:
@@ -56,6 +57,8 @@ class SparQSettings:
     layer, ``r = layer_r[layer_idx]`` (calibrated, :mod:`sparq_ext.calibrate`) and ``k`` the
     rest of the layer's budget (:func:`sparq_ext.calibrate.k_on_budget`) at the layer's ratio
     ``layer_ratio.get(layer_idx, ratio)``; a layer not (yet) calibrated uses the even split.
+    With ``length_splits`` (``{L: (layer_r, layer_ratio)}``, a split calibrated at several
+    context lengths) a step uses the split of the calibration length nearest to its own.
     """
 
     ratio: float = 8.0
@@ -69,15 +72,19 @@ class SparQSettings:
     budget: str = DEFAULT_BUDGET  # calibration: "model" (layers share the budget) or "layer"
     n_layers: int = 0  # attention layers of the model (budget="model" allocates once all are scored)
     layer_options: dict = dataclasses.field(default_factory=dict)  # {layer_idx: choose_layer_split()}
+    length_splits: dict = dataclasses.field(default_factory=dict)  # {L: (layer_r, layer_ratio)}
     calibration_positions: int = 8  # sampled query positions per layer when calibrating
     calibration_criterion: str | None = None  # sparq_ext.calibrate.CRITERIA; None: the default
     calibration_seconds: float = 0.0  # time spent calibrating (all layers)
 
     def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None) -> tuple[int, int, int]:
         r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
-        if self.split == "auto" and layer_idx in self.layer_r:
-            r0 = self.layer_r[layer_idx]
-            k0 = k_on_budget(self.layer_ratio.get(layer_idx, self.ratio), seq_len, head_dim, r0)
+        layer_r, layer_ratios = self.layer_r, self.layer_ratio
+        if self.length_splits:
+            layer_r, layer_ratios = self.length_splits[nearest_length(self.length_splits, seq_len)]
+        if self.split == "auto" and layer_idx in layer_r:
+            r0 = layer_r[layer_idx]
+            k0 = k_on_budget(layer_ratios.get(layer_idx, self.ratio), seq_len, head_dim, r0)
         r = min(self.r if self.r is not None else r0, head_dim)
         k = self.k if self.k is not None else max(k0, self.min_k)
         window = k // 4 if self.local_window is None else min(self.local_window, k)
@@ -244,15 +251,17 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    layer_r, ratios = {}, {}
+    layer_r, ratios, length_splits = {}, {}, {}
     if split_file is not None and os.path.exists(split_file):
         file_ratio, layer_r, ratios = load_split(split_file)
+        length_splits = load_length_splits(split_file)
         if file_ratio != float(ratio):
             raise ValueError(f"split_file {split_file} was calibrated for ratio {file_ratio:g}, "
                              f"not {ratio:g}")
         head_dim = getattr(modules[0], "head_dim", None)
         if head_dim is not None:
-            check_split(float(ratio), layer_r, ratios, head_dim, len(modules), f"split_file {split_file}")
+            for name, (lr, lq) in [("", (layer_r, ratios))] + [(f" (length {n})", v) for n, v in length_splits.items()]:
+                check_split(float(ratio), lr, lq, head_dim, len(modules), f"split_file {split_file}{name}")
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
@@ -262,7 +271,8 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
     settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k, split=split,
-                             layer_r=layer_r, layer_ratio=ratios, budget=budget, n_layers=len(modules))
+                             layer_r=layer_r, layer_ratio=ratios, budget=budget, n_layers=len(modules),
+                             length_splits=length_splits)
     for module in modules:
         module._sparq_settings = settings
     model.set_attn_implementation(attn_name)
@@ -270,36 +280,50 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 
 
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
-                    positions: int = 8, criterion: str | None = None, budget: str = DEFAULT_BUDGET) -> dict:
+                    positions: int = 8, criterion: str | None = None, budget: str = DEFAULT_BUDGET,
+                    lengths=None) -> dict:
     """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
 
     Runs ``model(input_ids)`` once (SDPA prefill, no cache kept) with ``split="auto"``; the
     previous attention setup of ``model`` is restored afterwards. Returns ``{"ratio",
     "layer_r", "layer_ratio", "calibration_seconds", "prefill_seconds", ...}``; with ``path``
-    also writes the JSON
-    that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
+    also writes the JSON that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
     hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
     ``criterion``: what each layer's ``r`` minimises, one of :data:`sparq_ext.calibrate.CRITERIA`
     (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`). ``budget``: ``"model"`` (layers
     share the budget, the default) or ``"layer"`` (each layer on its own budget line).
+    ``lengths``: calibrate once per context length ``L`` (a prefill of the first ``L`` tokens
+    each, all ``<= input_ids.shape[-1]``); decoding then uses the split of the calibration
+    length nearest to the current one (the best split moves with the length). The top-level
+    ``layer_r``/``layer_ratio`` are then those of the longest length.
     """
     if criterion is not None and criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    n_tokens = int(input_ids.shape[-1])
+    if lengths is not None:
+        lengths = sorted({int(n) for n in lengths})
+        if not lengths or lengths[0] < 1 or lengths[-1] > n_tokens:
+            raise ValueError(f"lengths must be between 1 and the {n_tokens} tokens of input_ids, got {lengths}")
     modules = _attention_modules(model)
     previous = [getattr(m, "_sparq_settings", None) for m in modules]
     was_enabled = hasattr(model, "_sparq_previous_attn")
     previous_attn = model.config._attn_implementation
-    enable_sparq(model, ratio=ratio, split="auto", budget=budget)
-    settings = sparq_settings(model)
-    settings.calibration_positions = positions
-    settings.calibration_criterion = criterion
+    per_length, calibration, prefill = {}, 0.0, 0.0
     try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        total = time.perf_counter() - t0
+        for length in lengths or [n_tokens]:
+            enable_sparq(model, ratio=ratio, split="auto", budget=budget)
+            settings = sparq_settings(model)
+            settings.calibration_positions = positions
+            settings.calibration_criterion = criterion
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=input_ids[..., :length], use_cache=False,
+                      attention_mask=None if attention_mask is None else attention_mask[..., :length])
+            prefill += time.perf_counter() - t0 - settings.calibration_seconds
+            calibration += settings.calibration_seconds
+            per_length[length] = (dict(sorted(settings.layer_r.items())), dict(sorted(settings.layer_ratio.items())))
     finally:
         if was_enabled:
             for module, saved in zip(modules, previous):
@@ -307,14 +331,15 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
             model.set_attn_implementation(previous_attn)
         else:
             disable_sparq(model)
-    result = {"ratio": float(ratio), "layer_r": dict(sorted(settings.layer_r.items())),
-              "layer_ratio": dict(sorted(settings.layer_ratio.items())), "budget": budget,
+    layer_r, layer_ratios = per_length[max(per_length)]
+    result = {"ratio": float(ratio), "layer_r": layer_r, "layer_ratio": layer_ratios, "budget": budget,
               "criterion": criterion or DEFAULT_CRITERION, "positions": positions,
-              "calibration_seconds": settings.calibration_seconds,
-              "prefill_seconds": total - settings.calibration_seconds, "tokens": int(input_ids.shape[-1])}
+              "calibration_seconds": calibration, "prefill_seconds": prefill, "tokens": n_tokens}
+    if lengths is not None:
+        result["lengths"] = per_length
     if path is not None:
-        save_split(path, result["layer_r"], ratio, model=getattr(model.config, "_name_or_path", "") or
-                   type(model).__name__, layer_ratio=result["layer_ratio"],
+        save_split(path, layer_r, ratio, model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
+                   layer_ratio=layer_ratios, lengths=per_length if lengths is not None else None,
                    extra={k: result[k] for k in ("budget", "criterion", "positions", "calibration_seconds",
                                                  "prefill_seconds", "tokens")})
     return result
