@@ -1,6 +1,6 @@
 """One-call SparQ decoding for Hugging Face ``transformers`` models: :func:`enable_sparq`.
 
-Supported: ``transformers >= 5.0, < 6`` (developed and tested on 5.23), decoder models whose
+Supported: ``transformers >= 5.0, < 6`` (developed on 5.23, tested on 5.23 and 5.24), decoder models whose
 attention goes through the library's attention-function interface (Llama, Mistral, Qwen2,
 SmolLM, ... — anything calling ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)``)
 with full (not sliding-window) attention layers.
@@ -197,10 +197,12 @@ def _wrap_cache_preparation(model):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         result = original(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False) \
-                and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = SparQCache(config=self.config)
+        # transformers >= 5.24 keeps the cache under "cache", earlier 5.x under "past_key_values"
+        for name in ("cache", "past_key_values"):
+            cache = model_kwargs.get(name)
+            if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False) \
+                    and cache.get_seq_length() == 0:
+                model_kwargs[name] = SparQCache(config=self.config)
         return result
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
