@@ -164,11 +164,10 @@ def _calibrate_layer(module, settings, query, key, value, attention_mask, scalin
                                     settings.ratio, scale=scaling,
                                     positions=settings.calibration_positions,
                                     criterion=settings.calibration_criterion, budget=settings.budget)
-        if choice["source"] != "auto":  # too short: stay even now and calibrate on a longer prefill
-            pass
-        elif settings.budget == "layer":
+        # (a prefill too short to calibrate leaves the layer even; the next long one calibrates it)
+        if choice["source"] == "auto" and settings.budget == "layer":
             settings.layer_r[layer_idx] = choice["r"]
-        else:
+        elif choice["source"] == "auto":  # budget="model": allocate once every layer is scored
             settings.layer_options[layer_idx] = choice["options"]
             if len(settings.layer_options) == settings.n_layers:
                 shares = allocate_budget({layer: {share: o["score"] for share, o in options.items()}
