@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import sparq_ext  # noqa: E402
 from sparq_ext import SparQCache  # noqa: E402
+from sparq_ext.integrations.evaluation import cache_kwargs  # noqa: E402
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def prefill(model, prompt, new_tokens, device):
     cache = SparQCache(config=model.config, capacity=prompt.shape[1] + new_tokens)
     sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
     sync(device)
     sums = [layer.value_sum.clone() for layer in cache.layers]
     return (cache, logits, sums), time.perf_counter() - t0
@@ -65,7 +66,7 @@ def decode_run(model, prefilled, new_tokens, device):
     for _ in range(new_tokens):
         nxt = logits.argmax(-1, keepdim=True)
         tokens.append(nxt)
-        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
     sync(device)
     seconds = time.perf_counter() - t0
     for layer, saved in zip(cache.layers, sums):  # back to the prompt for the next run

@@ -58,7 +58,7 @@ import sparq_ext  # noqa: E402
 from sparq_ext import SparQCache, transfer_bytes  # noqa: E402
 from sparq_ext.integrations.baselines import (  # noqa: E402
     budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward)
-from sparq_ext.integrations.evaluation import nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
+from sparq_ext.integrations.evaluation import cache_kwargs, nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
 from sparq_ext.calibrate import CRITERIA, DEFAULT_CRITERION  # noqa: E402
 from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, gpl3_text, load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
@@ -267,8 +267,8 @@ def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, f
                     for _ in range(n_answer):  # greedy, every step a decode step
                         nxt = int(logits.argmax(-1))
                         answer.append(nxt)
-                        logits = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                                       use_cache=True).logits[:, -1]
+                        logits = model(input_ids=torch.tensor([[nxt]]), use_cache=True,
+                                       **cache_kwargs(model, cache)).logits[:, -1]
                 text = tok.decode(answer)
                 found = re.findall(r"\d+", text)
                 results.append(dict(context=len(prompt), depth=depth, key=key, method=method, ratio=ratio,

@@ -6,6 +6,8 @@ Bounds below were measured on this model and text (fp32, CPU) and are documented
 benchmarks/results/README.md; each is loose enough for noise but fails for a broken selection.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from sparq_ext import SparQCache  # noqa: E402
 from sparq_ext.integrations.evaluation import (  # noqa: E402
-    distinct_ngram_fraction, nll_and_top1, prefill, teacher_forced_decode)
+    cache_kwargs, distinct_ngram_fraction, nll_and_top1, prefill, teacher_forced_decode)
 from sparq_ext.integrations.smollm2 import load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
 
@@ -54,6 +56,26 @@ def long_prompt(tokenizer):
     """~940 tokens: 900 tokens of the GPL-3 text and a question about it."""
     text = tokenizer.decode(real_text_ids(tokenizer, 900)[0])
     return _chat(tokenizer, text + "\n\nIn two sentences, what does this licence allow?")
+
+
+def test_cache_kwargs_follows_the_forward_signature(model, tokenizer):
+    """transformers 5.24 renamed forward's cache argument (past_key_values is removed in 5.40)."""
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return cache
+
+    cache = object()
+    assert cache_kwargs(OldStyle(), cache) == {"past_key_values": cache}
+    assert cache_kwargs(NewStyle(), cache) == {"cache": cache}
+    with warnings.catch_warnings():  # the installed transformers: no deprecated argument passed
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated", category=FutureWarning)
+        sparq_cache = SparQCache(config=model.config)
+        prefill(model, real_text_ids(tokenizer, 32), sparq_cache)
+    assert sparq_cache.get_seq_length() == 32
 
 
 def _greedy(model, ids, n, **kwargs):

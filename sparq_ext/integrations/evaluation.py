@@ -6,15 +6,23 @@ attention function the model's decode step uses (SparQ after :func:`enable_sparq
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{"cache": cache}`` for models whose ``forward`` takes ``cache`` (transformers >= 5.24,
+    which deprecates ``past_key_values`` and removes it in 5.40), else ``{"past_key_values": cache}``."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """Run ``ids`` ``(B, C)`` through ``model`` into ``cache``; returns the last position's logits."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     return out.logits[:, -1].float()
 
 
@@ -26,7 +34,7 @@ def teacher_forced_decode(model, tokens: torch.Tensor, cache, progress=None) -> 
     """
     steps = []
     for i in range(tokens.shape[1]):
-        out = model(input_ids=tokens[:, i:i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=tokens[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache))
         steps.append(out.logits[:, -1].float())
         if progress is not None:
             progress.update(1)
