@@ -353,7 +353,8 @@ def main():
     commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
                 text={"gpl3": "GPL-3 (numpy dist-info)",
-                      "python-reference": "Python language reference (pydoc_data.topics)"}[args.text],
+                      "python-reference": "Python language reference (pydoc_data.topics)",
+                      "stdlib-docstrings": "Python standard-library docstrings"}[args.text],
                 device=platform.processor() or platform.machine(), torch=torch.__version__,
                 transformers=__import__("transformers").__version__, commit=commit,
                 threads=torch.get_num_threads(), native_cpu_kernel=sparq_ext.has_native_kernel("cpu"),

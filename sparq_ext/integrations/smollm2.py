@@ -18,7 +18,9 @@ not on the calibration text): the NVIDIA CUDA end-user licence agreement that th
 A long evaluation text that is neither licence boilerplate nor the calibration text: the
 Python language reference that CPython's standard library ships as ``pydoc_data.topics``
 (the ``help()`` topics, prose and grammar, each paragraph once, ~92K tokens;
-:func:`python_reference_text`). The
+:func:`python_reference_text`). A second one, for more windows than that text holds at 4K:
+the docstrings of pure-Python standard-library modules (~90K tokens;
+:func:`stdlib_docstrings_text`). The
 GPL-3 text ends before 8K tokens, where the scored tokens of an 8K context fall into numpy's
 BSD licence boilerplate (dense perplexity ~7), so the 8K evaluation uses this text.
 """
@@ -119,12 +121,57 @@ def python_reference_text() -> str:
     return "\n\n".join(parts)
 
 
-EVALUATION_TEXTS = {"gpl3": gpl3_text, "python-reference": python_reference_text}
+# Pure-Python standard-library modules whose docstrings are long prose (stable across 3.10-3.13).
+DOCSTRING_MODULES = ("argparse", "asyncio.base_events", "asyncio.events", "asyncio.streams", "asyncio.tasks",
+                     "calendar", "configparser", "contextlib", "dataclasses", "difflib", "email.message",
+                     "enum", "fractions", "ftplib", "functools", "http.client", "http.cookiejar", "imaplib",
+                     "inspect", "ipaddress", "logging", "logging.handlers", "mailbox", "multiprocessing.pool",
+                     "pathlib", "pickle", "pydoc", "shutil", "smtplib", "socket", "statistics", "subprocess",
+                     "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest.case", "unittest.mock",
+                     "urllib.parse", "urllib.request", "zipfile")
+
+
+def stdlib_docstrings_text() -> str:
+    """Docstrings of :data:`DOCSTRING_MODULES` and of the classes, methods and functions they
+    define (sorted by name), each paragraph once. Documentation prose like the language
+    reference, but written separately from it: a second evaluation text."""
+    import importlib
+    import inspect
+
+    def members(obj, module_name):
+        for name, value in sorted(vars(obj).items()):
+            if name.startswith("_") or getattr(value, "__module__", None) != module_name:
+                continue
+            if inspect.isclass(value) or inspect.isfunction(value):
+                yield value
+                if inspect.isclass(value):
+                    yield from members(value, module_name)
+
+    seen, parts = set(), []
+    for module_name in DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a platform without it (e.g. no _ssl): the text is a little shorter
+            continue
+        for obj in (module, *members(module, module_name)):
+            doc = obj.__doc__ if isinstance(obj.__doc__, str) else None
+            if not doc:
+                continue
+            paragraphs = inspect.cleandoc(doc).split("\n\n")
+            keep = [p for p in paragraphs if len(p.strip()) < 40 or p.strip() not in seen]
+            seen.update(p.strip() for p in paragraphs)
+            if keep:
+                parts.append("\n\n".join(keep))
+    return "\n\n".join(parts)
+
+
+EVALUATION_TEXTS = {"gpl3": gpl3_text, "python-reference": python_reference_text,
+                    "stdlib-docstrings": stdlib_docstrings_text}
 
 
 def real_text_ids(tokenizer, n_tokens: int | None = None, text: str = "gpl3"):
     """Token ids ``(1, n)`` of :func:`gpl3_text` (all of it when ``n_tokens`` is None), or of
-    another of :data:`EVALUATION_TEXTS` (``text="python-reference"``)."""
+    another of :data:`EVALUATION_TEXTS` (``text="python-reference"`` or ``"stdlib-docstrings"``)."""
     ids = tokenizer(EVALUATION_TEXTS[text](), return_tensors="pt").input_ids
     if n_tokens is not None:
         if ids.shape[1] < n_tokens:
