@@ -22,7 +22,8 @@ from transformers import DynamicCache  # noqa: E402
 from sparq_ext import SparQCache  # noqa: E402
 from sparq_ext.integrations.evaluation import (  # noqa: E402
     cache_kwargs, distinct_ngram_fraction, nll_and_top1, prefill, teacher_forced_decode)
-from sparq_ext.integrations.smollm2 import load_smollm2, real_text_ids  # noqa: E402
+from sparq_ext.integrations.smollm2 import (  # noqa: E402
+    EVALUATION_TEXTS, calibration_text, load_smollm2, real_text_ids)
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
 
 BIG_K = 1 << 20  # k >= any context here: SparQ must equal dense attention
@@ -76,6 +77,26 @@ def test_cache_kwargs_follows_the_forward_signature(model, tokenizer):
         sparq_cache = SparQCache(config=model.config)
         prefill(model, real_text_ids(tokenizer, 32), sparq_cache)
     assert sparq_cache.get_seq_length() == 32
+
+
+def _long_paragraphs(text):
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) >= 40]
+
+
+@pytest.mark.parametrize("name", ["python-reference", "stdlib-docstrings"])
+def test_long_evaluation_texts_are_not_copies(tokenizer, name):
+    """The many-window texts hardly repeat a long paragraph (repeats turn scoring into copying
+    from the context: the raw pydoc topics repeat 18% of theirs; left here are a few list items
+    and code lines repeated inside one document, under 0.5%), share none with the calibration
+    text or each other, and hold the 20 disjoint 4K windows that eval_split_windows.py scores."""
+    paragraphs = _long_paragraphs(EVALUATION_TEXTS[name]())
+    assert len(paragraphs) - len(set(paragraphs)) <= 0.005 * len(paragraphs)
+    others = set(_long_paragraphs(calibration_text()))
+    for other in EVALUATION_TEXTS:
+        if other != name:
+            others.update(_long_paragraphs(EVALUATION_TEXTS[other]()))
+    assert not set(paragraphs) & others
+    assert real_text_ids(tokenizer, text=name).shape[1] >= 20 * (4096 + 128 + 1)
 
 
 def _greedy(model, ids, n, **kwargs):

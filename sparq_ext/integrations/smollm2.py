@@ -133,10 +133,11 @@ DOCSTRING_MODULES = ("argparse", "asyncio.base_events", "asyncio.events", "async
 
 def stdlib_docstrings_text() -> str:
     """Docstrings of :data:`DOCSTRING_MODULES` and of the classes, methods and functions they
-    define (sorted by name), each paragraph once. Documentation prose like the language
+    define (sorted by name), dropping paragraphs an earlier docstring had. Documentation prose like the language
     reference, but written separately from it: a second evaluation text."""
     import importlib
     import inspect
+    import warnings
 
     def members(obj, module_name):
         for name, value in sorted(vars(obj).items()):
@@ -153,9 +154,11 @@ def stdlib_docstrings_text() -> str:
             module = importlib.import_module(module_name)
         except ImportError:  # a platform without it (e.g. no _ssl): the text is a little shorter
             continue
-        for obj in (module, *members(module, module_name)):
-            doc = obj.__doc__ if isinstance(obj.__doc__, str) else None
-            if not doc:
+        with warnings.catch_warnings():  # typing.io / typing.re warn when their docstrings are read
+            warnings.simplefilter("ignore", DeprecationWarning)
+            docs = [obj.__doc__ for obj in (module, *members(module, module_name))]
+        for doc in docs:
+            if not isinstance(doc, str) or not doc:
                 continue
             paragraphs = inspect.cleandoc(doc).split("\n\n")
             keep = [p for p in paragraphs if len(p.strip()) < 40 or p.strip() not in seen]
