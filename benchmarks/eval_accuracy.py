@@ -322,7 +322,7 @@ def main():
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
     ap.add_argument("--calibration-tokens", type=int, default=2048,
                     help="tokens of the calibration text (NVIDIA CUDA EULA) for sparq_auto")
-    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=[2048, 4096, 8192],
+    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192],
                     help="sparq_auto_model: calibrate at each of these prefix lengths of the calibration text "
                          "(decoding uses the nearest); empty: one calibration of --calibration-tokens tokens")
     ap.add_argument("--criterion", choices=CRITERIA, default=None,
