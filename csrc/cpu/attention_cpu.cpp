@@ -9,8 +9,9 @@
 //         + G*D*e      the query heads of the group, and L bytes of attn_mask
 //   writes  G*D*e      the output
 //   workspace (fp32/int64, from one at::empty per call): L*4 bytes of selection scores,
-//   written once and read twice while L2-resident (per-thread buffer when B*Hkv >= threads,
-//   else a (B*Hkv, S) buffer), k'*8 bytes of indices, per-chunk softmax statistics (2*G
+//   written once, read twice while L2-resident and then at the k' selected positions
+//   (per-thread buffer when B*Hkv >= threads, else a (B*Hkv, S) buffer), k'*8 bytes of
+//   indices, per-chunk softmax statistics (2*G
 //   floats per 4096 positions) and per-split partials ((D+3)*G floats per 512 selected rows).
 //   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
 //
@@ -431,10 +432,11 @@ void stage2_select(const Problem& P, int64_t task, const float* scores, const Sc
 }
 
 // Stage 2b: one split of the selected rows -> per head (max, sum p, sum of approx softmax
-// numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats).
+// numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats). `scores`: the task's
+// stage-1 selection scores, indexed by position.
 template <typename T>
-void stage2_split(const Problem& P, int64_t task, int64_t split, float* partial,
-                  const Scratch& ws) {
+void stage2_split(const Problem& P, int64_t task, int64_t split, const float* scores,
+                  float* partial, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
   const int64_t t0 = split * kSplit, n = std::min(P.n_sel[task] - t0, kSplit);
   const int64_t pstride = D + 3;
@@ -481,7 +483,22 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, float* partial,
         g0 += 1;
       }
     }
-    if (P.reallocate) {  // l_hat_g of this row from the i1 columns of the row just read
+  }
+
+  // Approximate logits l_hat_g of the selected rows (for alpha), out of the gather loop above:
+  // the extra instructions per row there cut the misses in flight (10-15% of the whole step
+  // at fp32 MHA, S = 16K). With one head per group, a position's stage-1 selection score is
+  // that head's approximate logit, read back from the L2-resident scores; in the local window
+  // (whose score is a marker) and with G > 1 it is recomputed from the i1 columns of the key
+  // rows just read, now in L2.
+  if (P.reallocate) {
+    const int64_t win_start = P.rows[b].win_start;
+    for (int64_t t = 0; t < n; ++t) {
+      if (G == 1 && idx[t] < win_start) {
+        ap[t] = scores[idx[t]];
+        continue;
+      }
+      const T* row = kbase + idx[t] * P.kS;
       for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
       for (int64_t g = 0; g < G; ++g) {
         fVec acc(0.0f);
@@ -718,7 +735,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
       stage2_select<T>(P, task, ws.scores, ws);
       for (int64_t sp = 0; sp < P.n_splits; ++sp)
-        stage2_split<T>(P, task, sp, ws.partials + sp * split_floats, ws);
+        stage2_split<T>(P, task, sp, ws.scores, ws.partials + sp * split_floats, ws);
       stage2_merge<T>(P, task, ws.partials, ws);
     });
   } else {  // few (b, h): split the sequence (stage 1) and the selected rows (stage 2) too
@@ -731,8 +748,9 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       stage2_select<T>(P, task, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks * P.n_splits, [&](int64_t w, int tid) {
-      stage2_split<T>(P, w / P.n_splits, w % P.n_splits, P.partials + w * split_floats,
-                      scratch_for(tid));
+      const int64_t task = w / P.n_splits;
+      stage2_split<T>(P, task, w % P.n_splits, global_scores + task * S,
+                      P.partials + w * split_floats, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
       stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, scratch_for(tid));
