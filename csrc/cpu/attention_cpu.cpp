@@ -59,10 +59,11 @@ constexpr int64_t kChunk = 4096;  // positions per stage-1 work item (sets the s
 constexpr int64_t kSub = 256;     // positions per L1-resident block of per-head logits
 constexpr int64_t kSplit = 512;   // selected rows per stage-2 work item (fixed: thread-count
                                   // independent results)
-// Rows ahead to prefetch in the gathers. They are latency-bound (the prefetches stall on
-// line-fill buffers); 4..32 measured the same, so no tuning knob. Without prefetching the
-// step was 7% slower (fp32 MHA, S = 16K, 2 threads, interleaved in-process A/B), although
-// a stand-alone gather loop ran 10% faster without: keep it.
+// Rows ahead to prefetch in the gathers, first cache line only. They are latency-bound (the
+// prefetches stall on line-fill buffers); 4..32 rows measured the same, so no tuning knob.
+// Prefetching every line of the row instead held more fill buffers for the same misses:
+// 8-14% slower at S >= 16K (fp32/bf16, MHA and GQA, 2 threads, interleaved in-process A/B),
+// and no prefetch at all was as slow; benchmarks/cpu_memory_floor.cpp shows the same.
 constexpr int64_t kPrefetch = 8;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -377,10 +378,9 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
                        const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
   for (int hh = 0; hh < NH; ++hh)
     for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
-  const int64_t row_bytes = D * (int64_t)sizeof(T);
   const int64_t d_full = D / kVec * kVec;
   for (int64_t t = 0; t < n_sel; ++t) {
-    if (t + kPrefetch < n_sel) prefetch_row(vbase + idx[t + kPrefetch] * vS, row_bytes);
+    if (t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * vS);
     const T* row = vbase + idx[t] * vS;
     fVec pb[NH];
     for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
@@ -460,9 +460,8 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
   for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
 
   // Exact and approximate logits of the selected rows, all heads per key row read.
-  const int64_t row_bytes = D * (int64_t)sizeof(T);
   for (int64_t t = 0; t < n; ++t) {
-    if (t + kPrefetch < n) prefetch_row(kbase + idx[t + kPrefetch] * P.kS, row_bytes);
+    if (t + kPrefetch < n) prefetch(kbase + idx[t + kPrefetch] * P.kS);
     const T* row = kbase + idx[t] * P.kS;
     int64_t g0 = 0;
     while (g0 < G) {

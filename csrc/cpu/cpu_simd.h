@@ -72,10 +72,4 @@ inline float hmax(const fVec& v) {
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-// Prefetch every cache line of a row of `bytes` bytes.
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) prefetch(c + o);
-}
-
 }  // namespace sparq::cpu
