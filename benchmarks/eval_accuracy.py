@@ -103,6 +103,24 @@ def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None
     return results
 
 
+def run_history(old_meta):
+    """The metadata of every run merged into an output file so far, oldest first, one level deep.
+
+    Each entry is a run's own metadata without a history of its own: keeping the history inside
+    every entry doubled the file at each merge. Files written that way are flattened here (the
+    nested copies are duplicates, dropped)."""
+    def flatten(m):
+        own = {k: v for k, v in m.items() if k != "earlier_runs"}
+        return [run for earlier in m.get("earlier_runs", []) for run in flatten(earlier)] + [own]
+    seen, runs = set(), []
+    for run in flatten(old_meta):
+        key = json.dumps(run, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
+    return runs
+
+
 def set_method(model, method, ratio):
     if method == "dense":
         disable_sparq(model)
@@ -368,7 +386,7 @@ def main():
         previous = [r for r in old["rows"] if r["context"] not in args.contexts or
                     (r.get("text", "gpl3") == args.text and r["method"] not in args.methods)]
         old_dense = {r["context"]: r["ppl"] for r in old["rows"] if r["method"] == "dense"}
-        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"]]
+        meta["earlier_runs"] = run_history(old["meta"])
 
     def write(rows):
         rerun = {r["context"] for r in rows if r["method"] == "dense"}  # a new dense row replaces the kept one

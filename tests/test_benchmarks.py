@@ -83,3 +83,22 @@ def test_split_windows_summary_pools_losses_and_bootstraps_the_ratio():
     cell["window_nll"]["even"] = dense
     s = sw.summarise(cell, torch.Generator().manual_seed(0))
     assert s["auto_over_even"] is None and s["auto_over_even_ci95"] is None and s["p_goal"] == 0.0
+
+
+def test_accuracy_merge_keeps_a_flat_run_history():
+    import eval_accuracy
+
+    def run(commit, history=None):
+        return {"commit": commit, **({"earlier_runs": history} if history is not None else {})}
+
+    # As older versions wrote it: every entry carried its own history (the file doubled per merge).
+    a = run("a")
+    b = run("b", [a])
+    c = run("c", [a, b])
+    d = run("d", [a, b, c])
+    assert [m["commit"] for m in eval_accuracy.run_history(d)] == ["a", "b", "c", "d"]
+    assert all("earlier_runs" not in m for m in eval_accuracy.run_history(d))
+    # Merging again appends one entry and no nesting: the size grows linearly.
+    e = run("e", eval_accuracy.run_history(d))
+    assert [m["commit"] for m in eval_accuracy.run_history(e)] == ["a", "b", "c", "d", "e"]
+    assert eval_accuracy.run_history(run("first")) == [{"commit": "first"}]
