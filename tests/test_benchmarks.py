@@ -102,3 +102,26 @@ def test_accuracy_merge_keeps_a_flat_run_history():
     e = run("e", eval_accuracy.run_history(d))
     assert [m["commit"] for m in eval_accuracy.run_history(e)] == ["a", "b", "c", "d", "e"]
     assert eval_accuracy.run_history(run("first")) == [{"commit": "first"}]
+
+
+def test_cpu_memory_floor_builds_and_reports_every_variant(tmp_path):
+    """The README's memory-floor numbers come from this program: it must still build and run."""
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "avx512f" not in cpuinfo.read_text(errors="ignore"):
+        pytest.skip("needs an AVX-512 CPU on Linux (the program uses AVX-512 intrinsics)")
+    exe = tmp_path / "cpu_memory_floor"
+    subprocess.run([cxx, "-O2", "-Wall", "-Wextra", "-Werror", "-march=native", "-fopenmp",
+                    str(ROOT / "benchmarks" / "cpu_memory_floor.cpp"), "-o", str(exe)], check=True)
+    bad = subprocess.run([str(exe), "1000"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiple of 2048" in bad.stderr
+    out = subprocess.run([str(exe), "2048"], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "2"}).stdout.splitlines()
+    assert out[0].startswith("S = 2048, k = 128")
+    rates = [float(line.split()[-2]) for line in out[1:]]
+    assert len(rates) == 7 and all(r > 0 and math.isfinite(r) for r in rates)
