@@ -11,8 +11,8 @@
 //   workspace (fp32/int64, from one at::empty per call): L*4 bytes of selection scores,
 //   written once, read twice while L2-resident and then at the k' selected positions
 //   (per-thread buffer when B*Hkv >= threads, else a (B*Hkv, S) buffer), k'*8 bytes of
-//   indices, per-chunk softmax statistics (2*G
-//   floats per 4096 positions) and per-split partials ((D+3)*G floats per 512 selected rows).
+//   indices, per-chunk softmax statistics (2*G floats per 4096 positions) and per-split
+//   partials ((D+3)*G floats per 512 selected rows).
 //   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
 //
 // Stages (DESIGN.md section 6, with threads in place of thread blocks):
