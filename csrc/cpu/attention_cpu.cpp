@@ -12,7 +12,8 @@
 //   written once, read twice while L2-resident and then at the k' selected positions
 //   (per-thread buffer when B*Hkv >= threads, else a (B*Hkv, S) buffer), k'*8 bytes of
 //   indices, per-chunk softmax statistics (2*G floats per 4096 positions) and per-split
-//   partials ((D+3)*G floats per 512 selected rows).
+//   partials ((D+3)*G floats per 512 selected rows); with rows of <= 256 bytes, a per-thread
+//   copy of one split's 512 value rows (L2-resident, see kStageRowBytes).
 //   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
 //
 // Stages (DESIGN.md section 6, with threads in place of thread blocks):
@@ -44,6 +45,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -65,6 +67,14 @@ constexpr int64_t kSplit = 512;   // selected rows per stage-2 work item (fixed:
 // 8-14% slower at S >= 16K (fp32/bf16, MHA and GQA, 2 threads, interleaved in-process A/B),
 // and no prefetch at all was as slow; benchmarks/cpu_memory_floor.cpp shows the same.
 constexpr int64_t kPrefetch = 8;
+constexpr int64_t kLine = 64;  // bytes per cache line
+// Value rows of at most this many bytes are copied to a per-thread buffer during the key pass
+// of stage 2 (demand loads of K and V rows of a position back to back: twice the misses in
+// flight of a prefetch hint), and the value pass then reads that L2-resident buffer. Measured
+// (interleaved in-process A/B, 2 threads, S = 16K): bf16 D = 128 (256 B rows) MHA 3.56 -> 3.21
+// ms, GQA 1.70 -> 1.49 ms; fp32 D = 128 (512 B rows) MHA 4.43 -> 4.76 ms (slower: 16 lines
+// per position exceed the misses a core keeps in flight), GQA unchanged. So by row size.
+constexpr int64_t kStageRowBytes = 256;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -113,6 +123,7 @@ struct Scratch {
   float* key_cols;                  // rpad: one key row's i1 columns
   float* v_mean;                    // D
   float* partials;                  // n_splits * G * (D + 3) (per-task mode)
+  void* value_stage;                // kSplit value rows (when D * e <= kStageRowBytes)
 };
 
 // ---------------------------------------------------------------------------------------
@@ -276,6 +287,13 @@ void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
     if (P.key_t) {
       const T* base = static_cast<const T*>(P.key_t) + b * P.tB + h * P.tH + s0;
       for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.tD;
+      // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
+      // r short interleaved runs (kSub positions each). bf16 MHA S = 16K with staged values:
+      // 3.21 -> 3.09 ms; 64K: 11.9 -> 11.0 ms; fp32 unchanged (interleaved A/B).
+      const int64_t ahead = std::min(kSub, hi - s0 - kSub);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
+          prefetch(row_ptr[j] + kSub + i);
       approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
       const T* base = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
@@ -372,16 +390,16 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
 
 // y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads. Each value row is read once, whole
 // (the gather is latency-bound: touching a row in several passes costs a miss per pass), and
-// the NH x D fp32 accumulators live in L1.
-template <typename T, int NH>
+// the NH x D fp32 accumulators live in L1. Staged: row t is vbase + t * D (the value stage).
+template <typename T, int NH, bool Staged>
 void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n_sel,
                        const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
   for (int hh = 0; hh < NH; ++hh)
     for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
   const int64_t d_full = D / kVec * kVec;
   for (int64_t t = 0; t < n_sel; ++t) {
-    if (t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * vS);
-    const T* row = vbase + idx[t] * vS;
+    if (!Staged && t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * vS);
+    const T* row = Staged ? vbase + t * D : vbase + idx[t] * vS;
     fVec pb[NH];
     for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
     for (int64_t d = 0; d < d_full; d += kVec) {
@@ -398,6 +416,33 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
         float* acc = y + hh * y_stride + d_full;
         at::vec::fmadd(pb[hh], v, fVec::loadu(acc, c)).store(acc, c);
       }
+    }
+  }
+}
+
+// accumulate_values for all G heads in blocks of 8, 4, 2, 1 (accumulators in registers);
+// p: G rows of kSplit weights; head g's sum goes to partial + g * pstride + 3.
+template <typename T, bool Staged>
+void accumulate_values_all_heads(const T* vbase, int64_t vS, const int64_t* idx, int64_t n,
+                                 const float* p, int64_t G, int64_t D, float* partial,
+                                 int64_t pstride) {
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t rem = G - g0;
+    const float* pg = p + g0 * kSplit;
+    float* y = partial + g0 * pstride + 3;
+    if (rem >= 8) {
+      accumulate_values<T, 8, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
+      g0 += 8;
+    } else if (rem >= 4) {
+      accumulate_values<T, 4, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
+      g0 += 4;
+    } else if (rem >= 2) {
+      accumulate_values<T, 2, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
+      g0 += 2;
+    } else {
+      accumulate_values<T, 1, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
+      g0 += 1;
     }
   }
 }
@@ -458,10 +503,16 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
   float* ap = ws.sel_approx;
   float* cols = ws.key_cols;
   for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
+  const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
+  T* stage = static_cast<T*>(ws.value_stage);  // nullptr: value rows are not staged
 
-  // Exact and approximate logits of the selected rows, all heads per key row read.
+  // Exact logits of the selected rows, all heads per key row read (and the value row staged).
   for (int64_t t = 0; t < n; ++t) {
-    if (t + kPrefetch < n) prefetch(kbase + idx[t + kPrefetch] * P.kS);
+    if (t + kPrefetch < n) {
+      prefetch(kbase + idx[t + kPrefetch] * P.kS);
+      if (stage) prefetch(vbase + idx[t + kPrefetch] * P.vS);
+    }
+    if (stage) std::memcpy(stage + t * D, vbase + idx[t] * P.vS, D * sizeof(T));
     const T* row = kbase + idx[t] * P.kS;
     int64_t g0 = 0;
     while (g0 < G) {
@@ -520,26 +571,10 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
     part[2] = (P.reallocate && hl > 0.0f) ? exp_sum<false, false>(ap + g * kSplit, n, hm) : 0.0f;
   }
 
-  const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
-  int64_t g0 = 0;
-  while (g0 < G) {
-    const int64_t rem = G - g0;
-    const float* p = ex + g0 * kSplit;
-    float* y = partial + g0 * pstride + 3;
-    if (rem >= 8) {
-      accumulate_values<T, 8>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
-      g0 += 8;
-    } else if (rem >= 4) {
-      accumulate_values<T, 4>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
-      g0 += 4;
-    } else if (rem >= 2) {
-      accumulate_values<T, 2>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
-      g0 += 2;
-    } else {
-      accumulate_values<T, 1>(vbase, P.vS, idx, n, p, kSplit, D, y, pstride);
-      g0 += 1;
-    }
-  }
+  if (stage)
+    accumulate_values_all_heads<T, true>(stage, D, idx, n, ex, G, D, partial, pstride);
+  else
+    accumulate_values_all_heads<T, false>(vbase, P.vS, idx, n, ex, G, D, partial, pstride);
 }
 
 // Stage 2c: merge the splits (in order) and write alpha * y + (1 - alpha) * v_mean.
@@ -661,6 +696,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   const int nthreads = std::max(1, at::get_num_threads());
   const bool per_task = tasks >= nthreads || (P.n_chunks == 1 && P.n_splits == 1);
   const int64_t part_floats = P.n_splits * G * (D + 3);
+  const bool stage_values = D * int64_t{sizeof(T)} <= kStageRowBytes;
 
   // Global arrays and per-thread scratch in one byte buffer (64-byte aligned pieces).
   int64_t bytes = 0;
@@ -689,6 +725,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       P.rpad * 4,                                    // key_cols
       D * 4,                                         // v_mean
       per_task ? part_floats * 4 : 0,                // partials
+      stage_values ? kSplit * D * int64_t{sizeof(T)} : 0,  // value_stage
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
@@ -709,8 +746,9 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
 
   auto scratch_for = [&](int tid) {
     char* p = base + scratch_begin + scratch_bytes * tid;
-    char* piece[8];
-    for (int i = 0; i < 8; ++i) {
+    constexpr int kPieces = sizeof(scratch_sizes) / sizeof(scratch_sizes[0]);
+    char* piece[kPieces];
+    for (int i = 0; i < kPieces; ++i) {
       piece[i] = p;
       p += round_up(scratch_sizes[i], 64);
     }
@@ -723,6 +761,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.key_cols = reinterpret_cast<float*>(piece[5]);
     ws.v_mean = reinterpret_cast<float*>(piece[6]);
     ws.partials = reinterpret_cast<float*>(piece[7]);
+    ws.value_stage = stage_values ? piece[8] : nullptr;
     return ws;
   };
   const int64_t split_floats = G * (D + 3);
