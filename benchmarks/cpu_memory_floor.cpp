@@ -1,11 +1,13 @@
 // The memory traffic of one SparQ decode step on CPU, and nothing else: how fast can any
 // kernel be on this machine? (README, "Why 10x the seed is out of reach for fp32 MHA".)
 //
-// Shape of `make bench`'s fp32 MHA row: 32 heads, S positions, D = 128, r = 16, k = S/16, fp32.
+// Shape of `make bench`'s fp32 MHA row: 32 heads, S positions, D = 128, r = 16, k = S/16, fp32
+// (D = 64 gives 256-byte rows, the bytes of a bf16 row at D = 128).
 //   stream   step 1's reads: the r rows of key_t per head, S floats each (contiguous)
-//   gather   step 2's reads: k sorted random K rows, then the same V rows, 512 B each, in the
+//   gather   step 2's reads: k sorted random K rows, then the same V rows, 4*D B each, in the
 //            variants below (software prefetch 8 rows ahead of all lines / the first line /
-//            none; K and V of a position back to back)
+//            none; K and V of a position back to back; V rows copied to a buffer during the K
+//            pass, then read from it: the kernel's staging, kStageRowBytes)
 //   serial   stream, then gather (first-line prefetch: the kernel's order and choice), per head
 //   overlap  the gather of head h with the stream of the next head of the thread, in slices
 //            of 32 positions after every 4 gathered rows
@@ -14,7 +16,7 @@
 //
 // Build and run (not part of the package or its tests):
 //   g++ -O2 -march=native -fopenmp benchmarks/cpu_memory_floor.cpp -o /tmp/cpu_memory_floor
-//   OMP_NUM_THREADS=2 /tmp/cpu_memory_floor [S]
+//   OMP_NUM_THREADS=2 /tmp/cpu_memory_floor [S [D]]
 // GCC 12's AVX-512 intrinsics self-initialise undefined vectors (false -Wuninitialized in
 // _mm512_reduce_add_ps), as in csrc/cpu/attention_cpu.cpp. Before any include.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -31,8 +33,8 @@
 
 namespace {
 
-constexpr int kHeads = 32, kD = 128, kR = 16, kPrefetch = 8;
-int S = 16384, K = 1024;
+constexpr int kHeads = 32, kR = 16, kPrefetch = 8;
+int S = 16384, K = 1024, kD = 128;
 float *key, *value, *keyt, *flush_buf;
 constexpr size_t kFlushFloats = size_t{1} << 28;  // 1 GiB
 std::vector<std::vector<int>> sel(kHeads);        // per head: k sorted positions
@@ -80,11 +82,27 @@ __m512 gather_paired(int h, __m512 acc) {  // K and V rows of a position back to
   return acc;
 }
 
+// K pass with the V rows demand-loaded into a per-thread buffer, then the V pass over it.
+__m512 gather_staged(int h, float* stage, __m512 acc) {
+  for (int t = 0; t < K; ++t) {
+    const int ahead = std::min(t + kPrefetch, K - 1);
+    prefetch(krow(h, ahead), false);
+    prefetch(vrow(h, ahead), false);
+    acc = sum_row(krow(h, t), acc);
+    const float* v = vrow(h, t);
+    for (int d = 0; d < kD; d += 16) _mm512_storeu_ps(stage + size_t(t) * kD + d, _mm512_loadu_ps(v + d));
+  }
+  for (int t = 0; t < K; ++t) acc = sum_row(stage + size_t(t) * kD, acc);
+  return acc;
+}
+
+enum Gather { kTwoPass, kPaired, kStaged };
+
 struct Variant {
   const char* name;
   int kind;  // 0 stream, 1 gather, 2 serial, 3 overlap
   Prefetch pf;
-  bool paired;
+  Gather gather;
 };
 
 float run(const Variant& v) {
@@ -93,10 +111,13 @@ float run(const Variant& v) {
   {
     __m512 acc = _mm512_setzero_ps();
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> stage(v.gather == kStaged ? size_t(K) * kD : 0);
     for (int h = tid; h < kHeads; h += nt) {
       if (v.kind == 0 || v.kind == 2) acc = stream(h, 0, S, acc);
       if (v.kind == 1 || v.kind == 2)
-        acc = v.paired ? gather_paired(h, acc) : gather_two_pass(h, v.pf, acc);
+        acc = v.gather == kPaired   ? gather_paired(h, acc)
+              : v.gather == kStaged ? gather_staged(h, stage.data(), acc)
+                                    : gather_two_pass(h, v.pf, acc);
       if (v.kind == 3) {  // 2k gathered rows; after every 4, 4/(2k) of the next head's stream
         if (h == tid) acc = stream(h, 0, S, acc);
         const int next = h + nt, slice = 4 * S / (2 * K);  // 32 floats: whole vectors
@@ -127,8 +148,13 @@ double seconds() {
 
 int main(int argc, char** argv) {
   if (argc > 1) S = std::atoi(argv[1]);
+  if (argc > 2) kD = std::atoi(argv[2]);
   if (S < 2048 || S % 2048 != 0) {
     std::fprintf(stderr, "S must be a positive multiple of 2048, got %d\n", S);
+    return 2;
+  }
+  if (kD < kR || kD % kR != 0 || kD % 16 != 0) {  // r = 16 rows of key_t; whole vectors
+    std::fprintf(stderr, "D must be a positive multiple of 16, got %d\n", kD);
     return 2;
   }
   K = S / 16;
@@ -157,13 +183,14 @@ int main(int argc, char** argv) {
   }
 
   const Variant variants[] = {
-      {"stream (step 1)", 0, kNone, false},
-      {"gather, prefetch all lines", 1, kAllLines, false},
-      {"gather, prefetch first line", 1, kFirstLine, false},
-      {"gather, no prefetch", 1, kNone, false},
-      {"gather, K and V paired", 1, kFirstLine, true},
-      {"serial: stream + gather", 2, kFirstLine, false},
-      {"overlap: gather || next stream", 3, kNone, false},
+      {"stream (step 1)", 0, kNone, kTwoPass},
+      {"gather, prefetch all lines", 1, kAllLines, kTwoPass},
+      {"gather, prefetch first line", 1, kFirstLine, kTwoPass},
+      {"gather, no prefetch", 1, kNone, kTwoPass},
+      {"gather, K and V paired", 1, kFirstLine, kPaired},
+      {"gather, V staged in K pass", 1, kFirstLine, kStaged},
+      {"serial: stream + gather", 2, kFirstLine, kTwoPass},
+      {"overlap: gather || next stream", 3, kNone, kTwoPass},
   };
   constexpr int nv = sizeof(variants) / sizeof(variants[0]);
   std::vector<double> best(nv, 1e30);

@@ -120,8 +120,12 @@ def test_cpu_memory_floor_builds_and_reports_every_variant(tmp_path):
                     str(ROOT / "benchmarks" / "cpu_memory_floor.cpp"), "-o", str(exe)], check=True)
     bad = subprocess.run([str(exe), "1000"], capture_output=True, text=True)
     assert bad.returncode == 2 and "multiple of 2048" in bad.stderr
-    out = subprocess.run([str(exe), "2048"], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "2"}).stdout.splitlines()
-    assert out[0].startswith("S = 2048, k = 128")
-    rates = [float(line.split()[-2]) for line in out[1:]]
-    assert len(rates) == 7 and all(r > 0 and math.isfinite(r) for r in rates)
+    bad_d = subprocess.run([str(exe), "2048", "40"], capture_output=True, text=True)
+    assert bad_d.returncode == 2 and "multiple of 16" in bad_d.stderr
+    for d in ("128", "64"):
+        out = subprocess.run([str(exe), "2048", d], capture_output=True, text=True, check=True,
+                             env={"OMP_NUM_THREADS": "2"}).stdout.splitlines()
+        assert out[0].startswith(f"S = 2048, k = 128, 32 heads, D = {d},")
+        rates = [float(line.split()[-2]) for line in out[1:]]
+        assert len(rates) == 8 and all(r > 0 and math.isfinite(r) for r in rates)
+        assert any(line.startswith("gather, V staged") for line in out)
