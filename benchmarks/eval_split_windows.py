@@ -20,14 +20,20 @@ Writes benchmarks/results/split_windows.{json,md,png}.
 
     python benchmarks/eval_split_windows.py --threads 2                 # 1K/4K/8K x ratios 4, 8
     python benchmarks/eval_split_windows.py --contexts 1024 --windows 2 --tokens 16 --tag quick
+
+--pool A.json B.json ... runs nothing: it pools earlier runs on different texts (same split
+files) per (context, ratio), with a bootstrap stratified by text, into
+split_windows_pooled{_tag}.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,14 +73,22 @@ def loss_pct(nll: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return 100 * (torch.exp(nll.mean(-1) - dense.mean(-1)) - 1)
 
 
-def summarise(cell: dict, generator: torch.Generator) -> dict:
+def summarise(cell: dict | list[dict], generator: torch.Generator) -> dict:
     """Pooled losses and the bootstrap (over windows) of each auto variant over even, for one
     (context, ratio): keys ``auto_over_even``... for "auto", ``auto_model_over_even``... for
-    "auto_model"."""
-    dense = torch.tensor(cell["dense_window_nll"])
-    methods = {m: torch.tensor(v) for m, v in cell["window_nll"].items()}
-    W = dense.numel()
-    idx = torch.randint(0, W, (BOOTSTRAP, W), generator=generator)
+    "auto_model". A list of cells (the same context and ratio on different texts) is pooled:
+    losses over all their windows, the bootstrap resampling windows within each text
+    (stratified), so every resample keeps each text's share of the tokens."""
+    cells = [cell] if isinstance(cell, dict) else list(cell)
+    names = [m for m in cells[0]["window_nll"] if all(m in c["window_nll"] for c in cells)]
+    dense = torch.cat([torch.tensor(c["dense_window_nll"]) for c in cells])
+    methods = {m: torch.cat([torch.tensor(c["window_nll"][m]) for c in cells]) for m in names}
+    offsets, idx = 0, []
+    for c in cells:  # one stratum per text; a single cell draws exactly as before pooling existed
+        W = len(c["dense_window_nll"])
+        idx.append(offsets + torch.randint(0, W, (BOOTSTRAP, W), generator=generator))
+        offsets += W
+    idx = torch.cat(idx, 1)
     out = {"loss_pct": {m: float(loss_pct(v, dense)) for m, v in methods.items()},
            "window_loss_pct": {m: [float(x) for x in 100 * (torch.exp(v - dense) - 1)] for m, v in methods.items()}}
     even = methods["even"]
@@ -97,6 +111,80 @@ def summarise(cell: dict, generator: torch.Generator) -> dict:
         out[f"nll_{name}_minus_even"] = float((auto - even).mean())
         out[f"nll_{name}_minus_even_ci95"] = [float(diff.quantile(0.025)), float(diff.quantile(0.975))]
     return out
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def split_hashes(meta: dict) -> dict:
+    """sha256 of each split file a run decoded with: recorded in its meta, or (older runs) read
+    from git at the run's commit ("-dirty" stripped: the committed version of the file)."""
+    if "split_sha256" in meta:
+        return meta["split_sha256"]
+    commit = meta["commit"].removesuffix("-dirty")
+    out = {}
+    for key, rel in meta["split_files"].items():
+        try:
+            blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{rel}"], capture_output=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            raise SystemExit(f"cannot tell which {rel} the run at {meta['commit']} used (no git history "
+                             f"here); not pooled") from None
+        out[key] = hashlib.sha256(blob).hexdigest()
+    return out
+
+
+def pool_runs(paths: list[Path], stem: Path) -> str:
+    """Pool the cells of several runs (one text each) per (context, ratio); returns the table.
+
+    Runs must have decoded with the same split files (same names and, where recorded, the
+    same contents): pooling different calibrations would mix two methods."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len(runs) < 2:
+        raise SystemExit("--pool needs at least two result files")
+    ref = runs[0]["meta"]
+    ref_hashes = split_hashes(ref)
+    for p, run in zip(paths, runs):
+        m = run["meta"]
+        if m["split_files"] != ref["split_files"] or split_hashes(m) != ref_hashes:
+            raise SystemExit(f"{p}: decoded with other split files than {paths[0]} (at commits "
+                             f"{m['commit']} and {ref['commit']}); not pooled")
+    keys = [k for k in runs[0]["cells"] if all(k in r["cells"] for r in runs)]
+    if not keys:
+        raise SystemExit("the runs share no (context, ratio) cell")
+    gen = torch.Generator().manual_seed(0)
+    pooled, rows = {}, []
+    for key in keys:
+        cells = [r["cells"][key] for r in runs]
+        summary = summarise(cells, gen)
+        pooled[key] = {"context": cells[0]["context"], "ratio": cells[0]["ratio"], "summary": summary,
+                       "windows": [len(c["dense_window_nll"]) for c in cells]}
+        for name in (m for m in AUTO_METHODS if f"{m}_over_even" in summary):
+            per_text = [r["cells"][key]["summary"].get(f"{name}_over_even") for r in runs]
+            ci, d_ci = summary[f"{name}_over_even_ci95"], summary[f"nll_{name}_minus_even_ci95"]
+            ratio = summary[f"{name}_over_even"]
+            rows.append([cells[0]["context"], cells[0]["ratio"],
+                         " + ".join(f"{r['meta']['text']} {len(c['dense_window_nll'])}" for r, c in zip(runs, cells)),
+                         f"{summary['loss_pct']['even']:+.2f}%", name, f"{summary['loss_pct'][name]:+.2f}%",
+                         "n/a" if ratio is None else f"{ratio:.2f}",
+                         "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
+                         f"{summary['p_goal' if name == 'auto' else 'p_goal_' + name]:.2f}",
+                         f"{summary[f'nll_{name}_minus_even']:+.4f} [{d_ci[0]:+.4f}, {d_ci[1]:+.4f}]",
+                         " / ".join("n/a" if v is None else f"{v:.2f}" for v in per_text)])
+    headers = ["context", "ratio", "texts (windows)", "even loss", "auto split", "its loss", "its loss / even's",
+               "95% CI (stratified)", "P(<= 0.5)", "NLL it - even [95% CI]", "per text"]
+    table = tabulate(rows, headers=headers, tablefmt="github")
+    meta = {"pooled": [{"file": os.path.relpath(Path(p).resolve(), ROOT), "text": r["meta"]["text"],
+                        "commit": r["meta"]["commit"]} for p, r in zip(paths, runs)],
+            "split_files": ref["split_files"], "split_sha256": ref_hashes, "commit": git_commit()}
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=pooled), indent=1))
+    stem.with_suffix(".md").write_text(
+        "# Auto vs even split, pooled over texts\n\n"
+        "Written by `benchmarks/eval_split_windows.py --pool` (bootstrap over windows, stratified by text; "
+        "losses over all windows of all texts).\n\n"
+        f"```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
+    return table
 
 
 def plot(cells: dict, path: Path) -> None:
@@ -159,7 +247,18 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
+                    help="run nothing: pool these earlier results (one text each) into "
+                         "split_windows_pooled{_tag}.{json,md} under --out")
     args = ap.parse_args()
+    if args.pool:
+        missing = [str(p) for p in args.pool if not p.is_file()]
+        if missing:
+            ap.error(f"--pool: no such file: {', '.join(missing)}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(pool_runs(args.pool, out / f"split_windows_pooled{'_' + args.tag if args.tag else ''}"))
+        return
     if args.windows < 1 or args.tokens < 1:
         ap.error("--windows and --tokens must be >= 1")
     out, ratios = prepare_run(args)
@@ -185,6 +284,8 @@ def main():
                 text_tokens=ids.shape[1], commit=commit, threads=torch.get_num_threads(), torch=torch.__version__,
                 split_files={f"{b}/{r:g}": os.path.relpath(eval_accuracy.SPLIT_FILES[b, r], ROOT)
                              for b in budgets for r in ratios},
+                split_sha256={f"{b}/{r:g}": file_sha256(eval_accuracy.SPLIT_FILES[b, r])
+                              for b in budgets for r in ratios},
                 args=vars(args))
     n_layers = model.config.num_hidden_layers
     N = args.tokens

@@ -85,6 +85,50 @@ def test_split_windows_summary_pools_losses_and_bootstraps_the_ratio():
     assert s["auto_over_even"] is None and s["auto_over_even_ci95"] is None and s["p_goal"] == 0.0
 
 
+def test_split_windows_pools_texts_with_a_bootstrap_stratified_by_text(tmp_path):
+    pytest.importorskip("transformers")
+    import eval_split_windows as sw
+
+    def cell(n, even, auto, dense0=0.0):
+        dense = [dense0 + 0.1 * w for w in range(n)]
+        return {"context": 8000, "ratio": 4, "dense_window_nll": dense,
+                "window_nll": {"even": [d + math.log(even) for d in dense],
+                               "auto_model": [d + math.log(auto) for d in dense]}}
+
+    a, b = cell(4, 1.2, 1.05), cell(2, 1.1, 1.1, dense0=2.0)  # auto gains on text a only
+    s = sw.summarise([a, b], torch.Generator().manual_seed(0))
+    even = math.exp((4 * math.log(1.2) + 2 * math.log(1.1)) / 6) - 1
+    auto = math.exp((4 * math.log(1.05) + 2 * math.log(1.1)) / 6) - 1
+    assert s["loss_pct"]["even"] == pytest.approx(100 * even, rel=1e-4)
+    assert s["auto_model_over_even"] == pytest.approx(auto / even, rel=1e-3)
+    # Every resample keeps 4 windows of a and 2 of b, each text's windows alike: no spread. A
+    # bootstrap over the pooled windows (not by text) would draw 6 of a or 6 of b at times.
+    lo, hi = s["auto_model_over_even_ci95"]
+    assert lo == pytest.approx(auto / even, rel=1e-3) and hi == pytest.approx(auto / even, rel=1e-3)
+    # One cell alone, or as a one-element list, bootstraps exactly as before pooling existed.
+    assert sw.summarise([a], torch.Generator().manual_seed(1)) == sw.summarise(a, torch.Generator().manual_seed(1))
+
+    def write(name, text, sha):
+        meta = {"text": text, "commit": "abc1234", "split_files": {"model/4": "s4.json"},
+                "split_sha256": {"model/4": sha}}
+        c = dict(a if text == "t1" else b)
+        c["summary"] = sw.summarise(c, torch.Generator().manual_seed(0))
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": meta, "cells": {"8000/4": c}}))
+        return path
+
+    p1, p2, p3 = write("r1.json", "t1", "x"), write("r2.json", "t2", "x"), write("r3.json", "t2", "y")
+    table = sw.pool_runs([p1, p2], tmp_path / "pooled")
+    assert "t1 4 + t2 2" in table
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert pooled["cells"]["8000/4"]["windows"] == [4, 2]
+    assert pooled["cells"]["8000/4"]["summary"]["auto_model_over_even"] == pytest.approx(auto / even, rel=1e-3)
+    with pytest.raises(SystemExit, match="other split files"):  # another calibration: not pooled
+        sw.pool_runs([p1, p3], tmp_path / "bad")
+    with pytest.raises(SystemExit, match="at least two"):
+        sw.pool_runs([p1], tmp_path / "one")
+
+
 def test_accuracy_merge_keeps_a_flat_run_history():
     import eval_accuracy
 
