@@ -21,9 +21,10 @@ Writes benchmarks/results/split_windows.{json,md,png}.
     python benchmarks/eval_split_windows.py --threads 2                 # 1K/4K/8K x ratios 4, 8
     python benchmarks/eval_split_windows.py --contexts 1024 --windows 2 --tokens 16 --tag quick
 
---pool A.json B.json ... runs nothing: it pools earlier runs on different texts (same split
-files) per (context, ratio), with a bootstrap stratified by text, into
-split_windows_pooled{_tag}.{json,md}.
+--pool A.json B.json ... runs nothing: it pools earlier runs on different texts per (context,
+ratio), with a bootstrap stratified by text, into split_windows_pooled{_tag}.{json,md}; only
+cells that decoded with the same splits in every run (checked against the split files the runs
+recorded, or git at their commits).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparq_ext.calibrate import nearest_length  # noqa: E402
 from sparq_ext.integrations.evaluation import teacher_forced_decode  # noqa: E402
 from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, load_smollm2, real_text_ids  # noqa: E402
 from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
@@ -117,42 +119,66 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def split_hashes(meta: dict) -> dict:
-    """sha256 of each split file a run decoded with: recorded in its meta, or (older runs) read
-    from git at the run's commit ("-dirty" stripped: the committed version of the file)."""
-    if "split_sha256" in meta:
-        return meta["split_sha256"]
-    commit = meta["commit"].removesuffix("-dirty")
+def split_payloads(meta: dict) -> dict:
+    """The split files a run decoded with, {"model/4": payload}: the files here when their sha256
+    matches the one the run recorded, else (older runs) from git at the run's commit ("-dirty"
+    stripped: the committed version)."""
     out = {}
     for key, rel in meta["split_files"].items():
+        path = ROOT / rel
+        if meta.get("split_sha256", {}).get(key) and path.is_file() and \
+                file_sha256(path) == meta["split_sha256"][key]:
+            out[key] = json.loads(path.read_text())
+            continue
+        commit = meta["commit"].removesuffix("-dirty")
         try:
             blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{rel}"], capture_output=True,
                                   check=True).stdout
         except (OSError, subprocess.CalledProcessError):
-            raise SystemExit(f"cannot tell which {rel} the run at {meta['commit']} used (no git history "
-                             f"here); not pooled") from None
-        out[key] = hashlib.sha256(blob).hexdigest()
+            raise SystemExit(f"cannot tell which {rel} the run at {meta['commit']} decoded with (neither a "
+                             f"matching file nor that commit here); not pooled") from None
+        out[key] = json.loads(blob)
+    return out
+
+
+def splits_used(payloads: dict, context: int, ratio: float, tokens: int) -> dict:
+    """What decoding `tokens` steps after a `context`-token prefill used from each split file of
+    `ratio`: the per-layer r and ratio of the calibration length nearest to each step's length."""
+    out = {}
+    for key, payload in payloads.items():
+        if float(key.split("/")[1]) != ratio:
+            continue
+        lengths = {int(L): e for L, e in payload.get("lengths", {}).items()}
+        if not lengths:
+            out[key] = [(payload["layer_r"], payload.get("layer_ratio", {}))]
+            continue
+        used = sorted({nearest_length(lengths, n) for n in range(context, context + tokens + 1)})
+        out[key] = [(lengths[L]["layer_r"], lengths[L].get("layer_ratio", {})) for L in used]
     return out
 
 
 def pool_runs(paths: list[Path], stem: Path) -> str:
     """Pool the cells of several runs (one text each) per (context, ratio); returns the table.
 
-    Runs must have decoded with the same split files (same names and, where recorded, the
-    same contents): pooling different calibrations would mix two methods."""
+    Every pooled cell must have decoded with the same splits in each run (the calibration
+    lengths it used may be equal in files that differ elsewhere): pooling different calibrations
+    would mix two methods."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     if len(runs) < 2:
         raise SystemExit("--pool needs at least two result files")
     ref = runs[0]["meta"]
-    ref_hashes = split_hashes(ref)
-    for p, run in zip(paths, runs):
-        m = run["meta"]
-        if m["split_files"] != ref["split_files"] or split_hashes(m) != ref_hashes:
-            raise SystemExit(f"{p}: decoded with other split files than {paths[0]} (at commits "
-                             f"{m['commit']} and {ref['commit']}); not pooled")
     keys = [k for k in runs[0]["cells"] if all(k in r["cells"] for r in runs)]
     if not keys:
         raise SystemExit("the runs share no (context, ratio) cell")
+    payloads = [split_payloads(r["meta"]) for r in runs]
+    for key in keys:  # the same splits must have been decoded in each run (files may differ elsewhere)
+        c = runs[0]["cells"][key]
+        used = [splits_used(pl, c["context"], c["ratio"], r["meta"]["args"]["tokens"])
+                for pl, r in zip(payloads, runs)]
+        shared = set.intersection(*(set(u) for u in used))  # split files of methods all runs decoded
+        for p, u in zip(paths[1:], used[1:]):
+            if any(u[f] != used[0][f] for f in shared):
+                raise SystemExit(f"{p}: cell {key} decoded with other splits than in {paths[0]}; not pooled")
     gen = torch.Generator().manual_seed(0)
     pooled, rows = {}, []
     for key in keys:
@@ -177,7 +203,7 @@ def pool_runs(paths: list[Path], stem: Path) -> str:
     table = tabulate(rows, headers=headers, tablefmt="github")
     meta = {"pooled": [{"file": os.path.relpath(Path(p).resolve(), ROOT), "text": r["meta"]["text"],
                         "commit": r["meta"]["commit"]} for p, r in zip(paths, runs)],
-            "split_files": ref["split_files"], "split_sha256": ref_hashes, "commit": git_commit()}
+            "split_files": ref["split_files"], "commit": git_commit()}
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=pooled), indent=1))
     stem.with_suffix(".md").write_text(
         "# Auto vs even split, pooled over texts\n\n"

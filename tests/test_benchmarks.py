@@ -108,23 +108,35 @@ def test_split_windows_pools_texts_with_a_bootstrap_stratified_by_text(tmp_path)
     # One cell alone, or as a one-element list, bootstraps exactly as before pooling existed.
     assert sw.summarise([a], torch.Generator().manual_seed(1)) == sw.summarise(a, torch.Generator().manual_seed(1))
 
-    def write(name, text, sha):
-        meta = {"text": text, "commit": "abc1234", "split_files": {"model/4": "s4.json"},
-                "split_sha256": {"model/4": sha}}
+    def split_file(name, lengths):  # a model-budget split file with per-length entries
+        path = tmp_path / name
+        path.write_text(json.dumps({"ratio": 4, "layer_r": {"0": 4}, "lengths": {
+            str(L): {"layer_r": {"0": r}, "layer_ratio": {"0": 4.0}} for L, r in lengths.items()}}))
+        return path
+
+    def write(name, text, split):
+        meta = {"text": text, "commit": "abc1234", "split_files": {"model/4": str(split)},
+                "split_sha256": {"model/4": sw.file_sha256(split)}, "args": {"tokens": 128}}
         c = dict(a if text == "t1" else b)
         c["summary"] = sw.summarise(c, torch.Generator().manual_seed(0))
         path = tmp_path / name
         path.write_text(json.dumps({"meta": meta, "cells": {"8000/4": c}}))
         return path
 
-    p1, p2, p3 = write("r1.json", "t1", "x"), write("r2.json", "t2", "x"), write("r3.json", "t2", "y")
+    s_old = split_file("old.json", {2048: 8, 8192: 2})
+    s_new = split_file("new.json", {1024: 16, 2048: 8, 8192: 2})  # gained a length 8K does not use
+    s_other = split_file("other.json", {2048: 8, 8192: 4})  # another split at 8192
+    p1, p2 = write("r1.json", "t1", s_old), write("r2.json", "t2", s_new)
     table = sw.pool_runs([p1, p2], tmp_path / "pooled")
     assert "t1 4 + t2 2" in table
     pooled = json.loads((tmp_path / "pooled.json").read_text())
     assert pooled["cells"]["8000/4"]["windows"] == [4, 2]
     assert pooled["cells"]["8000/4"]["summary"]["auto_model_over_even"] == pytest.approx(auto / even, rel=1e-3)
-    with pytest.raises(SystemExit, match="other split files"):  # another calibration: not pooled
-        sw.pool_runs([p1, p3], tmp_path / "bad")
+    with pytest.raises(SystemExit, match="other splits"):  # another calibration at 8K: not pooled
+        sw.pool_runs([p1, write("r3.json", "t2", s_other)], tmp_path / "bad")
+    s_new.write_text("{}")  # the file a run recorded has changed, and there is no git history for it
+    with pytest.raises(SystemExit, match="cannot tell"):
+        sw.pool_runs([p1, p2], tmp_path / "changed")
     with pytest.raises(SystemExit, match="at least two"):
         sw.pool_runs([p1], tmp_path / "one")
 
