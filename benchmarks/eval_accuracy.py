@@ -85,16 +85,18 @@ def split_file_for(out, ratio, budget="layer"):
     return str(Path(out) / f"split_smollm2_r{ratio:g}{'_model' if budget == 'model' else ''}.json")
 
 
-def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer", lengths=None):
-    """One calibration per ratio on the calibration text (at each of ``lengths`` if given);
-    returns {ratio: calibrate_split result}."""
+def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer", lengths=None,
+                          positions=8):
+    """One calibration per ratio on the calibration text (at each of ``lengths`` if given, from
+    ``positions`` sampled query positions per layer); returns {ratio: calibrate_split result}."""
     from sparq_ext.integrations.smollm2 import calibration_text_ids
     from sparq_ext.integrations.transformers import calibrate_split
     ids = calibration_text_ids(tok, n_tokens)
     results = {}
     for ratio in ratios:
         path = split_file_for(out, ratio, budget)
-        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget, lengths=lengths)
+        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget, lengths=lengths,
+                              positions=positions)
         SPLIT_FILES[budget, ratio] = path
         results[ratio] = res
         log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "

@@ -270,6 +270,8 @@ def main():
                     help="with --recalibrate: tokens of the calibration text")
     ap.add_argument("--calibration-lengths", type=int, nargs="*", default=None,
                     help="with --recalibrate: calibrate auto_model at each of these lengths (nearest used)")
+    ap.add_argument("--calibration-positions", type=int, default=8,
+                    help="with --recalibrate: sampled query positions per layer (the library's default: 8)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
@@ -287,6 +289,11 @@ def main():
         return
     if args.windows < 1 or args.tokens < 1:
         ap.error("--windows and --tokens must be >= 1")
+    if args.calibration_positions < 1:
+        ap.error("--calibration-positions must be >= 1")
+    if args.recalibrate and Path(args.out).resolve() == (ROOT / "benchmarks" / "results").resolve():
+        ap.error("--recalibrate writes split files to --out: give another directory than benchmarks/results, "
+                 "whose saved split files it would overwrite")
     out, ratios = prepare_run(args)
     stem = out / f"split_windows{'_' + args.tag if args.tag else ''}"
 
@@ -297,7 +304,8 @@ def main():
         if args.recalibrate:
             lengths = args.calibration_lengths if budget == "model" else None
             eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, max([args.calibration_tokens, *(lengths or [])]),
-                                                tqdm.write, budget=budget, lengths=lengths)
+                                                tqdm.write, budget=budget, lengths=lengths,
+                                                positions=args.calibration_positions)
             continue
         for ratio in ratios:
             path = split_file_for(results, ratio, budget)

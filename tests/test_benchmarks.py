@@ -141,6 +141,24 @@ def test_split_windows_pools_texts_with_a_bootstrap_stratified_by_text(tmp_path)
         sw.pool_runs([p1], tmp_path / "one")
 
 
+def test_split_windows_recalibration_never_overwrites_the_saved_splits(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import eval_split_windows as sw
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["eval_split_windows.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            sw.main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    code, err = run("--recalibrate")  # --out defaults to benchmarks/results
+    assert code == 2 and "overwrite" in err
+    code, err = run("--recalibrate", "--out", str(ROOT / "benchmarks" / ".." / "benchmarks" / "results"))
+    assert code == 2 and "overwrite" in err
+    code, err = run("--calibration-positions", "0")
+    assert code == 2 and "--calibration-positions" in err
+
+
 def test_accuracy_merge_keeps_a_flat_run_history():
     import eval_accuracy
 
