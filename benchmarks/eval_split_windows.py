@@ -272,6 +272,8 @@ def main():
                     help="with --recalibrate: calibrate auto_model at each of these lengths (nearest used)")
     ap.add_argument("--calibration-positions", type=int, default=8,
                     help="with --recalibrate: sampled query positions per layer (the library's default: 8)")
+    ap.add_argument("--split-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="directory of the saved split files decoded without --recalibrate")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
@@ -298,7 +300,7 @@ def main():
     stem = out / f"split_windows{'_' + args.tag if args.tag else ''}"
 
     model, tok = load_smollm2(torch.float32)
-    results = ROOT / "benchmarks" / "results"
+    results = args.split_dir
     budgets = [{"auto": "layer", "auto_model": "model"}[m] for m in args.auto]
     for budget in budgets:
         if args.recalibrate:
