@@ -299,21 +299,22 @@ def main():
     out, ratios = prepare_run(args)
     stem = out / f"split_windows{'_' + args.tag if args.tag else ''}"
 
-    model, tok = load_smollm2(torch.float32)
-    results = args.split_dir
     budgets = [{"auto": "layer", "auto_model": "model"}[m] for m in args.auto]
-    for budget in budgets:
-        if args.recalibrate:
+    if not args.recalibrate:  # before the model loads: a missing file fails at once
+        for budget in budgets:
+            for ratio in ratios:
+                path = split_file_for(args.split_dir, ratio, budget)
+                if not Path(path).exists():
+                    raise SystemExit(f"no saved split for ratio {ratio:g} ({path}); give --split-dir or "
+                                     f"run with --recalibrate")
+                eval_accuracy.SPLIT_FILES[budget, ratio] = path
+    model, tok = load_smollm2(torch.float32)
+    if args.recalibrate:
+        for budget in budgets:
             lengths = args.calibration_lengths if budget == "model" else None
             eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, max([args.calibration_tokens, *(lengths or [])]),
                                                 tqdm.write, budget=budget, lengths=lengths,
                                                 positions=args.calibration_positions)
-            continue
-        for ratio in ratios:
-            path = split_file_for(results, ratio, budget)
-            if not Path(path).exists():
-                raise SystemExit(f"no saved split for ratio {ratio:g} ({path}); run with --recalibrate")
-            eval_accuracy.SPLIT_FILES[budget, ratio] = path
     ids = real_text_ids(tok, text=args.text)
     commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text=args.text,

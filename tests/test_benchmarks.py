@@ -141,7 +141,7 @@ def test_split_windows_pools_texts_with_a_bootstrap_stratified_by_text(tmp_path)
         sw.pool_runs([p1], tmp_path / "one")
 
 
-def test_split_windows_recalibration_never_overwrites_the_saved_splits(monkeypatch, capsys):
+def test_split_windows_recalibration_never_overwrites_the_saved_splits(monkeypatch, capsys, tmp_path):
     pytest.importorskip("transformers")
     import eval_split_windows as sw
 
@@ -157,6 +157,12 @@ def test_split_windows_recalibration_never_overwrites_the_saved_splits(monkeypat
     assert code == 2 and "overwrite" in err
     code, err = run("--calibration-positions", "0")
     assert code == 2 and "--calibration-positions" in err
+    # Saved splits from another directory: a missing one is named before the model loads.
+    monkeypatch.setattr(sys, "argv", ["eval_split_windows.py", "--split-dir", str(tmp_path), "--ratios", "8",
+                                      "--auto", "auto_model", "--out", str(tmp_path)])
+    monkeypatch.setattr(sw, "load_smollm2", lambda *a: pytest.fail("loaded the model before checking the splits"))
+    with pytest.raises(SystemExit, match="split_smollm2_r8_model.json"):
+        sw.main()
 
 
 def test_accuracy_merge_keeps_a_flat_run_history():
