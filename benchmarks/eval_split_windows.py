@@ -323,7 +323,7 @@ def main():
                              for b in budgets for r in ratios},
                 split_sha256={f"{b}/{r:g}": file_sha256(eval_accuracy.SPLIT_FILES[b, r])
                               for b in budgets for r in ratios},
-                args=vars(args))
+                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     n_layers = model.config.num_hidden_layers
     N = args.tokens
     cells = {f"{C}/{ratio:g}": {"context": C, "ratio": ratio, "window_start": [], "dense_window_nll": [],
