@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -160,6 +161,29 @@ void prep_query(const Problem& P, int64_t task) {
   }
 }
 
+// f(NH, g0) over the G heads of a group in blocks of NH = 8, 4, 2, 1 heads (NH a compile-time
+// std::integral_constant), so that each block's accumulators stay in registers.
+template <typename F>
+inline void for_head_blocks(int64_t G, const F& f) {
+  int64_t g0 = 0;
+  while (g0 < G) {
+    const int64_t rem = G - g0;
+    if (rem >= 8) {
+      f(std::integral_constant<int, 8>{}, g0);
+      g0 += 8;
+    } else if (rem >= 4) {
+      f(std::integral_constant<int, 4>{}, g0);
+      g0 += 4;
+    } else if (rem >= 2) {
+      f(std::integral_constant<int, 2>{}, g0);
+      g0 += 2;
+    } else {
+      f(std::integral_constant<int, 1>{}, g0);
+      g0 += 1;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Stage 1 kernel: logits[hh][i] = sum_j q_hat[hh][j] * rows[j][i] for NH heads at once, each
 // row element loaded once; U vectors of positions per step keep enough FMAs in flight.
@@ -197,29 +221,14 @@ void approx_logits_block(const T* const* rows, int64_t r, const float* qh, int64
   }
 }
 
-// Heads in blocks of 8, 4, 2, 1 so that each block's accumulators stay in registers.
+// All G heads; U = 2 position vectors per step for blocks of 4 or 8 heads, else 4.
 template <typename T>
 void approx_logits_all_heads(const T* const* rows, int64_t r, const float* qh, int64_t rpad,
                              int64_t G, int64_t n, float* logits) {
-  int64_t g0 = 0;
-  while (g0 < G) {
-    const int64_t rem = G - g0;
-    const float* q = qh + g0 * rpad;
-    float* out = logits + g0 * kSub;
-    if (rem >= 8) {
-      approx_logits_block<T, 8, 2>(rows, r, q, rpad, n, out);
-      g0 += 8;
-    } else if (rem >= 4) {
-      approx_logits_block<T, 4, 2>(rows, r, q, rpad, n, out);
-      g0 += 4;
-    } else if (rem >= 2) {
-      approx_logits_block<T, 2, 4>(rows, r, q, rpad, n, out);
-      g0 += 2;
-    } else {
-      approx_logits_block<T, 1, 4>(rows, r, q, rpad, n, out);
-      g0 += 1;
-    }
-  }
+  for_head_blocks(G, [&](auto nh, int64_t g0) {
+    constexpr int NH = decltype(nh)::value;
+    approx_logits_block<T, NH, (NH >= 4 ? 2 : 4)>(rows, r, qh + g0 * rpad, rpad, n, logits + g0 * kSub);
+  });
 }
 
 inline float vec_max(const float* x, int64_t n) {
@@ -420,31 +429,16 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
   }
 }
 
-// accumulate_values for all G heads in blocks of 8, 4, 2, 1 (accumulators in registers);
-// p: G rows of kSplit weights; head g's sum goes to partial + g * pstride + 3.
+// accumulate_values for all G heads; p: G rows of kSplit weights; head g's sum goes to
+// partial + g * pstride + 3.
 template <typename T, bool Staged>
 void accumulate_values_all_heads(const T* vbase, int64_t vS, const int64_t* idx, int64_t n,
                                  const float* p, int64_t G, int64_t D, float* partial,
                                  int64_t pstride) {
-  int64_t g0 = 0;
-  while (g0 < G) {
-    const int64_t rem = G - g0;
-    const float* pg = p + g0 * kSplit;
-    float* y = partial + g0 * pstride + 3;
-    if (rem >= 8) {
-      accumulate_values<T, 8, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
-      g0 += 8;
-    } else if (rem >= 4) {
-      accumulate_values<T, 4, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
-      g0 += 4;
-    } else if (rem >= 2) {
-      accumulate_values<T, 2, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
-      g0 += 2;
-    } else {
-      accumulate_values<T, 1, Staged>(vbase, vS, idx, n, pg, kSplit, D, y, pstride);
-      g0 += 1;
-    }
-  }
+  for_head_blocks(G, [&](auto nh, int64_t g0) {
+    accumulate_values<T, decltype(nh)::value, Staged>(vbase, vS, idx, n, p + g0 * kSplit, kSplit, D,
+                                                      partial + g0 * pstride + 3, pstride);
+  });
 }
 
 // Stage 2a: merge the stage-1 statistics of a task and select its rows.
@@ -514,25 +508,9 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
     }
     if (stage) std::memcpy(stage + t * D, vbase + idx[t] * P.vS, D * sizeof(T));
     const T* row = kbase + idx[t] * P.kS;
-    int64_t g0 = 0;
-    while (g0 < G) {
-      const int64_t rem = G - g0;
-      const float* q = qf + g0 * D;
-      float* o = ex + g0 * kSplit + t;
-      if (rem >= 8) {
-        exact_logits_row<T, 8>(row, q, D, P.scale, o, kSplit);
-        g0 += 8;
-      } else if (rem >= 4) {
-        exact_logits_row<T, 4>(row, q, D, P.scale, o, kSplit);
-        g0 += 4;
-      } else if (rem >= 2) {
-        exact_logits_row<T, 2>(row, q, D, P.scale, o, kSplit);
-        g0 += 2;
-      } else {
-        exact_logits_row<T, 1>(row, q, D, P.scale, o, kSplit);
-        g0 += 1;
-      }
-    }
+    for_head_blocks(G, [&](auto nh, int64_t g0) {
+      exact_logits_row<T, decltype(nh)::value>(row, qf + g0 * D, D, P.scale, ex + g0 * kSplit + t, kSplit);
+    });
   }
 
   // Approximate logits l_hat_g of the selected rows (for alpha), out of the gather loop above:
