@@ -86,9 +86,9 @@ def split_file_for(out, ratio, budget="layer"):
 
 
 def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer", lengths=None,
-                          positions=8):
+                          positions=None):
     """One calibration per ratio on the calibration text (at each of ``lengths`` if given, from
-    ``positions`` sampled query positions per layer); returns {ratio: calibrate_split result}."""
+    ``positions`` sampled query positions per layer, default by length); returns {ratio: calibrate_split result}."""
     from sparq_ext.integrations.smollm2 import calibration_text_ids
     from sparq_ext.integrations.transformers import calibrate_split
     ids = calibration_text_ids(tok, n_tokens)

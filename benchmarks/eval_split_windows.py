@@ -270,8 +270,9 @@ def main():
                     help="with --recalibrate: tokens of the calibration text")
     ap.add_argument("--calibration-lengths", type=int, nargs="*", default=None,
                     help="with --recalibrate: calibrate auto_model at each of these lengths (nearest used)")
-    ap.add_argument("--calibration-positions", type=int, default=8,
-                    help="with --recalibrate: sampled query positions per layer (the library's default: 8)")
+    ap.add_argument("--calibration-positions", type=int, default=None,
+                    help="with --recalibrate: sampled query positions per layer (default: the library's, "
+                         "by length: 8 up to 2048 tokens, 32 at 8192)")
     ap.add_argument("--split-dir", type=Path, default=ROOT / "benchmarks" / "results",
                     help="directory of the saved split files decoded without --recalibrate")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -291,7 +292,7 @@ def main():
         return
     if args.windows < 1 or args.tokens < 1:
         ap.error("--windows and --tokens must be >= 1")
-    if args.calibration_positions < 1:
+    if args.calibration_positions is not None and args.calibration_positions < 1:
         ap.error("--calibration-positions must be >= 1")
     if args.recalibrate and Path(args.out).resolve() == (ROOT / "benchmarks" / "results").resolve():
         ap.error("--recalibrate writes split files to --out: give another directory than benchmarks/results, "

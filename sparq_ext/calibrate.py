@@ -46,6 +46,13 @@ from .reference import approximate_selection, sparq_attention_reference, valid_p
 
 MIN_CALIBRATION_POSITIONS = 64  # shorter prefills fall back to the even split
 
+# Sampled query positions per layer: one per 64 positions of the prefill's last quarter, at
+# least 8 (so 8 up to 2048 tokens, 16 at 4096, 32 at 8192). With 8 at 8192 tokens, 5 of
+# SmolLM2's 30 layers chose another r than with 32, and the 8K windows decoded worse
+# (benchmarks/results/AUTO_SPLIT.md, "Session 8").
+MIN_SAMPLED_POSITIONS = 8
+PREFILL_TOKENS_PER_SAMPLED_POSITION = 256
+
 # budget="model": the multiples of the even per-layer budget a layer may read. Quarters, so that
 # the allocation is an integer knapsack; up to 3x, and never more than MAX_LAYER_FRACTION of
 # dense attention (k stays below S, so a share is never wasted on a clamped k).
@@ -213,25 +220,35 @@ def allocate_budget(layer_options: dict[int, dict[float, float]]) -> dict[int, f
     return dict(zip(layers, min(best.values())[2]))
 
 
+def default_position_count(seq_len: int) -> int:
+    """How many query positions a layer's calibration samples from a ``seq_len``-token prefill."""
+    return max(MIN_SAMPLED_POSITIONS, seq_len // PREFILL_TOKENS_PER_SAMPLED_POSITION)
+
+
 def calibration_positions(seq_len: int, count: int = 16) -> list[int]:
     """Evenly spaced query positions in the last quarter of a prefill (recent, not adjacent)."""
     start = seq_len - max(1, seq_len // 4)
     return sorted({start + (i * (seq_len - 1 - start)) // max(1, count - 1) for i in range(count)})
 
 
-def choose_layer_split(queries, keys, values, ratio, scale=None, positions=16,
+def choose_layer_split(queries, keys, values, ratio, scale=None, positions: int | None = None,
                        local_window_frac=0.25, criterion: str | None = None,
-                       budget: str = "layer") -> dict:
+                       budget: str = "layer", record: bool = True) -> dict:
     """Pick ``r`` on the budget line for one layer from its prefill ``queries`` ``(Hq, S, D)``,
     ``keys``/``values`` ``(Hkv, S, D)``, minimising ``criterion`` (one of :data:`CRITERIA`,
     default :data:`DEFAULT_CRITERION`). Deterministic: ties (to 6 decimals) go to the larger
     ``r``. Falls back to the even split when the prefill is shorter than
-    ``MIN_CALIBRATION_POSITIONS``.
+    ``MIN_CALIBRATION_POSITIONS``. ``positions``: query positions sampled from the prefill's last
+    quarter (default :func:`default_position_count` of its length).
 
     With ``budget="model"`` the same choice is also made at every share of
     :func:`budget_shares` (the layer's ratio ``ratio / share``): ``"options"`` maps each share
     to its best ``{"r", "score"}``, the input of :func:`allocate_budget`. ``"r"`` stays the
     choice at share 1.
+
+    ``record``: also score every criterion at share 1 (``"scores"``, for comparing criteria).
+    Without it only ``criterion`` is scored, the same choice at a fraction of the cost when it is
+    one of :data:`MASS_CRITERIA` (SparQ's output is then never computed).
     """
     criterion = criterion or DEFAULT_CRITERION
     if criterion not in CRITERIA:
@@ -242,20 +259,22 @@ def choose_layer_split(queries, keys, values, ratio, scale=None, positions=16,
     if S < MIN_CALIBRATION_POSITIONS:
         return {"r": even_r, "source": f"even (calibration needs >= {MIN_CALIBRATION_POSITIONS} "
                                         f"positions, got {S})"}
-    pos = calibration_positions(S, positions)
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ValueError(f"positions must be a positive int or None, got {positions!r}")
+    pos = calibration_positions(S, positions or default_position_count(S))
     prefix = exact_prefix_attention(queries[:, pos], keys, values, pos, scale)
     options = {}
     for share in shares:
-        # every criterion at the layer's own budget (the record); elsewhere only the one chosen
+        # with record, every criterion at the layer's own budget; elsewhere only the one chosen
         scores = split_scores(queries[:, pos], keys, values, pos, layer_ratio(ratio, share),
                               local_window_frac=local_window_frac, prefix=prefix,
-                              criteria=CRITERIA if share == 1.0 else (criterion,))
+                              criteria=CRITERIA if record and share == 1.0 else (criterion,))
         best = min(scores, key=lambda r: (round(scores[r][criterion], 6), -r))
         options[share] = {"r": best, "score": scores[best][criterion]}
         if share == 1.0:
             choice = {"r": best, "source": "auto", "seq_len": S, "criterion": criterion,
                       "errors": {str(r): e[criterion] for r, e in scores.items()},
-                      "scores": {str(r): {c: e[c] for c in CRITERIA} for r, e in scores.items()}}
+                      "scores": {str(r): {c: e[c] for c in CRITERIA if c in e} for r, e in scores.items()}}
     if budget == "model":
         choice["options"] = options
     return choice

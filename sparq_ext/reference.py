@@ -62,7 +62,11 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
     i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
     q_hat = q.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
     if key_t is not None:  # r contiguous rows of the transposed cache
-        K_hat_t = key_t.gather(2, i1[..., None].expand(B, Hkv, r, S)).to(f32)  # (B, Hkv, r, S)
+        # r whole rows by indexing, not an element-wise gather (the same values, several times
+        # faster, and it stays cheap when key_t is a stride-0 expand over B, as in calibration)
+        rows_b = torch.arange(B, device=i1.device)[:, None, None]
+        rows_h = torch.arange(Hkv, device=i1.device)[None, :, None]
+        K_hat_t = key_t[rows_b, rows_h, i1].to(f32)  # (B, Hkv, r, S)
     else:
         K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(f32).transpose(-1, -2)
     gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparq_ext
-from sparq_ext.calibrate import (CRITERIA, DEFAULT_CRITERION, MIN_CALIBRATION_POSITIONS, candidate_rs,
+from sparq_ext.calibrate import (CRITERIA, DEFAULT_CRITERION, MASS_CRITERIA, MIN_CALIBRATION_POSITIONS, candidate_rs,
                                  choose_layer_split, k_on_budget, load_split, save_split, split_errors,
                                  split_scores)
 
@@ -217,6 +217,21 @@ def test_model_budget_choice_offers_every_share_and_keeps_the_layer_choice():
     assert short["source"].startswith("even") and "options" not in short
 
 
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("budget", ["layer", "model"])
+def test_choice_without_the_record_is_the_same_choice(criterion, budget):
+    # record=False (what the model integration uses) scores only the chosen criterion
+    Q, K, V = _prefill(768, seed=5)
+    full = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, budget=budget, positions=12)
+    lean = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, budget=budget, positions=12, record=False)
+    assert lean["r"] == full["r"] and lean["errors"] == full["errors"]
+    assert lean.get("options") == full.get("options")
+    assert all(criterion in s for s in lean["scores"].values())
+    if criterion in MASS_CRITERIA:  # SparQ's output (the costly part) is not computed
+        assert not any("output" in s for s in lean["scores"].values())
+    assert all(set(s) == set(CRITERIA) for s in full["scores"].values())
+
+
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 @pytest.mark.parametrize("S", [100, 1024, 4096, 8000])
 def test_a_model_budget_split_reads_at_most_the_ratios_bytes_over_all_layers(ratio, S):
@@ -305,3 +320,18 @@ def test_split_file_round_trip_with_lengths(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not a sparq_ext split file"):
         load_length_splits(str(tmp_path / "broken.json"))
+
+
+def test_sampled_positions_grow_with_the_prefill():
+    from sparq_ext.calibrate import calibration_positions, default_position_count
+    assert [default_position_count(n) for n in (64, 1024, 2048, 4096, 8192, 16384)] == [8, 8, 8, 16, 32, 64]
+    for n in (64, 1024, 8192):
+        pos = calibration_positions(n, default_position_count(n))
+        assert len(pos) == default_position_count(n) and pos[-1] == n - 1 and pos[0] >= n - n // 4
+    # None means the rule; an explicit count overrides it; bad counts name the argument
+    Q, K, V = _prefill(4096, seed=2)
+    assert choose_layer_split(Q, K, V, ratio=8) == choose_layer_split(Q, K, V, ratio=8, positions=16)
+    assert choose_layer_split(Q, K, V, ratio=8, positions=8) != choose_layer_split(Q, K, V, ratio=8, positions=16)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positions"):
+            choose_layer_split(Q, K, V, ratio=8, positions=bad)

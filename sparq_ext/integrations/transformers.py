@@ -31,7 +31,7 @@ import torch
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
 from ..calibrate import (BUDGETS, CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION, allocate_budget,
-                         check_split, choose_layer_split, k_on_budget, layer_ratio, load_length_splits,
+                         check_split, choose_layer_split, default_position_count, k_on_budget, layer_ratio, load_length_splits,
                          load_split, nearest_length, save_split)
 from ..ops import attention as sparq_attention
 
@@ -73,7 +73,7 @@ class SparQSettings:
     n_layers: int = 0  # attention layers of the model (budget="model" allocates once all are scored)
     layer_options: dict = dataclasses.field(default_factory=dict)  # {layer_idx: choose_layer_split()}
     length_splits: dict = dataclasses.field(default_factory=dict)  # {L: (layer_r, layer_ratio)}
-    calibration_positions: int = 8  # sampled query positions per layer when calibrating
+    calibration_positions: int | None = None  # sampled query positions per layer; None: by length
     calibration_criterion: str | None = None  # sparq_ext.calibrate.CRITERIA; None: the default
     calibration_seconds: float = 0.0  # time spent calibrating (all layers)
 
@@ -163,7 +163,8 @@ def _calibrate_layer(module, settings, query, key, value, attention_mask, scalin
         choice = choose_layer_split(query[row, :, start:], key[row, :, start:], value[row, :, start:],
                                     settings.ratio, scale=scaling,
                                     positions=settings.calibration_positions,
-                                    criterion=settings.calibration_criterion, budget=settings.budget)
+                                    criterion=settings.calibration_criterion, budget=settings.budget,
+                                    record=False)  # the choice only: no output error to keep
         # (a prefill too short to calibrate leaves the layer even; the next long one calibrates it)
         if choice["source"] == "auto" and settings.budget == "layer":
             settings.layer_r[layer_idx] = choice["r"]
@@ -281,7 +282,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 
 
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
-                    positions: int = 8, criterion: str | None = None, budget: str = DEFAULT_BUDGET,
+                    positions: int | None = None, criterion: str | None = None, budget: str = DEFAULT_BUDGET,
                     lengths=None) -> dict:
     """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
 
@@ -290,6 +291,8 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
     "layer_r", "layer_ratio", "calibration_seconds", "prefill_seconds", ...}``; with ``path``
     also writes the JSON that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
     hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
+    ``positions``: query positions sampled per layer (default: by the prefill's length,
+    :func:`sparq_ext.calibrate.default_position_count`: 8 up to 2048 tokens, 32 at 8192).
     ``criterion``: what each layer's ``r`` minimises, one of :data:`sparq_ext.calibrate.CRITERIA`
     (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`). ``budget``: ``"model"`` (layers
     share the budget, the default) or ``"layer"`` (each layer on its own budget line).
@@ -302,6 +305,8 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ValueError(f"positions must be a positive int or None, got {positions!r}")
     n_tokens = int(input_ids.shape[-1])
     if lengths is not None:
         lengths = sorted({int(n) for n in lengths})
@@ -333,8 +338,10 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
         else:
             disable_sparq(model)
     layer_r, layer_ratios = per_length[max(per_length)]
+    sampled = {length: positions or default_position_count(length) for length in per_length}
     result = {"ratio": float(ratio), "layer_r": layer_r, "layer_ratio": layer_ratios, "budget": budget,
-              "criterion": criterion or DEFAULT_CRITERION, "positions": positions,
+              "criterion": criterion or DEFAULT_CRITERION,
+              "positions": sampled if lengths is not None else sampled[n_tokens],
               "calibration_seconds": calibration, "prefill_seconds": prefill, "tokens": n_tokens}
     if lengths is not None:
         result["lengths"] = per_length
