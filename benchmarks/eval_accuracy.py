@@ -143,8 +143,10 @@ def set_method(model, method, ratio):
 class PrefilledCache:
     """One dense prefill reused by every method: crop back to the context and restore the V sums."""
 
-    def __init__(self, model, ids):
-        set_method(model, "h2o", 8)  # SDPA prefill that also records H2O's prefill scores
+    def __init__(self, model, ids, h2o_scores: bool = True):
+        # SDPA prefill; "h2o" also records H2O's prefill scores (a dense S x S softmax per layer:
+        # most of the prefill's time at 8K), which only the H2O baseline reads
+        set_method(model, "h2o" if h2o_scores else "dense", 8)
         self.cache = SparQCache(config=model.config)
         self.last_logits = prefill(model, ids, self.cache)
         self.length = ids.shape[1]

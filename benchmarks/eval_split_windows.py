@@ -336,7 +336,7 @@ def main():
     for C, start in plan:
         span = ids[:, start:start + C + N + 1]
         toks, targets = span[:, C:C + N], span[0, C + 1:C + N + 1]
-        pre = PrefilledCache(model, span[:, :C])
+        pre = PrefilledCache(model, span[:, :C], h2o_scores=False)  # no H2O here: skip its scores
 
         def window_nll(logits):
             return float(-torch.log_softmax(logits[0], -1).gather(-1, targets[:, None])[:, 0].mean())

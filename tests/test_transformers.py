@@ -366,3 +366,22 @@ def test_explicit_r_k_win_over_the_auto_split(model, tokenizer, long_prompt):
     assert settings.resolve(4096, 64, 3) == (16, 100, 25)
     settings.layer_r[3] = 2
     assert settings.resolve(4096, 64, 3) == (16, 100, 25)
+
+
+def test_evaluation_prefill_without_h2o_scores_builds_the_same_cache(model, tokenizer):
+    """eval_split_windows skips H2O's prefill scores (a dense S x S softmax per layer); the cache
+    every method decodes from must stay bit for bit the same."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_accuracy import PrefilledCache
+
+    ids = real_text_ids(tokenizer, 300)
+    with_scores = PrefilledCache(model, ids)
+    disable_sparq(model)
+    plain = PrefilledCache(model, ids, h2o_scores=False)
+    assert torch.equal(with_scores.last_logits, plain.last_logits)
+    for a, b in zip(with_scores.cache.layers, plain.cache.layers, strict=True):
+        for name in ("keys", "values", "key_t", "value_sum", "valid"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert getattr(a, "_h2o_prefill", None) is not None and getattr(b, "_h2o_prefill", None) is None
