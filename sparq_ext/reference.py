@@ -56,7 +56,7 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
     """
     B, Hkv, G, D = q.shape
     S = key.shape[2]
-    f32 = torch.float32
+    f32 = q.dtype  # the caller's compute dtype (float32, or float64 for an exact reference)
     valid_kv = valid[:, None, :].expand(B, Hkv, S)
     # Step 1: i1 = the r largest components of sum_g |q_g|; approximate logits from them.
     i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
@@ -95,7 +95,8 @@ def sparq_attention_reference(
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else float(scale)
     device = query.device
-    f32 = torch.float32
+    # at least fp32 throughout; float64 inputs stay float64 (the tests' high-precision reference)
+    f32 = torch.promote_types(query.dtype, torch.float32)
 
     q = query.to(f32).reshape(B, Hkv, G, D)  # group the query heads of each KV head
     valid = valid_positions(B, S, seq_lens, attn_mask, device)  # (B, S)
