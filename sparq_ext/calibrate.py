@@ -49,7 +49,7 @@ MIN_CALIBRATION_POSITIONS = 64  # shorter prefills fall back to the even split
 # Sampled query positions per layer: one per 64 positions of the prefill's last quarter, at
 # least 8 (so 8 up to 2048 tokens, 16 at 4096, 32 at 8192). With 8 at 8192 tokens, 5 of
 # SmolLM2's 30 layers chose another r than with 32, and the 8K windows decoded worse
-# (benchmarks/results/AUTO_SPLIT.md, "Session 8").
+# (benchmarks/results/AUTO_SPLIT.md, "Session 8": pooled 8K ratio 8 auto/even 0.68 -> 0.49).
 MIN_SAMPLED_POSITIONS = 8
 PREFILL_TOKENS_PER_SAMPLED_POSITION = 256
 
@@ -220,6 +220,12 @@ def allocate_budget(layer_options: dict[int, dict[float, float]]) -> dict[int, f
     return dict(zip(layers, min(best.values())[2]))
 
 
+def check_position_count(positions) -> None:
+    """Raise ``ValueError`` unless ``positions`` is ``None`` (by length) or a positive int."""
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ValueError(f"positions must be a positive int or None, got {positions!r}")
+
+
 def default_position_count(seq_len: int) -> int:
     """How many query positions a layer's calibration samples from a ``seq_len``-token prefill."""
     return max(MIN_SAMPLED_POSITIONS, seq_len // PREFILL_TOKENS_PER_SAMPLED_POSITION)
@@ -259,8 +265,7 @@ def choose_layer_split(queries, keys, values, ratio, scale=None, positions: int 
     if S < MIN_CALIBRATION_POSITIONS:
         return {"r": even_r, "source": f"even (calibration needs >= {MIN_CALIBRATION_POSITIONS} "
                                         f"positions, got {S})"}
-    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
-        raise ValueError(f"positions must be a positive int or None, got {positions!r}")
+    check_position_count(positions)
     pos = calibration_positions(S, positions or default_position_count(S))
     prefix = exact_prefix_attention(queries[:, pos], keys, values, pos, scale)
     options = {}

@@ -31,8 +31,8 @@ import torch
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
 from ..calibrate import (BUDGETS, CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION, allocate_budget,
-                         check_split, choose_layer_split, default_position_count, k_on_budget, layer_ratio, load_length_splits,
-                         load_split, nearest_length, save_split)
+                         check_position_count, check_split, choose_layer_split, default_position_count,
+                         k_on_budget, layer_ratio, load_length_splits, load_split, nearest_length, save_split)
 from ..ops import attention as sparq_attention
 
 try:
@@ -305,8 +305,7 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
-        raise ValueError(f"positions must be a positive int or None, got {positions!r}")
+    check_position_count(positions)
     n_tokens = int(input_ids.shape[-1])
     if lengths is not None:
         lengths = sorted({int(n) for n in lengths})
