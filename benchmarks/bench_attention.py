@@ -6,7 +6,7 @@ the ideal speedup from the bytes each method must read, and writes a table, JSON
 (speedup vs sequence length) under benchmarks/results/.
 
     python benchmarks/bench_attention.py                    # CPU: the CPU-sized subset (--quick)
-    python benchmarks/bench_attention.py --device cuda      # DESIGN.md section 5 shapes
+    python benchmarks/bench_attention.py --device cuda      # the standard GPU grid (docs/design.md)
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.append(os.path.dirname(HERE))  # a source checkout works without installing
-import common  # noqa: E402
+import sparq_ext
+from sparq_ext.evaluation import timing as common
+from sparq_ext.seed import sparq_attn
 
-import sparq_ext  # noqa: E402
-from sparq_ext.seed import sparq_attn  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROTATION_BYTES = 512 << 20  # inputs rotated so each call reads from beyond the caches
@@ -37,14 +34,14 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="B=1, S in 1K..64K: the CPU subset (the default on CPU)")
     p.add_argument("--full", action="store_true",
-                   help="the DESIGN.md grid (B 1/8/32, S 1K..128K) even on CPU (hours there)")
+                   help="the standard grid (B 1/8/32, S 1K..128K) even on CPU (hours there)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8 32; quick: 1)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="cache lengths S")
     p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     p.add_argument("--query-heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--ratios", type=float, nargs="+", default=[8.0],
-                   help="compression ratios rho: r = D/rho, k = S/(2 rho) (DESIGN: 8, also 4)")
+                   help="compression ratios rho: r = D/rho, k = S/(2 rho) (standard: 8, also 4)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default cpu: fp32 bf16; cuda: bf16")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, help="timed calls per method (default cpu 21, cuda 100)")
@@ -58,7 +55,7 @@ def parse_args(argv=None):
                         "call, so each method reads its inputs from memory as a decode step does; "
                         "warm: no flush (inputs still rotate). CUDA default: warm (rotation "
                         "already exceeds its L2)")
-    p.add_argument("--out", default=common.RESULTS_DIR, help="directory for JSON and PNG")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG")
     p.add_argument("--tag", help="file name tag (default: device type)")
     return p.parse_args(argv)
 
@@ -258,7 +255,7 @@ def main(argv=None):
     seed_compiled = (torch.compile(sparq_attn, dynamic=True) if args.seed_compile and not args.no_seed
                      else None)
 
-    meta = common.run_metadata(device)
+    meta = common.run_metadata(device, root=HERE)
     meta["copy_GBps"] = common.copy_bandwidth(device, nbytes=(4 << 30) if cuda else (1 << 30)) / 1e9
     meta["cuda_graphs"] = bool(args.cuda_graphs and cuda)
     args.cache = args.cache or ("warm" if cuda else "cold")

@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,13 +27,13 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import sparq_ext
+from sparq_ext import SparQCache
+from sparq_ext.evaluation.decode import cache_kwargs
+from sparq_ext.evaluation.timing import git_commit
+from sparq_ext.integrations.transformers import disable_sparq, enable_sparq
 
-import sparq_ext  # noqa: E402
-from sparq_ext import SparQCache  # noqa: E402
-from sparq_ext.integrations.evaluation import cache_kwargs  # noqa: E402
-from sparq_ext.integrations.transformers import disable_sparq, enable_sparq  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def sync(device):
@@ -101,7 +99,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32, help="layers of the --llama7b-shape model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="contexts 1024 2048, 16 tokens, 1 repeat")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.quick:
@@ -120,7 +118,8 @@ def main():
         g = torch.Generator().manual_seed(0)
         text = torch.randint(0, model.config.vocab_size, (1, max(args.contexts)), generator=g)
     else:
-        from sparq_ext.integrations.smollm2 import load_smollm2, real_text_ids
+        from sparq_ext.evaluation.models import load_smollm2
+        from sparq_ext.evaluation.texts import real_text_ids
         model, tok = load_smollm2(dtype, device)
         model_name = "SmolLM2-135M-Instruct (real weights)"
         text = real_text_ids(tok)
@@ -168,8 +167,7 @@ def main():
                      headers=["context", "batch", "new tokens", "dense tok/s", "SparQ tok/s", "speedup",
                               "dense ms/step", "SparQ ms/step", "greedy agreement"], tablefmt="github")
     print(table)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit(str(HERE))
     meta = dict(model=model_name, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
                 dtype=str(dtype), threads=torch.get_num_threads(), torch=torch.__version__,

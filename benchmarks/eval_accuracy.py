@@ -6,29 +6,16 @@ C the first C tokens are prefilled densely (SDPA) into a SparQCache, then the ne
 teacher-forced one decode step at a time, so every scored token goes through the method under
 test. Metrics: perplexity of the N tokens and top-1 agreement with dense decoding.
 
-Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense):
-  sparq          r = D/rho, k = S/(2 rho), local window k/4 (the paper's setting; enable_sparq default)
-  sparq_nowin    the same without local window
-  sparq_auto     the same bytes, split per layer by calibration (enable_sparq(split="auto"),
-                 budget="layer": every layer on its own budget line): r chosen once per ratio
-                 from a dense prefill of a DIFFERENT text (the first --calibration-tokens tokens
-                 of the NVIDIA CUDA EULA shipped in the nvidia-cuda-runtime wheel), saved to
-                 benchmarks/results/split_smollm2_r{ratio}.json
-  sparq_auto_model  the same, with the layers sharing the model's budget (budget="model", the
-                 library's default): r and each layer's share, the same bytes over all layers;
-                 saved to benchmarks/results/split_smollm2_r{ratio}_model.json
-  streaming      StreamingLLM: 4 sinks + recent window, W positions with 2 W D = SparQ's bytes
-  h2o            H2O heavy hitters (W/2 heavy + W/2 recent), same W
+Methods at compression ratio rho (bytes read per decode step ~ 1/rho of dense), defined in
+sparq_ext.evaluation.methods: sparq (the paper's even split, local window k/4), sparq_nowin,
+sparq_auto (the saved "smollm2-135m" auto split, or --split-file), streaming (StreamingLLM) and
+h2o (H2O heavy hitters), the last two keeping as many positions as SparQ's bytes allow.
 Plus a passkey (needle) retrieval test at 4K-8K: filler text with one "pass key" sentence at a
 depth, prefilled densely; the question and the answer are then decoded step by step.
 
---text python-reference evaluates on the Python language reference (pydoc_data.topics, each
-paragraph once) instead: GPL-3 ends before 8K tokens, so an 8K context scores licence boilerplate.
-The auto-split grid (benchmarks/results/AUTO_SPLIT.md) was run in pieces with --merge:
-    python benchmarks/eval_accuracy.py --threads 1 --contexts 1024 4096 --methods sparq sparq_auto \
-        streaming h2o --passkey-contexts --tag auto_split --merge
-    python benchmarks/eval_accuracy.py --threads 1 --contexts 8000 --text python-reference \
-        --methods sparq sparq_auto streaming h2o --passkey-contexts --tag auto_split --merge
+--text python-reference (or stdlib-docstrings) evaluates on Python documentation instead: GPL-3
+ends before 8K tokens, so an 8K context would score licence boilerplate. --merge runs a grid in
+pieces (rows of other contexts and methods are kept).
 
 Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib).
     python benchmarks/eval_accuracy.py            # the grid in the results README
@@ -39,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -51,58 +34,17 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import sparq_ext
+from sparq_ext.evaluation.baselines import budget_positions
+from sparq_ext.evaluation.decode import cache_kwargs, nll_and_top1, teacher_forced_decode
+from sparq_ext.evaluation.methods import (DEFAULT_SPLIT, METHODS, PrefilledCache, bytes_fraction,
+                                          method_settings, set_method)
+from sparq_ext.evaluation.models import load_smollm2
+from sparq_ext.evaluation.texts import EVALUATION_TEXTS, gpl3_text, real_text_ids
+from sparq_ext.evaluation.timing import run_metadata
+from sparq_ext.integrations.transformers import SparQSettings, disable_sparq
 
-import sparq_ext  # noqa: E402
-from sparq_ext import SparQCache, transfer_bytes  # noqa: E402
-from sparq_ext.integrations.baselines import (  # noqa: E402
-    budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward)
-from sparq_ext.integrations.evaluation import cache_kwargs, nll_and_top1, prefill, teacher_forced_decode  # noqa: E402
-from sparq_ext.calibrate import CRITERIA, DEFAULT_CRITERION  # noqa: E402
-from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, gpl3_text, load_smollm2, real_text_ids  # noqa: E402
-from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, enable_sparq  # noqa: E402
-
-from common import git_commit  # noqa: E402  (benchmarks/ is the script's directory)
-
-METHODS = ("sparq", "sparq_nowin", "sparq_auto", "sparq_auto_model", "streaming", "h2o")
-AUTO_BUDGETS = {"sparq_auto": "layer", "sparq_auto_model": "model"}  # method -> calibration budget
-SPLIT_FILES = {}  # (budget, ratio) -> split JSON for sparq_auto* (filled by calibrate_auto_splits)
-
-
-def prepare_run(args):
-    """Setup shared by the accuracy scripts: torch threads, offline hub, the output directory,
-    and the ratios as ints where whole (file names and table keys). Returns (out, ratios)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out, [int(r) if float(r).is_integer() else r for r in args.ratios]
-
-
-def split_file_for(out, ratio, budget="layer"):
-    return str(Path(out) / f"split_smollm2_r{ratio:g}{'_model' if budget == 'model' else ''}.json")
-
-
-def calibrate_auto_splits(model, tok, ratios, out, n_tokens, log, criterion=None, budget="layer", lengths=None,
-                          positions=None):
-    """One calibration per ratio on the calibration text (at each of ``lengths`` if given, from
-    ``positions`` sampled query positions per layer, default by length); returns {ratio: calibrate_split result}."""
-    from sparq_ext.integrations.smollm2 import calibration_text_ids
-    from sparq_ext.integrations.transformers import calibrate_split
-    ids = calibration_text_ids(tok, n_tokens)
-    results = {}
-    for ratio in ratios:
-        path = split_file_for(out, ratio, budget)
-        res = calibrate_split(model, ids, ratio, path=path, criterion=criterion, budget=budget, lengths=lengths,
-                              positions=positions)
-        SPLIT_FILES[budget, ratio] = path
-        results[ratio] = res
-        log(f"auto split ratio {ratio:g}: calibration {res['calibration_seconds']:.2f}s vs prefill "
-            f"{res['prefill_seconds']:.2f}s ({ids.shape[1]} tokens, budget {budget}); r per layer "
-            f"{list(res['layer_r'].values())}; ratio per layer {[round(v, 2) for v in res['layer_ratio'].values()]}")
-    return results
+HERE = Path(__file__).resolve().parent
 
 
 def run_history(old_meta):
@@ -123,72 +65,8 @@ def run_history(old_meta):
     return runs
 
 
-def set_method(model, method, ratio):
-    if method == "dense":
-        disable_sparq(model)
-    elif method == "sparq":
-        enable_sparq(model, ratio=ratio)
-    elif method == "sparq_nowin":
-        enable_sparq(model, ratio=ratio, local_window=0)
-    elif method in AUTO_BUDGETS:
-        enable_sparq(model, ratio=ratio, split="auto", split_file=SPLIT_FILES[AUTO_BUDGETS[method], ratio])
-    elif method == "streaming":
-        enable_sparq(model, ratio=ratio, attn_name="sparq_streaming", attn_fn=streaming_attention_forward)
-    elif method == "h2o":
-        enable_sparq(model, ratio=ratio, attn_name="sparq_h2o", attn_fn=h2o_attention_forward)
-    else:
-        raise ValueError(method)
-
-
-class PrefilledCache:
-    """One dense prefill reused by every method: crop back to the context and restore the V sums."""
-
-    def __init__(self, model, ids, h2o_scores: bool = True):
-        # SDPA prefill; "h2o" also records H2O's prefill scores (a dense S x S softmax per layer:
-        # most of the prefill's time at 8K), which only the H2O baseline reads
-        set_method(model, "h2o" if h2o_scores else "dense", 8)
-        self.cache = SparQCache(config=model.config)
-        self.last_logits = prefill(model, ids, self.cache)
-        self.length = ids.shape[1]
-        self.sums = [layer.value_sum.clone() for layer in self.cache.layers]
-
-    def fresh(self):
-        for layer, saved in zip(self.cache.layers, self.sums):
-            extra = layer.get_seq_length() - self.length
-            if extra:
-                layer.crop(-extra)
-            layer.value_sum.copy_(saved)
-        reset_h2o_state(self.cache)
-        return self.cache
-
-
-def bytes_fraction(method, ratio, seq_len, head_dim, kv_heads):
-    """Bytes read per decode step relative to dense (KV cache only) at length seq_len."""
-    if method == "dense":
-        return 1.0
-    settings = method_settings(method, ratio)
-    if method.startswith("sparq"):
-        fractions = []
-        for layer in (range(len(settings.layer_r)) if settings.layer_r else [None]):  # sparq_auto*: mean over layers
-            r, k, _ = settings.resolve(seq_len, head_dim, layer)
-            tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
-            fractions.append((tb["sparq"] - 2 * kv_heads * head_dim * 4) / (tb["dense"] - 2 * kv_heads * head_dim * 4))
-        return sum(fractions) / len(fractions)
-    return budget_positions(settings, seq_len, head_dim) / seq_len
-
-
-def method_settings(method, ratio):
-    """The SparQSettings a method decodes with (sparq_auto*: with the calibrated layer_r)."""
-    if method in AUTO_BUDGETS:
-        from sparq_ext.calibrate import load_length_splits, load_split
-        path = SPLIT_FILES[AUTO_BUDGETS[method], ratio]
-        _, layer_r, layer_ratio = load_split(path)
-        return SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratio,
-                             length_splits=load_length_splits(path))
-    return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
-
-
-def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None, text="gpl3"):
+def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_context=None, text="gpl3",
+                 split_file=DEFAULT_SPLIT):
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
@@ -205,7 +83,7 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
         configs = [("dense", None)] + [(m, r) for r in ratios for m in methods]
         dense_logits = None
         for method, ratio in tqdm(configs, desc=f"context {context}", leave=False):
-            set_method(model, method, ratio)
+            set_method(model, method, ratio, split_file)
             t0 = time.time()
             logits = teacher_forced_decode(model, ids[:, context:context + n_tokens], pre.fresh())
             seconds = time.time() - t0
@@ -214,19 +92,19 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
             m = nll_and_top1(logits, targets, dense_logits)
             mid = context + n_tokens // 2
             row = dict(context=context, tokens=n_tokens, text=text, method=method, ratio=ratio,
-                       bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads),
+                       bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads,
+                                                     cfg.num_hidden_layers, split_file),
                        ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
                        top1_acc=m["top1_acc"], seconds=seconds)
             if ratio:
-                settings = method_settings(method, ratio)
-                if method in AUTO_BUDGETS:  # per layer: report the r values used and their k
+                settings = method_settings(method, ratio, split_file)
+                if method == "sparq_auto":  # per layer: report the r values used and their k
                     rks = sorted({settings.resolve(mid, D, layer)[:2] for layer in range(cfg.num_hidden_layers)})
                     r = "/".join(str(a) for a, _ in rks)
                     k = "/".join(str(b) for _, b in rks)
                     w = "k/4"
                     row["layer_r"] = {str(a): settings.resolve(mid, D, a)[0] for a in range(cfg.num_hidden_layers)}
-                    if settings.layer_ratio or settings.length_splits:
-                        row["layer_k"] = {str(a): settings.resolve(mid, D, a)[1] for a in range(cfg.num_hidden_layers)}
+                    row["layer_k"] = {str(a): settings.resolve(mid, D, a)[1] for a in range(cfg.num_hidden_layers)}
                 else:
                     r, k, w = settings.resolve(mid, D)
                 row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
@@ -256,7 +134,8 @@ ANSWER_PREFIX = "The pass key is"
 REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
-def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, filler="repeat"):
+def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, filler="repeat",
+                split_file=DEFAULT_SPLIT):
     # "repeat": the usual passkey filler (Mohtashami & Jaggi 2023); "gpl": the GPL-3 text, which
     # talks about keys and permissions and distracts this small model even when dense.
     text = gpl3_text() if filler == "gpl" else REPEAT_FILLER * 1200
@@ -281,7 +160,7 @@ def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, f
             question = tok(QUESTION + tail + ANSWER_PREFIX, add_special_tokens=False).input_ids
             pre = PrefilledCache(model, torch.tensor([prompt]))
             for method in ("dense",) + tuple(methods):
-                set_method(model, method, ratio)
+                set_method(model, method, ratio, split_file)
                 cache = pre.fresh()
                 with torch.no_grad():
                     logits = teacher_forced_decode(model, torch.tensor([question]), cache)[:, -1]
@@ -342,19 +221,14 @@ def main():
     ap.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
     ap.add_argument("--passkey-ratio", type=float, default=8)
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
-    ap.add_argument("--calibration-tokens", type=int, default=2048,
-                    help="tokens of the calibration text (NVIDIA CUDA EULA) for sparq_auto")
-    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192],
-                    help="sparq_auto_model: calibrate at each of these prefix lengths of the calibration text "
-                         "(decoding uses the nearest); empty: one calibration of --calibration-tokens tokens")
-    ap.add_argument("--criterion", choices=CRITERIA, default=None,
-                    help=f"what sparq_auto's calibration minimises per layer (default {DEFAULT_CRITERION})")
+    ap.add_argument("--split-file", default=DEFAULT_SPLIT,
+                    help="sparq_auto's split: a saved split's name or a JSON written by sparq_ext.Split.save")
     ap.add_argument("--text", choices=sorted(EVALUATION_TEXTS), default="gpl3",
                     help="evaluation text: GPL-3 (numpy dist-info) or the Python language reference "
                          "(pydoc_data.topics; not licence boilerplate at 8K)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="1K context, ratios 4 and 8, 32 tokens, one passkey")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--merge", action="store_true",
                     help="keep rows (and passkey trials) of other contexts already in the output JSON, and "
@@ -363,7 +237,11 @@ def main():
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
         args.passkey_contexts, args.passkey_depths = [2048], [0.5]
-    out, ratios = prepare_run(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
 
     lines = []
 
@@ -372,15 +250,13 @@ def main():
         lines.append(msg)
 
     model, tok = load_smollm2(torch.float32)
-    commit = git_commit()
-    meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+    meta = dict(run_metadata(torch.device("cpu"), root=str(HERE)),
+                model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
                 text={"gpl3": "GPL-3 (numpy dist-info)",
                       "python-reference": "Python language reference (pydoc_data.topics)",
                       "stdlib-docstrings": "Python standard-library docstrings"}[args.text],
-                device=platform.processor() or platform.machine(), torch=torch.__version__,
-                transformers=__import__("transformers").__version__, commit=commit,
-                threads=torch.get_num_threads(), native_cpu_kernel=sparq_ext.has_native_kernel("cpu"),
-                args=vars(args))
+                transformers=__import__("transformers").__version__,
+                native_cpu_kernel=sparq_ext.has_native_kernel("cpu"), args=vars(args))
     log(f"backend: native CPU kernel = {meta['native_cpu_kernel']}; threads = {meta['threads']}")
     tag = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
     json_path = out / f"accuracy{tag}.json"
@@ -407,24 +283,10 @@ def main():
         plot(rows, out / f"accuracy{tag}.png")
         return table
 
-    for method, budget in AUTO_BUDGETS.items():
-        if method not in args.methods:
-            continue
-        ratios_auto = sorted(set(ratios) | ({args.passkey_ratio} if args.passkey_contexts else set()))
-        lengths = args.calibration_lengths if budget == "model" and args.calibration_lengths else None
-        calib = calibrate_auto_splits(model, tok, ratios_auto, out, max([args.calibration_tokens, *(lengths or [])]),
-                                      log, args.criterion, budget=budget, lengths=lengths)
-        meta[{"layer": "auto_split", "model": "auto_split_model"}[budget]] = {
-            f"{ratio:g}": dict({k: v for k, v in res.items() if k != "lengths"},
-                               layer_r={str(a): b for a, b in res["layer_r"].items()},
-                               layer_ratio={str(a): b for a, b in res["layer_ratio"].items()},
-                               lengths=sorted(res.get("lengths", {})),
-                               text="NVIDIA CUDA EULA (nvidia-cuda-runtime dist-info)",
-                               file=os.path.relpath(SPLIT_FILES[budget, ratio], ROOT))
-            for ratio, res in calib.items()}
     t0 = time.time()
     rows = run_accuracy(model, tok, args.contexts, ratios, args.methods, args.tokens, log,
-                        on_context=lambda rows: write(rows), text=args.text) if args.contexts else []
+                        on_context=lambda rows: write(rows), text=args.text,
+                        split_file=args.split_file) if args.contexts else []
     for r in previous:  # rows kept at a context run now must share this run's dense reference
         dense = next((d for d in rows if d["method"] == "dense" and d["context"] == r["context"]), None)
         if dense is None or r["method"] == "dense":
@@ -441,7 +303,7 @@ def main():
     if args.passkey_contexts and args.passkey_depths:
         t0 = time.time()
         passkey = run_passkey(model, tok, args.passkey_contexts, args.passkey_depths, args.passkey_ratio,
-                              args.methods, log, filler=args.passkey_filler)
+                              args.methods, log, filler=args.passkey_filler, split_file=args.split_file)
         meta["passkey_seconds"] = time.time() - t0
         passkey_path = out / f"passkey{tag}.json"
         if args.merge and passkey_path.exists():  # keep other contexts' trials, as for accuracy rows

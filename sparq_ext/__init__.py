@@ -8,17 +8,20 @@ from .budget import rk_for_ratio, transfer_bytes
 from .cache import SparQCache, SparQCacheLayer
 from .ops import attention, check_attention_inputs, extension_error, has_native_kernel
 from .reference import sparq_attention_reference
+from .split import Split, saved_splits
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparQCache",
     "SparQCacheLayer",
+    "Split",
     "attention",
     "check_attention_inputs",
     "extension_error",
     "has_native_kernel",
     "rk_for_ratio",
+    "saved_splits",
     "sparq_attention_reference",
     "transfer_bytes",
 ]

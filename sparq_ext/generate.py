@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(args.model, **kw)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kw).to(device).eval()
     else:
-        from sparq_ext.integrations.smollm2 import load_smollm2, missing_requirements
+        from sparq_ext.evaluation.models import load_smollm2, missing_requirements
         reason = missing_requirements()
         if reason:
             print(f"error: {reason}", file=sys.stderr)

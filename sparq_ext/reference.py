@@ -1,7 +1,7 @@
 """Pure-torch SparQ Attention: the readable reference and the fallback backend.
 
 One decode step, written to be read against the paper (arXiv 2312.04985, Algorithm 1) and
-DESIGN.md section 1. Vectorised over batch and heads; everything is computed in fp32 and the
+docs/design.md. Vectorised over batch and heads; everything is computed in fp32 and the
 result cast back to the query's dtype. No host-device synchronisation, so it also runs under
 CUDA graphs and ``torch.compile``.
 

@@ -1,12 +1,17 @@
-"""The auto split: on the byte budget, deterministic, even split when data is too short."""
+"""The auto split: on the byte budget, deterministic, even split when data is too short; the
+:class:`sparq_ext.Split` it produces, its files and the saved ones."""
+
+import json
 
 import pytest
 import torch
 
 import sparq_ext
-from sparq_ext.calibrate import (CRITERIA, DEFAULT_CRITERION, MASS_CRITERIA, MIN_CALIBRATION_POSITIONS, candidate_rs,
-                                 choose_layer_split, k_on_budget, load_split, save_split, split_errors,
-                                 split_scores)
+from sparq_ext.budget import BUDGET_SHARES, MAX_LAYER_FRACTION, budget_shares, candidate_rs, k_on_budget, layer_ratio
+from sparq_ext.calibrate import (CRITERIA, DEFAULT_CRITERION, MASS_CRITERIA, MIN_CALIBRATION_POSITIONS,
+                                 PrefillCalibrator, allocate_budget, choose_layer_split, split_scores)
+from sparq_ext.integrations.transformers import SparQSettings
+from sparq_ext.split import Split, nearest_length, saved_splits
 
 
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
@@ -47,7 +52,7 @@ def test_choice_is_deterministic_and_on_the_candidate_list():
     b = choose_layer_split(Q.clone(), K.clone(), V.clone(), ratio=4)
     assert a == b
     assert a["source"] == "auto" and a["r"] in candidate_rs(4, 32)
-    assert a["errors"][str(a["r"])] == min(a["errors"].values())
+    assert a["scores"][str(a["r"])][DEFAULT_CRITERION] == min(s[DEFAULT_CRITERION] for s in a["scores"].values())
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -57,10 +62,10 @@ def test_every_criterion_is_selectable_deterministic_and_minimised(criterion):
     b = choose_layer_split(Q.clone(), K.clone(), V.clone(), ratio=4, criterion=criterion)
     assert a == b and a["criterion"] == criterion
     assert a["r"] in candidate_rs(4, 32)
-    assert a["errors"] == {r: s[criterion] for r, s in a["scores"].items()}
-    best = min(a["errors"].values())
+    errors = {r: s[criterion] for r, s in a["scores"].items()}
+    best = min(errors.values())
     # the smallest score wins; among ties (6 decimals) the larger r
-    assert a["r"] == max(int(r) for r, e in a["errors"].items() if round(e, 6) == round(best, 6))
+    assert a["r"] == max(int(r) for r, e in errors.items() if round(e, 6) == round(best, 6))
 
 
 def test_default_criterion_is_used_and_unknown_criteria_raise():
@@ -111,49 +116,34 @@ def test_short_calibration_data_falls_back_to_the_even_split(criterion):
 
 def test_split_errors_vanish_when_k_covers_the_prefix():
     Q, K, V = _prefill(200)
-    errs = split_errors(Q[:, [10, 20]], K, V, [10, 20], ratio=0.5, candidates=[1])
+    errs = split_scores(Q[:, [10, 20]], K, V, [10, 20], ratio=0.5, candidates=[1])
     assert errs[1]["k"] >= 21 and errs[1]["rel_error"] < 1e-5  # k >= valid length: exact
     assert errs[1]["mass"] < 1e-6 and errs[1]["logmass"] < 1e-6 and errs[1]["retained_mass"] > 1 - 1e-6
 
 
-def test_save_and_load_round_trip(tmp_path):
-    path = str(tmp_path / "split.json")
-    save_split(path, {0: 2, 3: 8, 1: 4}, ratio=8, model="m")
-    assert load_split(path) == (8.0, {0: 2, 1: 4, 3: 8}, {})
-    (tmp_path / "bad.json").write_text('{"ratio": 8}')
-    with pytest.raises(ValueError, match="not a sparq_ext split file"):
-        load_split(str(tmp_path / "bad.json"))
-
-
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 @pytest.mark.parametrize("S", [100, 1024, 4096, 8000])
-def test_settings_resolve_with_a_layer_split_respects_the_budget(ratio, S):
-    from sparq_ext.integrations.transformers import SparQSettings
+def test_settings_resolve_with_a_uniform_split_respects_the_budget(ratio, S):
     D = 64
-    layer_r = dict(enumerate(candidate_rs(ratio, D)))
-    settings = SparQSettings(ratio=ratio, split="auto", layer_r=layer_r)
-    for layer, r in layer_r.items():
-        r_used, k, window = settings.resolve(S, D, layer)
+    for r in candidate_rs(ratio, D):
+        settings = SparQSettings(ratio=ratio, split=Split.uniform(ratio, 2, r))
+        r_used, k, window = settings.resolve(S, D, 1)
         assert r_used == r and k == k_on_budget(ratio, S, D, r) and window == k // 4
         t = sparq_ext.transfer_bytes(1, 3, S, D, r, k, dtype=torch.float32, query_heads=9)
         assert t["sparq"] <= t["dense"] / ratio + 3 * (D + 2 * 9 * D) * 4
-    # a layer without an entry, and split="even", use the paper's rule
-    assert settings.resolve(S, D, 99)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
-    assert SparQSettings(ratio=ratio, layer_r=layer_r).resolve(S, D, 0)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
+        # a layer without an entry, and no split, use the paper's rule
+        assert settings.resolve(S, D, 99)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
+    assert SparQSettings(ratio=ratio).resolve(S, D, 0)[:2] == sparq_ext.rk_for_ratio(ratio, S, D)
 
 
-# --- budget="model": the layers share the model's budget ------------------------------------
+# --- the layers share the model's budget ---------------------------------------------------
 
-def test_budget_shares_stay_below_dense_and_layer_budget_is_the_even_share():
-    from sparq_ext.calibrate import MAX_LAYER_FRACTION, budget_shares
-    assert budget_shares(8, "layer") == (1.0,)
+def test_budget_shares_stay_below_dense():
     for ratio in (2, 4, 8, 16):
-        shares = budget_shares(ratio, "model")
+        shares = budget_shares(ratio)
         assert 1.0 in shares and len(shares) > 1
         assert all(s / ratio <= MAX_LAYER_FRACTION for s in shares if s != 1.0)
-    assert max(budget_shares(2, "model")) == 1.5 and max(budget_shares(8, "model")) == 3.0
-    with pytest.raises(ValueError, match="budget"):
-        budget_shares(8, "global")
+    assert max(budget_shares(2)) == 1.5 and max(budget_shares(8)) == 3.0
 
 
 def _brute_force_allocation(options):
@@ -171,7 +161,6 @@ def _brute_force_allocation(options):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_allocate_budget_is_optimal_within_the_budget_and_deterministic(seed):
-    from sparq_ext.calibrate import BUDGET_SHARES, allocate_budget
     g = torch.Generator().manual_seed(seed)
     layers = 4
     # lost mass falls with the share, faster in some layers than in others
@@ -188,7 +177,6 @@ def test_allocate_budget_is_optimal_within_the_budget_and_deterministic(seed):
 
 
 def test_allocate_budget_prefers_even_on_ties_and_moves_budget_to_the_layer_that_needs_it():
-    from sparq_ext.calibrate import allocate_budget
     flat = {layer: {0.5: 0.2, 1.0: 0.2, 2.0: 0.2} for layer in range(3)}
     assert allocate_budget(flat) == {0: 1.0, 1: 1.0, 2: 1.0}
     # layer 0 loses a lot at small budgets, layers 1 and 2 almost nothing
@@ -199,33 +187,27 @@ def test_allocate_budget_prefers_even_on_ties_and_moves_budget_to_the_layer_that
         allocate_budget({0: {0.5: 0.1, 2.0: 0.0}})
 
 
-def test_model_budget_choice_offers_every_share_and_keeps_the_layer_choice():
-    from sparq_ext.calibrate import budget_shares, layer_ratio
+def test_choice_offers_every_share_on_its_budget_line():
     Q, K, V = _prefill(512, seed=11)
-    layer = choose_layer_split(Q, K, V, ratio=8, budget="layer")
-    model = choose_layer_split(Q, K, V, ratio=8, budget="model")
-    assert "options" not in layer
-    assert {k: v for k, v in model.items() if k != "options"} == layer
-    assert sorted(model["options"]) == sorted(budget_shares(8, "model"))
-    assert model["options"][1.0]["r"] == layer["r"]
-    for share, option in model["options"].items():
+    choice = choose_layer_split(Q, K, V, ratio=8)
+    assert sorted(choice["options"]) == sorted(budget_shares(8))
+    assert choice["options"][1.0]["r"] == choice["r"]
+    for share, option in choice["options"].items():
         assert option["r"] in candidate_rs(layer_ratio(8, share), 32)
     # more budget keeps at least as much mass (the best r at each share)
-    scores = [model["options"][s]["score"] for s in sorted(model["options"])]
+    scores = [choice["options"][s]["score"] for s in sorted(choice["options"])]
     assert all(a >= b - 1e-6 for a, b in zip(scores, scores[1:])), scores
-    short = choose_layer_split(*_prefill(MIN_CALIBRATION_POSITIONS - 1), ratio=8, budget="model")
+    short = choose_layer_split(*_prefill(MIN_CALIBRATION_POSITIONS - 1), ratio=8)
     assert short["source"].startswith("even") and "options" not in short
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("budget", ["layer", "model"])
-def test_choice_without_the_record_is_the_same_choice(criterion, budget):
-    # record=False (what the model integration uses) scores only the chosen criterion
+def test_choice_with_the_record_is_the_same_choice(criterion):
+    # record=True also scores every criterion at share 1 (for comparing criteria); the choice is unchanged
     Q, K, V = _prefill(768, seed=5)
-    full = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, budget=budget, positions=12)
-    lean = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, budget=budget, positions=12, record=False)
-    assert lean["r"] == full["r"] and lean["errors"] == full["errors"]
-    assert lean.get("options") == full.get("options")
+    full = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, positions=12, record=True)
+    lean = choose_layer_split(Q, K, V, ratio=8, criterion=criterion, positions=12)
+    assert lean["r"] == full["r"] and lean["options"] == full["options"]
     assert all(criterion in s for s in lean["scores"].values())
     if criterion in MASS_CRITERIA:  # SparQ's output (the costly part) is not computed
         assert not any("output" in s for s in lean["scores"].values())
@@ -235,8 +217,6 @@ def test_choice_without_the_record_is_the_same_choice(criterion, budget):
 @pytest.mark.parametrize("ratio", [2, 4, 8, 16])
 @pytest.mark.parametrize("S", [100, 1024, 4096, 8000])
 def test_a_model_budget_split_reads_at_most_the_ratios_bytes_over_all_layers(ratio, S):
-    from sparq_ext.calibrate import allocate_budget, budget_shares, layer_ratio
-    from sparq_ext.integrations.transformers import SparQSettings
     D, layers = 64, 6
     g = torch.Generator().manual_seed(ratio)
     options = {layer: {s: float(torch.rand((), generator=g)) / s for s in budget_shares(ratio)}
@@ -245,7 +225,8 @@ def test_a_model_budget_split_reads_at_most_the_ratios_bytes_over_all_layers(rat
     assert any(s != 1.0 for s in shares.values())  # the test exercises a real reallocation
     layer_ratios = {layer: layer_ratio(ratio, s) for layer, s in shares.items()}
     layer_r = {layer: candidate_rs(rho, D)[layer % len(candidate_rs(rho, D))] for layer, rho in layer_ratios.items()}
-    settings = SparQSettings(ratio=ratio, split="auto", layer_r=layer_r, layer_ratio=layer_ratios)
+    settings = SparQSettings(ratio=ratio, split=Split(ratio, {S: {layer: (layer_r[layer], layer_ratios[layer])
+                                                                 for layer in range(layers)}}))
     sparq = dense = 0
     for layer in range(layers):
         r, k, window = settings.resolve(S, D, layer)
@@ -257,34 +238,56 @@ def test_a_model_budget_split_reads_at_most_the_ratios_bytes_over_all_layers(rat
     assert sparq <= dense / ratio + layers * 3 * (D + 2 * 9 * D) * 4
 
 
-def test_check_split_rejects_splits_that_overspend_the_budget():
-    from sparq_ext.calibrate import check_split
+def test_check_rejects_splits_that_overspend_the_budget():
     D = 64
-    check_split(8, {0: 4, 1: 4}, {0: 8 / 1.5, 1: 16.0}, D, n_layers=3)  # 3/16 + 1/16 + 1/8 = 3/8: ok
+    Split(8, {1: {0: (4, 8 / 1.5), 1: (4, 16.0)}}).check(D, n_layers=3)  # 3/16 + 1/16 + 1/8 = 3/8: ok
     with pytest.raises(ValueError, match="spend"):
-        check_split(8, {0: 4}, {0: 4.0}, D, n_layers=2)  # 1/4 + 1/8 > 2/8
+        Split(8, {1: {0: (4, 4.0)}}).check(D, n_layers=2)  # 1/4 + 1/8 > 2/8
     with pytest.raises(ValueError, match="not on the budget line"):
-        check_split(8, {0: 16}, {0: 8.0}, D, n_layers=2)  # r = 16 spends all of ratio 8
+        Split(8, {1: {0: (16, 8.0)}}).check(D, n_layers=2)  # r = 16 spends all of ratio 8
     with pytest.raises(ValueError, match="of dense"):
-        check_split(2, {0: 4, 1: 4}, {0: 1.0, 1: 8.0}, D, n_layers=2)  # a layer reading all of dense
+        Split(2, {1: {0: (4, 1.0), 1: (4, 8.0)}}).check(D, n_layers=2)  # a layer reading all of dense
     with pytest.raises(ValueError, match="out of range"):
-        check_split(8, {}, {5: 8.0}, D, n_layers=2)
+        Split(8, {1: {5: (4, 8.0)}}).check(D, n_layers=2)
+    with pytest.raises(ValueError, match=r"length 4096"):  # every length is checked, and named
+        Split(8, {1024: {0: (4, 8.0)}, 4096: {0: (16, 8.0)}}).check(D, n_layers=2)
 
 
-def test_split_file_round_trip_with_layer_ratios_and_old_files(tmp_path):
-    import json
-    path = str(tmp_path / "model.json")
-    save_split(path, {0: 4, 1: 2}, ratio=8, layer_ratio={0: 4.0, 1: 16.0})
-    assert load_split(path) == (8.0, {0: 4, 1: 2}, {0: 4.0, 1: 16.0})
-    old = tmp_path / "old.json"  # written before layer ratios existed: every layer at the ratio
-    old.write_text(json.dumps({"ratio": 8, "model": "m", "layer_r": {"0": 4}}))
-    assert load_split(str(old)) == (8.0, {0: 4}, {})
+def test_split_file_round_trips_and_reads_single_length_files(tmp_path):
+    path = tmp_path / "split.json"
+    split = Split(8.0, {1024: {0: (8, 4.0), 1: (4, 16.0)}, 4096: {0: (2, 8.0), 1: (2, 8.0)}}, {"model": "m"})
+    split.save(path)
+    assert Split.load(path) == split and not (tmp_path / "split.json.tmp").exists()
+    assert Split.load(str(path)) == split
+    # a file with one split for every length, the ratio per layer optional (every layer at the ratio)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"ratio": 8, "model": "m", "layer_r": {"0": 4, "1": 2}, "layer_ratio": {"1": 16}}))
+    single = Split.load(old)
+    assert list(single.lengths.values()) == [{0: (4, 8.0), 1: (2, 16.0)}] and single.meta == {"model": "m"}
+    for name, text in (("junk", "[1, 2]"), ("broken", "{"), ("empty", '{"ratio": 8}'),
+                       ("none", '{"ratio": 8, "lengths": {}}'), ("typed", '{"ratio": "x", "layer_r": {}}')):
+        (tmp_path / f"{name}.json").write_text(text)
+        with pytest.raises(ValueError, match="not a sparq_ext split file"):
+            Split.load(tmp_path / f"{name}.json")
+
+
+def test_saved_splits_load_by_name_and_respect_their_budget():
+    assert saved_splits() == {"smollm2-135m": [2.0, 4.0, 8.0, 16.0]}
+    for ratio in (2, 4, 8, 16):
+        split = Split.load("smollm2-135m", ratio=ratio)
+        assert split.ratio == ratio and sorted(split.lengths) == [1024, 2048, 4096, 8192]
+        split.check(64, 30)  # SmolLM2-135M: D = 64, 30 layers
+    with pytest.raises(ValueError, match="exists for ratios"):
+        Split.load("smollm2-135m", ratio=3)
+    with pytest.raises(ValueError, match="neither a file nor a saved split"):
+        Split.load("no-such-model", ratio=8)
+    with pytest.raises(ValueError, match="no such file"):
+        Split.load("/no/such/dir/split.json")
 
 
 # --- splits calibrated at several context lengths --------------------------------------------
 
 def test_nearest_length_is_nearest_on_a_log_scale_ties_to_the_longer():
-    from sparq_ext.calibrate import nearest_length
     lengths = [1024, 4096]
     assert nearest_length(lengths, 100) == 1024 and nearest_length(lengths, 1500) == 1024
     assert nearest_length(lengths, 2048) == 4096  # log2 distance 1 to both: the longer
@@ -293,33 +296,39 @@ def test_nearest_length_is_nearest_on_a_log_scale_ties_to_the_longer():
 
 
 def test_settings_use_the_split_of_the_nearest_calibration_length():
-    from sparq_ext.integrations.transformers import SparQSettings
     D = 64
-    short = ({0: 8, 1: 4}, {0: 4.0, 1: 16.0})
-    long = ({0: 2, 1: 2}, {})
-    settings = SparQSettings(ratio=8, split="auto", layer_r={0: 4, 1: 4},
-                             length_splits={1024: short, 4096: long})
+    settings = SparQSettings(ratio=8, split=Split(8, {1024: {0: (8, 4.0), 1: (4, 16.0)},
+                                                      4096: {0: (2, 8.0), 1: (2, 8.0)}}))
     assert settings.resolve(1000, D, 0)[:2] == (8, k_on_budget(4.0, 1000, D, 8))
     assert settings.resolve(1000, D, 1)[:2] == (4, k_on_budget(16.0, 1000, D, 4))
     assert settings.resolve(5000, D, 0)[:2] == (2, k_on_budget(8, 5000, D, 2))
     assert settings.resolve(5000, D, 7)[:2] == sparq_ext.rk_for_ratio(8, 5000, D)  # not in the split
+    # explicit r / k win over the split
+    fixed = SparQSettings(ratio=8, r=16, k=100, split=settings.split)
+    assert fixed.resolve(1000, D, 0) == (16, 100, 25)
 
 
-def test_split_file_round_trip_with_lengths(tmp_path):
-    from sparq_ext.calibrate import load_length_splits
-    path = str(tmp_path / "lengths.json")
-    lengths = {1024: ({0: 8}, {0: 4.0}), 4096: ({0: 2}, {})}
-    save_split(path, {0: 2}, ratio=8, lengths=lengths)
-    assert load_split(path) == (8.0, {0: 2}, {})
-    assert load_length_splits(path) == lengths
-    save_split(path, {0: 2}, ratio=8)
-    assert load_length_splits(path) == {}
-    (tmp_path / "junk.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a sparq_ext split file"):
-        load_split(str(tmp_path / "junk.json"))
-    (tmp_path / "broken.json").write_text("{")
-    with pytest.raises(ValueError, match="not a sparq_ext split file"):
-        load_length_splits(str(tmp_path / "broken.json"))
+def test_prefill_calibrator_shares_the_budget_once_every_layer_is_scored():
+    layers = 3
+    calibrator = PrefillCalibrator(8, layers)
+    calibrator.observe(0, *_prefill(MIN_CALIBRATION_POSITIONS - 1))  # too short: nothing scored
+    assert calibrator.options == {} and not calibrator.done
+    prefills = [_prefill(512, seed=layer) for layer in range(layers)]
+    for layer in range(layers):
+        assert not calibrator.done
+        calibrator.observe(layer, *prefills[layer])
+        calibrator.observe(layer, *prefills[(layer + 1) % layers])  # a layer is scored once
+    assert calibrator.done and sorted(calibrator.layers) == list(range(layers))
+    assert calibrator.seq_len == 512 and calibrator.seconds > 0
+    Split(8, {512: calibrator.layers}).check(32, layers)
+    expected = allocate_budget({layer: {share: o["score"] for share, o in
+                                        choose_layer_split(*prefills[layer], ratio=8)["options"].items()}
+                                for layer in range(layers)})
+    assert {layer: rho for layer, (_, rho) in calibrator.layers.items()} == \
+        {layer: layer_ratio(8, share) for layer, share in expected.items()}
+    for bad in ({"criterion": "vibes"}, {"positions": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PrefillCalibrator(8, layers, **bad)
 
 
 def test_sampled_positions_grow_with_the_prefill():

@@ -11,7 +11,11 @@ How it plugs in, without patching model code:
   ``AttentionMaskInterface.register("sparq", sdpa_mask)`` (so the model builds SDPA-style boolean
   masks for us), then ``model.set_attn_implementation("sparq")``.
 * Prefill (more than one query position) runs the library's SDPA function unchanged. A decode
-  step (one query position) runs :func:`sparq_ext.attention`.
+  step (one query position) asks the layer's :class:`SparQSettings` for ``(r, k, local_window)``
+  at the current length and runs :func:`sparq_ext.attention`.
+* The auto split is calibrated in one explicit place: :func:`calibrate_split` (or, when
+  ``enable_sparq(split="auto")`` gets no split, the first long enough prefill, through the one
+  hook :meth:`SparQSettings.observe_prefill`).
 * ``generate`` creates its cache in ``_prepare_cache_for_generation``; :func:`enable_sparq`
   wraps that method on this model instance (the one place where the library offers no hook) to
   hand out a :class:`sparq_ext.SparQCache` instead of a ``DynamicCache``. A cache passed by the
@@ -30,13 +34,11 @@ import torch
 
 from ..budget import rk_for_ratio
 from ..cache import SparQCache
-from ..calibrate import (BUDGETS, CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION, allocate_budget,
-                         check_position_count, check_split, choose_layer_split, default_position_count,
-                         k_on_budget, layer_ratio, load_length_splits, load_split, nearest_length, save_split)
+from ..calibrate import CRITERIA, MIN_CALIBRATION_POSITIONS, PrefillCalibrator, default_position_count
 from ..ops import attention as sparq_attention
+from ..split import Split
 
 try:
-    import transformers
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -50,15 +52,13 @@ ATTN_NAME = "sparq"
 
 @dataclasses.dataclass
 class SparQSettings:
-    """What a decode step uses. ``r``/``k`` fixed if given, else from ``ratio`` and the length.
+    """What a decode step reads: the one object asked for ``(r, k, local_window)`` per layer and length.
 
-    ``split``: how the ratio's byte budget is shared between the two reads when ``r``/``k`` are
-    not given. ``"even"``: the paper's ``r = D/ratio``, ``k = S/(2 ratio)``. ``"auto"``: per
-    layer, ``r = layer_r[layer_idx]`` (calibrated, :mod:`sparq_ext.calibrate`) and ``k`` the
-    rest of the layer's budget (:func:`sparq_ext.calibrate.k_on_budget`) at the layer's ratio
-    ``layer_ratio.get(layer_idx, ratio)``; a layer not (yet) calibrated uses the even split.
-    With ``length_splits`` (``{L: (layer_r, layer_ratio)}``, a split calibrated at several
-    context lengths) a step uses the split of the calibration length nearest to its own.
+    ``r``/``k`` fixed when given; otherwise from ``ratio``: the paper's even split
+    (:func:`sparq_ext.rk_for_ratio`), or, with a calibrated ``split``, the layer's ``r`` and ``k``
+    on the layer's budget at the nearest calibration length (:meth:`sparq_ext.Split.layer_rk`;
+    layers the split does not cover stay even). ``calibrator``: set while an auto split waits for
+    its first long enough prefill (:meth:`observe_prefill`).
     """
 
     ratio: float = 8.0
@@ -66,29 +66,39 @@ class SparQSettings:
     k: int | None = None
     local_window: int | None = None  # None: k // 4 (the paper's setting)
     min_k: int = 0  # floor on the ratio-derived k (short contexts); min_k >= S means dense
-    split: str = "even"
-    layer_r: dict = dataclasses.field(default_factory=dict)  # {layer_idx: r} for split="auto"
-    layer_ratio: dict = dataclasses.field(default_factory=dict)  # {layer_idx: rho_l}; absent: ratio
-    budget: str = DEFAULT_BUDGET  # calibration: "model" (layers share the budget) or "layer"
-    n_layers: int = 0  # attention layers of the model (budget="model" allocates once all are scored)
-    layer_options: dict = dataclasses.field(default_factory=dict)  # {layer_idx: choose_layer_split()}
-    length_splits: dict = dataclasses.field(default_factory=dict)  # {L: (layer_r, layer_ratio)}
-    calibration_positions: int | None = None  # sampled query positions per layer; None: by length
-    calibration_criterion: str | None = None  # sparq_ext.calibrate.CRITERIA; None: the default
-    calibration_seconds: float = 0.0  # time spent calibrating (all layers)
+    split: Split | None = None  # None: the even split
+    calibrator: PrefillCalibrator | None = None
 
     def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None) -> tuple[int, int, int]:
+        """``(r, k, local_window)`` for ``layer_idx`` at ``seq_len`` positions."""
         r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
-        layer_r, layer_ratios = self.layer_r, self.layer_ratio
-        if self.length_splits:
-            layer_r, layer_ratios = self.length_splits[nearest_length(self.length_splits, seq_len)]
-        if self.split == "auto" and layer_idx in layer_r:
-            r0 = layer_r[layer_idx]
-            k0 = k_on_budget(layer_ratios.get(layer_idx, self.ratio), seq_len, head_dim, r0)
+        if self.split is not None and layer_idx is not None:
+            r0, k0 = self.split.layer_rk(layer_idx, seq_len, head_dim) or (r0, k0)
         r = min(self.r if self.r is not None else r0, head_dim)
         k = self.k if self.k is not None else max(k0, self.min_k)
         window = k // 4 if self.local_window is None else min(self.local_window, k)
         return r, k, window
+
+    def observe_prefill(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
+        """The calibration hook: score this layer from its prefill (batch row 0, or the longest
+        row of a left-padded batch); once every layer is scored, the split is in place."""
+        if self.calibrator is None or layer_idx is None:
+            return
+        Q, S = query.shape[2], key.shape[2]
+        if Q != S:  # a chunk of a longer prefill: its queries do not start at key position 0
+            return
+        row, start = 0, 0
+        if attention_mask is not None and query.shape[0] > 1:
+            counts = hf_mask_to_bool(attention_mask, S)[:, 0, 0, :].sum(-1)  # valid keys per row
+            row = int(counts.argmax())
+            start = S - int(counts[row])  # left padding
+        self.calibrator.observe(layer_idx, query[row, :, start:], key[row, :, start:], value[row, :, start:],
+                                scale=scaling)
+        if self.calibrator.done:
+            self.split = Split(self.ratio, {self.calibrator.seq_len: self.calibrator.layers},
+                               {"criterion": self.calibrator.criterion or "mass",
+                                "calibration_seconds": self.calibrator.seconds})
+            self.calibrator = None
 
 
 _DEFAULT_SETTINGS = SparQSettings()
@@ -116,20 +126,20 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
     returns ``((B, Q, Hq, D), None)`` like the library's SDPA function.
     """
     layer = getattr(key, "_sparq_layer", None)  # set by SparQCacheLayer.update on the view it returns
+    settings = getattr(module, "_sparq_settings", None) or _DEFAULT_SETTINGS
+    layer_idx = getattr(module, "layer_idx", None)
     if query.shape[2] != 1 or module.training:
         if layer is not None and attention_mask is not None:
             # Padding (left, from generate) must not count in the running mean of V.
             layer.set_valid(hf_mask_to_bool(attention_mask, key.shape[2])[:, 0, 0, :])
-        settings = getattr(module, "_sparq_settings", None)
-        if settings is not None and settings.split == "auto" and not module.training:
-            _calibrate_layer(module, settings, query, key, value, attention_mask, scaling)
+        if not module.training:
+            settings.observe_prefill(layer_idx, query, key, value, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    settings = getattr(module, "_sparq_settings", None) or _DEFAULT_SETTINGS
     mask = hf_mask_to_bool(attention_mask, key.shape[2])
     if layer is not None and mask is not None:
         layer.set_last_valid(mask[:, 0, 0, -1])
-    r, k, window = settings.resolve(key.shape[2], query.shape[-1], getattr(module, "layer_idx", None))
+    r, k, window = settings.resolve(key.shape[2], query.shape[-1], layer_idx)
     with torch.no_grad():
         out = sparq_attention(
             query, key, value, r=r, k=k,
@@ -137,46 +147,6 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
             value_mean=layer.value_mean() if layer is not None else None,
             attn_mask=mask, local_window=window, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _calibrate_layer(module, settings, query, key, value, attention_mask, scaling):
-    """Choose this layer's ``r`` from its prefill (once): batch row 0, or the longest row.
-
-    With ``budget="model"`` the layer's options are kept until every layer has them (the end of
-    the prefill); then :func:`sparq_ext.calibrate.allocate_budget` shares the budget out.
-    """
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None or layer_idx in settings.layer_r or layer_idx in settings.layer_options \
-            or settings.r is not None:
-        return
-    Q, S = query.shape[2], key.shape[2]
-    if Q != S:  # a chunk of a longer prefill: its queries do not start at key position 0
-        return
-    row, start = 0, 0
-    if attention_mask is not None and query.shape[0] > 1:
-        valid = hf_mask_to_bool(attention_mask, S)[:, 0, 0, :]  # (B, S) of the last query
-        counts = valid.sum(-1)
-        row = int(counts.argmax())
-        start = S - int(counts[row])  # left padding
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        choice = choose_layer_split(query[row, :, start:], key[row, :, start:], value[row, :, start:],
-                                    settings.ratio, scale=scaling,
-                                    positions=settings.calibration_positions,
-                                    criterion=settings.calibration_criterion, budget=settings.budget,
-                                    record=False)  # the choice only: no output error to keep
-        # (a prefill too short to calibrate leaves the layer even; the next long one calibrates it)
-        if choice["source"] == "auto" and settings.budget == "layer":
-            settings.layer_r[layer_idx] = choice["r"]
-        elif choice["source"] == "auto":  # budget="model": allocate once every layer is scored
-            settings.layer_options[layer_idx] = choice["options"]
-            if len(settings.layer_options) == settings.n_layers:
-                shares = allocate_budget({layer: {share: o["score"] for share, o in options.items()}
-                                          for layer, options in settings.layer_options.items()})
-                for layer, share in shares.items():
-                    settings.layer_r[layer] = settings.layer_options[layer][share]["r"]
-                    settings.layer_ratio[layer] = layer_ratio(settings.ratio, share)
-    settings.calibration_seconds += time.perf_counter() - t0
 
 
 def register(name: str = ATTN_NAME, fn=sparq_attention_forward) -> None:
@@ -208,42 +178,44 @@ def _wrap_cache_preparation(model):
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
 
 
+def _check_count(name, value, minimum):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+
+
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
-                 k: int | None = None, *, min_k: int = 0, split: str = "even", split_file: str | None = None,
-                 budget: str = DEFAULT_BUDGET, attn_name: str = ATTN_NAME, attn_fn=None):
+                 k: int | None = None, *, min_k: int = 0, split: str = "even",
+                 split_file: str | os.PathLike | Split | None = None, attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
-        ratio: compression ratio; ``r = D/ratio`` and ``k = S/(2·ratio)`` at the current length
-            ``S`` (:func:`sparq_ext.rk_for_ratio`) unless ``r``/``k`` are given.
+        ratio: compression ratio: a decode step reads about ``1/ratio`` of dense attention's bytes.
         local_window: positions always attended (inside ``k``); default ``k // 4``.
-        r, k: fix the rank and the number of attended positions instead of following ``ratio``.
+        r, k: fix the rank and the number of attended positions instead of following ``ratio``
+            (they win over any split).
         min_k: floor on the ratio-derived ``k``: at short lengths ``S/(2·ratio)`` is a handful of
             positions and attention is cheap anyway (the CLI demo uses 64). ``min_k >= S`` is dense.
-        split: ``"even"`` (the paper's rule, the default) or ``"auto"``: per layer, the ``r`` (and,
-            with ``budget="model"``, the layer's share of the budget) whose selected positions
-            keep the most exact attention mass (:data:`sparq_ext.calibrate.DEFAULT_CRITERION`;
-            other criteria through :func:`calibrate_split`), chosen from the first prefill of at
-            least 64 positions (or read from ``split_file``); ``k`` spends the rest of the
-            layer's budget. Explicit ``r``/``k`` win over both.
-        split_file: with ``split="auto"``, a JSON written by :func:`calibrate_split` (or
-            :func:`sparq_ext.calibrate.save_split`); its ratio must equal ``ratio``, and its
-            layers may not spend more than the ratio's budget (checked).
-        budget: with ``split="auto"`` and no split file, how the first prefill calibrates:
-            ``"model"`` (default: layers share the model's budget, some read more and others
-            less, the total stays ``1/ratio`` of dense) or ``"layer"`` (every layer on its own
-            budget line, only ``r`` chosen).
-        attn_name, attn_fn: register a different decode function under another name (the
-            benchmarks use this for baselines); the default is SparQ.
+        split: how the ratio's bytes are spent between SparQ's two reads. ``"even"`` (the default):
+            the paper's ``r = D/ratio``, ``k = S/(2·ratio)`` in every layer. ``"auto"``: a calibrated
+            per-layer split (docs/auto-split.md) from ``split_file``; without one, the first
+            prefill of at least 64 positions calibrates it (slower prefill, and the split depends
+            on that prompt: prefer a saved split or :func:`calibrate_split`).
+        split_file: with ``split="auto"``: the name of a saved split (:func:`sparq_ext.saved_splits`,
+            e.g. ``"smollm2-135m"``), the path of a JSON written by :meth:`sparq_ext.Split.save`, or
+            the :class:`sparq_ext.Split` that :func:`calibrate_split` returned. Its ratio must equal
+            ``ratio``, and its layers may not spend more than the ratio's budget (checked).
+        attn_name, attn_fn: register a different decode function under another name (the accuracy
+            benchmark's baselines use this); the default is SparQ.
 
     Prefill stays on SDPA. ``model.generate`` uses a :class:`sparq_ext.SparQCache` (unless a cache
     is passed in). :func:`disable_sparq` restores the previous attention implementation.
     """
-    if not ratio > 0:
-        raise ValueError(f"ratio must be > 0, got {ratio!r}")
-    for name, value in (("r", r), ("k", k), ("local_window", local_window), ("min_k", min_k)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("local_window", "min_k") else 1)):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+    _check_count("r", r, 1)
+    _check_count("k", k, 1)
+    _check_count("local_window", local_window, 0)
+    _check_count("min_k", min_k, 0)
     if split not in ("even", "auto"):
         raise ValueError(f"split must be 'even' or 'auto', got {split!r}")
     if split_file is not None and split != "auto":
@@ -251,84 +223,71 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    layer_r, ratios, length_splits = {}, {}, {}
-    if split_file is not None and os.path.exists(split_file):
-        file_ratio, layer_r, ratios = load_split(split_file)
-        length_splits = load_length_splits(split_file)
-        if file_ratio != float(ratio):
-            raise ValueError(f"split_file {split_file} was calibrated for ratio {file_ratio:g}, "
-                             f"not {ratio:g}")
-        head_dim = getattr(modules[0], "head_dim", None)
-        if head_dim is not None:
-            for name, (lr, lq) in [("", (layer_r, ratios))] + [(f" (length {n})", v) for n, v in length_splits.items()]:
-                check_split(float(ratio), lr, lq, head_dim, len(modules), f"split_file {split_file}{name}")
     config = model.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise ValueError(f"enable_sparq supports full-attention layers only, got layer_types {set(layer_types)}")
+    settings = SparQSettings(ratio=float(ratio), r=r, k=k, local_window=local_window, min_k=min_k)
+    if split == "auto" and split_file is not None:
+        settings.split = split_file if isinstance(split_file, Split) else Split.load(split_file, ratio=ratio)
+        where = f"split_file {split_file if not isinstance(split_file, Split) else '(Split)'}"
+        if settings.split.ratio != float(ratio):
+            raise ValueError(f"{where} was calibrated for ratio {settings.split.ratio:g}, not {ratio:g}")
+        head_dim = getattr(modules[0], "head_dim", None)
+        if head_dim is not None:
+            settings.split.check(head_dim, len(modules), where)
+    elif split == "auto" and r is None:
+        settings.calibrator = PrefillCalibrator(ratio, len(modules))
     register(attn_name, attn_fn or sparq_attention_forward)
     if not hasattr(model, "_sparq_previous_attn"):
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
-    settings = SparQSettings(ratio=ratio, r=r, k=k, local_window=local_window, min_k=min_k, split=split,
-                             layer_r=layer_r, layer_ratio=ratios, budget=budget, n_layers=len(modules),
-                             length_splits=length_splits)
     for module in modules:
         module._sparq_settings = settings
     model.set_attn_implementation(attn_name)
     return model
 
 
-def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None, attention_mask=None,
-                    positions: int | None = None, criterion: str | None = None, budget: str = DEFAULT_BUDGET,
-                    lengths=None) -> dict:
-    """Choose the auto split of every layer from one prefill of ``input_ids`` and optionally save it.
+def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike | None = None,
+                    attention_mask=None, lengths=None, positions: int | None = None,
+                    criterion: str | None = None) -> Split:
+    """Calibrate an auto split of ``model`` at ``ratio`` from prefills of ``input_ids``; returns it
+    (and writes it to ``path`` when given) for ``enable_sparq(model, ratio, split="auto",
+    split_file=...)``.
 
-    Runs ``model(input_ids)`` once (SDPA prefill, no cache kept) with ``split="auto"``; the
-    previous attention setup of ``model`` is restored afterwards. Returns ``{"ratio",
-    "layer_r", "layer_ratio", "calibration_seconds", "prefill_seconds", ...}``; with ``path``
-    also writes the JSON that ``enable_sparq(model, ratio, split="auto", split_file=path)`` reads. Use at least a few
-    hundred tokens of text like the model's inputs (fewer than 64 leaves the even split).
-    ``positions``: query positions sampled per layer (default: by the prefill's length,
-    :func:`sparq_ext.calibrate.default_position_count`: 8 up to 2048 tokens, 32 at 8192).
-    ``criterion``: what each layer's ``r`` minimises, one of :data:`sparq_ext.calibrate.CRITERIA`
-    (default :data:`sparq_ext.calibrate.DEFAULT_CRITERION`). ``budget``: ``"model"`` (layers
-    share the budget, the default) or ``"layer"`` (each layer on its own budget line).
-    ``lengths``: calibrate once per context length ``L`` (a prefill of the first ``L`` tokens
-    each, all ``<= input_ids.shape[-1]``); decoding then uses the split of the calibration
-    length nearest to the current one (the best split moves with the length). The top-level
-    ``layer_r``/``layer_ratio`` are then those of the longest length.
+    ``lengths``: calibrate once per context length ``L`` (a prefill of the first ``L`` tokens each,
+    all ``<= input_ids.shape[-1]``; default: one prefill of all of them); decoding uses the entry of
+    the calibration length nearest to its own, because the best split moves with the length. Use a
+    few thousand tokens of text like the model's inputs. ``positions``: query positions sampled per
+    layer (default by length: :func:`sparq_ext.calibrate.default_position_count`); ``criterion``: what
+    the split minimises (:data:`sparq_ext.calibrate.CRITERIA`, default ``"mass"``). Each prefill runs
+    on SDPA without a cache; ``model``'s attention setup is restored afterwards. The split's
+    ``meta`` records the calibration and prefill seconds.
     """
     if criterion is not None and criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    check_position_count(positions)
     n_tokens = int(input_ids.shape[-1])
-    if lengths is not None:
-        lengths = sorted({int(n) for n in lengths})
-        if not lengths or lengths[0] < 1 or lengths[-1] > n_tokens:
-            raise ValueError(f"lengths must be between 1 and the {n_tokens} tokens of input_ids, got {lengths}")
+    lengths = sorted({int(n) for n in lengths}) if lengths is not None else [n_tokens]
+    if not lengths or lengths[0] < MIN_CALIBRATION_POSITIONS or lengths[-1] > n_tokens:
+        raise ValueError(f"lengths must lie in [{MIN_CALIBRATION_POSITIONS}, {n_tokens}] (the tokens of "
+                         f"input_ids), got {lengths}")
     modules = _attention_modules(model)
     previous = [getattr(m, "_sparq_settings", None) for m in modules]
     was_enabled = hasattr(model, "_sparq_previous_attn")
     previous_attn = model.config._attn_implementation
-    per_length, calibration, prefill = {}, 0.0, 0.0
+    entries, calibration, prefill = {}, 0.0, 0.0
     try:
-        for length in lengths or [n_tokens]:
-            enable_sparq(model, ratio=ratio, split="auto", budget=budget)
-            settings = sparq_settings(model)
-            settings.calibration_positions = positions
-            settings.calibration_criterion = criterion
+        for length in lengths:
+            enable_sparq(model, ratio=ratio, split="auto")
+            calibrator = PrefillCalibrator(ratio, len(modules), positions=positions, criterion=criterion)
+            modules[0]._sparq_settings.calibrator = calibrator  # the settings object all layers share
             t0 = time.perf_counter()
             with torch.no_grad():
                 model(input_ids=input_ids[..., :length], use_cache=False,
                       attention_mask=None if attention_mask is None else attention_mask[..., :length])
-            prefill += time.perf_counter() - t0 - settings.calibration_seconds
-            calibration += settings.calibration_seconds
-            per_length[length] = (dict(sorted(settings.layer_r.items())), dict(sorted(settings.layer_ratio.items())))
+            prefill += time.perf_counter() - t0 - calibrator.seconds
+            calibration += calibrator.seconds
+            entries[length] = calibrator.layers
     finally:
         if was_enabled:
             for module, saved in zip(modules, previous):
@@ -336,20 +295,17 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | None = None,
             model.set_attn_implementation(previous_attn)
         else:
             disable_sparq(model)
-    layer_r, layer_ratios = per_length[max(per_length)]
-    sampled = {length: positions or default_position_count(length) for length in per_length}
-    result = {"ratio": float(ratio), "layer_r": layer_r, "layer_ratio": layer_ratios, "budget": budget,
-              "criterion": criterion or DEFAULT_CRITERION,
-              "positions": sampled if lengths is not None else sampled[n_tokens],
-              "calibration_seconds": calibration, "prefill_seconds": prefill, "tokens": n_tokens}
-    if lengths is not None:
-        result["lengths"] = per_length
+    missing = [length for length, layers in entries.items() if layers is None]
+    if missing:
+        raise RuntimeError(f"calibration did not reach every attention layer at lengths {missing}")
+    meta = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "criterion": criterion or "mass",
+            "positions": {str(length): positions or default_position_count(length) for length in entries},
+            "calibration_seconds": calibration, "prefill_seconds": prefill}
+    split = Split(float(ratio), entries, meta)
     if path is not None:
-        save_split(path, layer_r, ratio, model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
-                   layer_ratio=layer_ratios, lengths=per_length if lengths is not None else None,
-                   extra={k: result[k] for k in ("budget", "criterion", "positions", "calibration_seconds",
-                                                 "prefill_seconds", "tokens")})
-    return result
+        split.save(path)
+    return split
 
 
 def disable_sparq(model):
@@ -368,7 +324,7 @@ def disable_sparq(model):
 
 
 def sparq_settings(model) -> SparQSettings | None:
-    """The settings :func:`enable_sparq` installed on ``model``, or ``None``."""
+    """The settings :func:`enable_sparq` installed on ``model`` (shared by all layers), or ``None``."""
     modules = _attention_modules(model)
     return getattr(modules[0], "_sparq_settings", None) if modules else None
 

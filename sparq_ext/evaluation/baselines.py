@@ -1,7 +1,7 @@
 """Baseline decode-step attention functions at SparQ's byte budget, for the accuracy benchmark.
 
 Both are ``AttentionInterface`` functions in the style of
-:func:`sparq_ext.integrations.transformers.sparq_attention_forward` (SDPA for prefill, the
+``sparq_ext.integrations.transformers.sparq_attention_forward`` (SDPA for prefill, the
 baseline for a one-token decode step) and are installed with
 ``enable_sparq(model, ratio, attn_name=..., attn_fn=...)``. Each keeps ``W`` positions per KV
 head, with ``2·W·D`` equal to SparQ's ``S·r + 2·k·D + D`` at the same ratio, so they read
@@ -25,7 +25,7 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .transformers import _DEFAULT_SETTINGS, hf_mask_to_bool
+from ..integrations.transformers import _DEFAULT_SETTINGS, hf_mask_to_bool
 
 N_SINKS = 4
 
@@ -40,7 +40,7 @@ def budget_positions(settings, seq_len: int, head_dim: int) -> int:
 def _masked_decode(query, key, value, keep, scaling):
     """Attention of one query position over ``keep`` ``(B, Hkv, S)``; returns output and weights."""
     B, Hq, _, D = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
+    Hkv = key.shape[1]
     G = Hq // Hkv
     q = query.float().reshape(B, Hkv, G, D)
     logits = (q @ key.float().transpose(-1, -2)) * (D**-0.5 if scaling is None else scaling)

@@ -1,41 +1,32 @@
-"""Issue 6 with more power: the auto split against the even split over many windows of one text.
+"""The auto split against the even split over many windows of text (the evidence of docs/auto-split.md).
 
-eval_accuracy.py scores one 128-token window per context. That is too few to decide the
-issue's goal (at ratios 4 and 8, auto's perplexity loss at most half the even split's) where
-the two are close: at 4K ratio 4 GPL-3 gave 0.53, and a bootstrap over its 128 tokens spans
-about +-0.03 nats (split_decode_probe.md). This script scores W disjoint windows of the Python
-language reference (pydoc_data.topics, each paragraph once, ~92K tokens; the auto split is
-calibrated on a different text, the CUDA EULA). Each window's first C tokens are prefilled
-densely, then its next N tokens are teacher-forced one decode step at a time through dense
-attention, the even split (r = D/rho, k = S/(2 rho), local window k/4: enable_sparq's default)
-and the auto split with each layer on its own budget line ("auto": the saved
-benchmarks/results/split_smollm2_r{rho}.json, mass criterion) and with the layers sharing the
-model's budget ("auto_model": split_smollm2_r{rho}_model.json, the library's default budget),
-optionally also with every layer at one uniform r (--uniform-r).
+``benchmarks/eval_accuracy.py`` scores one 128-token window per context: too few to separate two
+splits that are close. This scores W disjoint windows of a long text (default: the Python
+language reference, ~92K tokens; the auto split is calibrated on a different text, the CUDA
+EULA). Each window's first C tokens are prefilled densely, then its next N tokens are
+teacher-forced one decode step at a time through dense attention, the even split (r = D/rho,
+k = S/(2 rho), local window k/4: enable_sparq's default), the auto split (default: the saved
+"smollm2-135m" split; --split-file or --recalibrate for another) and optionally every layer at one
+uniform r (--uniform-r, k on the byte budget).
 
-Loss of a method = exp(mean NLL - mean dense NLL) - 1, pooled over all windows' tokens. The
-95% interval of auto/even (and auto_model/even) comes from a bootstrap over windows (tokens of one window are
-correlated), 2000 resamples; P(<= 0.5) is the share of resamples meeting the goal.
-Writes benchmarks/results/split_windows.{json,md,png}.
+Loss of a method = exp(mean NLL - mean dense NLL) - 1, pooled over all windows' tokens. The 95%
+interval of auto/even comes from a bootstrap over windows (tokens of one window are correlated),
+2000 resamples; P(<= 0.5) is the share of resamples where auto loses at most half of even's loss.
+Writes research/results/split_windows{_tag}.{json,md,png}.
 
-    python benchmarks/eval_split_windows.py --threads 2                 # 1K/4K/8K x ratios 4, 8
-    python benchmarks/eval_split_windows.py --contexts 1024 --windows 2 --tokens 16 --tag quick
+    python research/eval_split_windows.py --threads 2                 # 1K/4K/8K x ratios 4, 8
+    python research/eval_split_windows.py --contexts 1024 --windows 2 --tokens 16 --tag quick
 
 --pool A.json B.json ... runs nothing: it pools earlier runs on different texts per (context,
-ratio), with a bootstrap stratified by text, into split_windows_pooled{_tag}.{json,md}; only
-cells that decoded with the same splits in every run (checked against the split files the runs
-recorded, or git at their commits).
+ratio), with a bootstrap stratified by text, into split_windows_pooled{_tag}.{json,md}; only cells
+that decoded with the same split entries in every run (each run records the split it decoded).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,20 +34,17 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sparq_ext.evaluation.decode import teacher_forced_decode
+from sparq_ext.evaluation.methods import DEFAULT_SPLIT, PrefilledCache, set_method
+from sparq_ext.evaluation.models import load_smollm2
+from sparq_ext.evaluation.texts import EVALUATION_TEXTS, calibration_text_ids, real_text_ids
+from sparq_ext.evaluation.timing import git_commit
+from sparq_ext.integrations.transformers import calibrate_split, disable_sparq, enable_sparq
+from sparq_ext.split import Split, nearest_length
 
-from sparq_ext.calibrate import nearest_length  # noqa: E402
-from sparq_ext.integrations.evaluation import teacher_forced_decode  # noqa: E402
-from sparq_ext.integrations.smollm2 import EVALUATION_TEXTS, load_smollm2, real_text_ids  # noqa: E402
-from sparq_ext.integrations.transformers import disable_sparq, enable_sparq, sparq_settings  # noqa: E402
-
-import eval_accuracy  # noqa: E402  (benchmarks/ is the script's directory)
-from common import git_commit  # noqa: E402
-from eval_accuracy import PrefilledCache, prepare_run, set_method, split_file_for  # noqa: E402
-
+HERE = Path(__file__).resolve().parent
 BOOTSTRAP = 2000
-AUTO_METHODS = ("auto", "auto_model")  # method -> split file budget: "layer", "model"
+AUTO_METHODS = ("auto",)
 
 
 def window_starts(total: int, need: int, windows: int) -> list[int]:
@@ -76,9 +64,8 @@ def loss_pct(nll: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 def summarise(cell: dict | list[dict], generator: torch.Generator) -> dict:
-    """Pooled losses and the bootstrap (over windows) of each auto variant over even, for one
-    (context, ratio): keys ``auto_over_even``... for "auto", ``auto_model_over_even``... for
-    "auto_model". A list of cells (the same context and ratio on different texts) is pooled:
+    """Pooled losses and the bootstrap (over windows) of the auto split over even, for one
+    (context, ratio): keys ``auto_over_even``, ``p_goal``, ... A list of cells (the same context and ratio on different texts) is pooled:
     losses over all their windows, the bootstrap resampling windows within each text
     (stratified), so every resample keeps each text's share of the tokens."""
     cells = [cell] if isinstance(cell, dict) else list(cell)
@@ -115,46 +102,12 @@ def summarise(cell: dict | list[dict], generator: torch.Generator) -> dict:
     return out
 
 
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def split_payloads(meta: dict) -> dict:
-    """The split files a run decoded with, {"model/4": payload}: the files here when their sha256
-    matches the one the run recorded, else (older runs) from git at the run's commit ("-dirty"
-    stripped: the committed version)."""
-    out = {}
-    for key, rel in meta["split_files"].items():
-        path = ROOT / rel
-        if meta.get("split_sha256", {}).get(key) and path.is_file() and \
-                file_sha256(path) == meta["split_sha256"][key]:
-            out[key] = json.loads(path.read_text())
-            continue
-        commit = meta["commit"].removesuffix("-dirty")
-        try:
-            blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{rel}"], capture_output=True,
-                                  check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            raise SystemExit(f"cannot tell which {rel} the run at {meta['commit']} decoded with (neither a "
-                             f"matching file nor that commit here); not pooled") from None
-        out[key] = json.loads(blob)
-    return out
-
-
-def splits_used(payloads: dict, context: int, ratio: float, tokens: int) -> dict:
-    """What decoding `tokens` steps after a `context`-token prefill used from each split file of
-    `ratio`: the per-layer r and ratio of the calibration length nearest to each step's length."""
-    out = {}
-    for key, payload in payloads.items():
-        if float(key.split("/")[1]) != ratio:
-            continue
-        lengths = {int(L): e for L, e in payload.get("lengths", {}).items()}
-        if not lengths:
-            out[key] = [(payload["layer_r"], payload.get("layer_ratio", {}))]
-            continue
-        used = sorted({nearest_length(lengths, n) for n in range(context, context + tokens + 1)})
-        out[key] = [(lengths[L]["layer_r"], lengths[L].get("layer_ratio", {})) for L in used]
-    return out
+def splits_used(meta: dict, context: int, ratio: float, tokens: int) -> list:
+    """The split entries that decoding ``tokens`` steps after a ``context``-token prefill used at
+    ``ratio`` (the calibration length nearest to each step's length), from the run's metadata."""
+    split = Split.from_json(meta["splits"][f"{ratio:g}"])
+    used = sorted({nearest_length(split.lengths, n) for n in range(context, context + tokens + 1)})
+    return [sorted(split.lengths[length].items()) for length in used]
 
 
 def pool_runs(paths: list[Path], stem: Path) -> str:
@@ -170,15 +123,15 @@ def pool_runs(paths: list[Path], stem: Path) -> str:
     keys = [k for k in runs[0]["cells"] if all(k in r["cells"] for r in runs)]
     if not keys:
         raise SystemExit("the runs share no (context, ratio) cell")
-    payloads = [split_payloads(r["meta"]) for r in runs]
-    for key in keys:  # the same splits must have been decoded in each run (files may differ elsewhere)
+    for run, path in zip(runs, paths):
+        if "splits" not in run["meta"]:
+            raise SystemExit(f"{path} records no split (written by an older version of this script); not pooled")
+    for key in keys:  # every run must have decoded the same split entries (files may differ elsewhere)
         c = runs[0]["cells"][key]
-        used = [splits_used(pl, c["context"], c["ratio"], r["meta"]["args"]["tokens"])
-                for pl, r in zip(payloads, runs)]
-        shared = set.intersection(*(set(u) for u in used))  # split files of methods all runs decoded
+        used = [splits_used(r["meta"], c["context"], c["ratio"], r["meta"]["args"]["tokens"]) for r in runs]
         for p, u in zip(paths[1:], used[1:]):
-            if any(u[f] != used[0][f] for f in shared):
-                raise SystemExit(f"{p}: cell {key} decoded with other splits than in {paths[0]}; not pooled")
+            if u != used[0]:
+                raise SystemExit(f"{p}: cell {key} decoded with another split than in {paths[0]}; not pooled")
     gen = torch.Generator().manual_seed(0)
     pooled, rows = {}, []
     for key in keys:
@@ -201,13 +154,13 @@ def pool_runs(paths: list[Path], stem: Path) -> str:
     headers = ["context", "ratio", "texts (windows)", "even loss", "auto split", "its loss", "its loss / even's",
                "95% CI (stratified)", "P(<= 0.5)", "NLL it - even [95% CI]", "per text"]
     table = tabulate(rows, headers=headers, tablefmt="github")
-    meta = {"pooled": [{"file": os.path.relpath(Path(p).resolve(), ROOT), "text": r["meta"]["text"],
-                        "commit": r["meta"]["commit"]} for p, r in zip(paths, runs)],
-            "split_files": ref["split_files"], "commit": git_commit()}
+    meta = {"pooled": [{"file": Path(p).name, "text": r["meta"]["text"], "commit": r["meta"]["commit"]}
+                       for p, r in zip(paths, runs)],
+            "splits": ref["splits"], "commit": git_commit(str(HERE))}
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=pooled), indent=1))
     stem.with_suffix(".md").write_text(
         "# Auto vs even split, pooled over texts\n\n"
-        "Written by `benchmarks/eval_split_windows.py --pool` (bootstrap over windows, stratified by text; "
+        "Written by `research/eval_split_windows.py --pool` (bootstrap over windows, stratified by text; "
         "losses over all windows of all texts).\n\n"
         f"```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
     return table
@@ -228,7 +181,7 @@ def plot(cells: dict, path: Path) -> None:
         ax = axes[ratios.index(cell["ratio"])][contexts.index(cell["context"])]
         ax.set_visible(True)
         s = cell["summary"]
-        for m, style in (("even", "o-"), ("auto", "s-"), ("auto_model", "^-")):
+        for m, style in (("even", "o-"), ("auto", "s-")):
             if m in s["window_loss_pct"]:
                 ax.plot(s["window_loss_pct"][m], style, label=f"{m}: pooled {s['loss_pct'][m]:+.1f}%", alpha=0.8)
         for m, v in s["window_loss_pct"].items():
@@ -259,71 +212,52 @@ def main():
     ap.add_argument("--windows", type=int, default=10, help="disjoint windows per context")
     ap.add_argument("--tokens", type=int, default=128, help="teacher-forced decode steps per window")
     ap.add_argument("--text", choices=sorted(EVALUATION_TEXTS), default="python-reference")
-    ap.add_argument("--auto", nargs="+", choices=AUTO_METHODS, default=list(AUTO_METHODS),
-                    help="auto splits to decode: per-layer budget lines (auto), model-wide budget (auto_model)")
     ap.add_argument("--uniform-r", type=int, nargs="*", default=[],
                     help="also decode with every layer at this r (k on the byte budget)")
+    ap.add_argument("--split-file", default=DEFAULT_SPLIT,
+                    help="the auto split: a saved split's name, or a JSON written by sparq_ext.Split.save "
+                         "(its file name with _r<ratio> per ratio: give the name of a saved split)")
     ap.add_argument("--recalibrate", action="store_true",
-                    help="calibrate the auto split again (CUDA EULA) instead of the saved files; the split "
-                         "files go to --out")
-    ap.add_argument("--calibration-tokens", type=int, default=2048,
-                    help="with --recalibrate: tokens of the calibration text")
-    ap.add_argument("--calibration-lengths", type=int, nargs="*", default=None,
-                    help="with --recalibrate: calibrate auto_model at each of these lengths (nearest used)")
+                    help="calibrate the auto split again on the CUDA EULA instead (written to --out)")
+    ap.add_argument("--calibration-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                    help="with --recalibrate: calibrate at each of these lengths (decoding uses the nearest)")
     ap.add_argument("--calibration-positions", type=int, default=None,
-                    help="with --recalibrate: sampled query positions per layer (default: the library's, "
-                         "by length: 8 up to 2048 tokens, 32 at 8192)")
-    ap.add_argument("--split-dir", type=Path, default=ROOT / "benchmarks" / "results",
-                    help="directory of the saved split files decoded without --recalibrate")
+                    help="with --recalibrate: sampled query positions per layer (default: by length)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix for the output file names")
     ap.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
                     help="run nothing: pool these earlier results (one text each) into "
                          "split_windows_pooled{_tag}.{json,md} under --out")
     args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.pool:
         missing = [str(p) for p in args.pool if not p.is_file()]
         if missing:
             ap.error(f"--pool: no such file: {', '.join(missing)}")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         print(pool_runs(args.pool, out / f"split_windows_pooled{'_' + args.tag if args.tag else ''}"))
         return
     if args.windows < 1 or args.tokens < 1:
         ap.error("--windows and --tokens must be >= 1")
     if args.calibration_positions is not None and args.calibration_positions < 1:
         ap.error("--calibration-positions must be >= 1")
-    if args.recalibrate and Path(args.out).resolve() == (ROOT / "benchmarks" / "results").resolve():
-        ap.error("--recalibrate writes split files to --out: give another directory than benchmarks/results, "
-                 "whose saved split files it would overwrite")
-    out, ratios = prepare_run(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
     stem = out / f"split_windows{'_' + args.tag if args.tag else ''}"
-
-    budgets = [{"auto": "layer", "auto_model": "model"}[m] for m in args.auto]
-    if not args.recalibrate:  # before the model loads: a missing file fails at once
-        for budget in budgets:
-            for ratio in ratios:
-                path = split_file_for(args.split_dir, ratio, budget)
-                if not Path(path).exists():
-                    raise SystemExit(f"no saved split for ratio {ratio:g} ({path}); give --split-dir or "
-                                     f"run with --recalibrate")
-                eval_accuracy.SPLIT_FILES[budget, ratio] = path
+    splits = {} if args.recalibrate else {ratio: Split.load(args.split_file, ratio=ratio) for ratio in ratios}
     model, tok = load_smollm2(torch.float32)
     if args.recalibrate:
-        for budget in budgets:
-            lengths = args.calibration_lengths if budget == "model" else None
-            eval_accuracy.calibrate_auto_splits(model, tok, ratios, out, max([args.calibration_tokens, *(lengths or [])]),
-                                                tqdm.write, budget=budget, lengths=lengths,
-                                                positions=args.calibration_positions)
+        ids = calibration_text_ids(tok, max(args.calibration_lengths))
+        for ratio in ratios:
+            splits[ratio] = calibrate_split(model, ids, ratio, path=out / f"split_r{ratio:g}.json",
+                                            lengths=args.calibration_lengths, positions=args.calibration_positions)
+            tqdm.write(f"calibrated ratio {ratio:g}: {splits[ratio].meta['calibration_seconds']:.1f} s")
     ids = real_text_ids(tok, text=args.text)
-    commit = git_commit()
     meta = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", text=args.text,
-                text_tokens=ids.shape[1], commit=commit, threads=torch.get_num_threads(), torch=torch.__version__,
-                split_files={f"{b}/{r:g}": os.path.relpath(eval_accuracy.SPLIT_FILES[b, r], ROOT)
-                             for b in budgets for r in ratios},
-                split_sha256={f"{b}/{r:g}": file_sha256(eval_accuracy.SPLIT_FILES[b, r])
-                              for b in budgets for r in ratios},
+                text_tokens=ids.shape[1], commit=git_commit(str(HERE)), threads=torch.get_num_threads(),
+                torch=torch.__version__, splits={f"{r:g}": split.to_json() for r, split in splits.items()},
                 args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     n_layers = model.config.num_hidden_layers
     N = args.tokens
@@ -331,7 +265,7 @@ def main():
                                 "window_nll": {}} for C in args.contexts for ratio in ratios}
     t_start = time.time()
     plan = [(C, s) for C in args.contexts for s in window_starts(ids.shape[1], C + N + 1, args.windows)]
-    configs = [(m, ratio) for ratio in ratios for m in ("even", *args.auto, *(f"r={r}" for r in args.uniform_r))]
+    configs = [(m, ratio) for ratio in ratios for m in ("even", "auto", *(f"r={r}" for r in args.uniform_r))]
     bar = tqdm(total=len(plan) * (1 + len(configs)), desc="decodes", unit="decode")
     for C, start in plan:
         span = ids[:, start:start + C + N + 1]
@@ -341,7 +275,7 @@ def main():
         def window_nll(logits):
             return float(-torch.log_softmax(logits[0], -1).gather(-1, targets[:, None])[:, 0].mean())
 
-        set_method(model, "dense", None)
+        set_method(model, "dense", 8)
         dense = window_nll(teacher_forced_decode(model, toks, pre.fresh()))
         for ratio in ratios:
             cells[f"{C}/{ratio:g}"]["window_start"].append(start)
@@ -349,12 +283,12 @@ def main():
         bar.update(1)
         for method, ratio in configs:
             if method == "even":
-                set_method(model, "sparq", ratio)
-            elif method in AUTO_METHODS:
-                set_method(model, {"auto": "sparq_auto", "auto_model": "sparq_auto_model"}[method], ratio)
-            else:  # uniform r: the auto machinery with every layer set to one r
-                enable_sparq(model, ratio=ratio, split="auto")
-                sparq_settings(model).layer_r.update({layer: int(method[2:]) for layer in range(n_layers)})
+                enable_sparq(model, ratio=ratio)
+            elif method == "auto":
+                enable_sparq(model, ratio=ratio, split="auto", split_file=splits[ratio])
+            else:  # uniform r: every layer at one r, k on the layer's even budget
+                enable_sparq(model, ratio=ratio, split="auto",
+                             split_file=Split.uniform(ratio, n_layers, int(method[2:])))
             nll = window_nll(teacher_forced_decode(model, toks, pre.fresh()))
             disable_sparq(model)
             cells[f"{C}/{ratio:g}"]["window_nll"].setdefault(method, []).append(nll)
@@ -366,25 +300,21 @@ def main():
     rows = []
     for key, cell in cells.items():
         cell["summary"] = s = summarise(cell, gen)
-        for name in args.auto:
-            ci = s[f"{name}_over_even_ci95"]
-            d_ci = s[f"nll_{name}_minus_even_ci95"]
-            ratio = s[f"{name}_over_even"]
-            rows.append([cell["context"], cell["ratio"], len(cell["window_start"]),
-                         f"{math.exp(sum(cell['dense_window_nll']) / len(cell['dense_window_nll'])):.3f}",
-                         f"{s['loss_pct']['even']:+.2f}%", name, f"{s['loss_pct'][name]:+.2f}%",
-                         "n/a" if ratio is None else f"{ratio:.2f}",
-                         "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]",
-                         f"{s['p_goal' if name == 'auto' else 'p_goal_' + name]:.2f}",
-                         f"{s[f'nll_{name}_minus_even']:+.4f} [{d_ci[0]:+.4f}, {d_ci[1]:+.4f}]",
-                         " ".join(f"{m} {v:+.1f}%" for m, v in s["loss_pct"].items() if m.startswith("r="))])
-    headers = ["context", "ratio", "windows", "dense ppl", "even loss", "auto split", "its loss", "its loss / even's",
-               "95% CI (windows)", "P(<= 0.5)", "NLL it - even [95% CI]", "uniform r"]
+        ci, d_ci, ratio = s["auto_over_even_ci95"], s["nll_auto_minus_even_ci95"], s["auto_over_even"]
+        rows.append([cell["context"], cell["ratio"], len(cell["window_start"]),
+                     f"{math.exp(sum(cell['dense_window_nll']) / len(cell['dense_window_nll'])):.3f}",
+                     f"{s['loss_pct']['even']:+.2f}%", f"{s['loss_pct']['auto']:+.2f}%",
+                     "n/a" if ratio is None else f"{ratio:.2f}",
+                     "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]", f"{s['p_goal']:.2f}",
+                     f"{s['nll_auto_minus_even']:+.4f} [{d_ci[0]:+.4f}, {d_ci[1]:+.4f}]",
+                     " ".join(f"{m} {v:+.1f}%" for m, v in s["loss_pct"].items() if m.startswith("r="))])
+    headers = ["context", "ratio", "windows", "dense ppl", "even loss", "auto loss", "auto / even",
+               "95% CI (windows)", "P(<= 0.5)", "NLL auto - even [95% CI]", "uniform r"]
     table = tabulate(rows, headers=headers, tablefmt="github")
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, cells=cells), indent=1))
     stem.with_suffix(".md").write_text(
         f"# Auto vs even split over {args.windows} windows per context\n\n"
-        f"Written by `benchmarks/eval_split_windows.py` (see its docstring for the method).\n\n"
+        f"Written by `research/eval_split_windows.py` (see its docstring for the method).\n\n"
         f"```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
     plot(cells, stem.with_suffix(".png"))
     print(table)

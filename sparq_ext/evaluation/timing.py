@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: run metadata, timing, memory-copy bandwidth, result files."""
+"""Benchmark plumbing shared by ``benchmarks/`` and ``research/``: run metadata, timing with cold
+caches, memory-copy and row-gather bandwidth, result files."""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ import subprocess
 import time
 
 import torch
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -28,9 +26,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
+def git_commit(root: str | None = None) -> str:
+    """Short hash of the checkout at ``root`` (default: the working directory), ``-dirty`` when
+    tracked files differ from it; ``unknown`` outside a git checkout."""
+    root = root or os.getcwd()
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
@@ -40,7 +40,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_metadata(device: torch.device) -> dict:
+def run_metadata(device: torch.device, root: str | None = None) -> dict:
+    """Where and on what a result was measured (``root``: the checkout whose commit is recorded)."""
     import sparq_ext
 
     meta = {
@@ -48,7 +49,7 @@ def run_metadata(device: torch.device) -> dict:
         "device_type": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": git_commit(),
+        "commit": git_commit(root),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sparq_backend": "native" if sparq_ext.has_native_kernel(device.type) else "pure-torch",
         "extension_error": sparq_ext.extension_error,
