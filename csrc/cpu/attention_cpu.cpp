@@ -11,23 +11,27 @@
 //   workspace (fp32/int64, from one at::empty per call): L*4 bytes of selection scores,
 //   written once, read twice while L2-resident and then at the k' selected positions
 //   (per-thread buffer when B*Hkv >= threads, else a (B*Hkv, S) buffer), k'*8 bytes of
-//   indices, per-chunk softmax statistics (2*G floats per 4096 positions) and per-split
+//   indices, per-tile softmax statistics (2*G floats per 4096 positions) and per-partition
 //   partials ((D+3)*G floats per 512 selected rows); with rows of <= 256 bytes, a per-thread
-//   copy of one split's 512 value rows (L2-resident, see kStageRowBytes).
+//   copy of one partition's 512 value rows (L2-resident, see kBufferedValueRowBytes).
 //   Against the budget S*r*e + 2*k*D*e that is 4/(r*e) extra (1/8 at r = 16, bf16).
 //
-// Stages (DESIGN.md section 6, with threads in place of thread blocks):
-//   0. query prep: i1 = top-r of sum_g |q_g|; q_hat_g = q_g[i1] * scale / sqrt(gamma_g).
-//   1. per 4096-position chunk: approximate logits of all G heads from the r rows of key_t in
-//      registers, per-head online-softmax statistics (max, sum exp) for alpha, and only the
-//      group sum written out (+inf in the local window, -inf where invalid).
-//   2. exact top-k of the group sums (topk_cpu.h), then per selected row: exact scores of
-//      all G heads and their approximate logits from the same key row, softmax, weighted
-//      sum of value rows, in fixed splits of 512 rows merged in order; alpha_g from the
-//      stage-1 statistics; output alpha*y + (1-alpha)*v_mean.
-// Work items are whole (b, h) when there are at least as many as threads, else (b, h, chunk)
-// for stage 1 and (b, h, split) for stage 2. Chunks and splits are the same either way, so the
-// result does not depend on the thread count (bit for bit).
+// Stages (docs/design.md; threads in place of thread blocks), per task = (b, KV head h):
+//   prep           i1 = top-r of sum_g |q_g|; q_hat_g = q_g[i1] * scale / sqrt(gamma_g).
+//   approx_logits  (paper step 1) per 4096-position tile: approximate logits of all G heads
+//                  from the r rows of key_t in registers, per-head online-softmax statistics
+//                  (max, sum exp) for alpha, and only the group sum written out (+inf in the
+//                  local window, -inf where invalid).
+//   topk           (step 2) exact top-k of the group sums (topk_cpu.h).
+//   attend         (step 2) per partition of 512 selected rows: exact scores of all G heads
+//                  and their approximate logits from the same key row, softmax, weighted sum
+//                  of value rows.
+//   merge          (step 3) the partitions merged in order; alpha_g from the approx_logits
+//                  statistics; output alpha*y + (1-alpha)*v_mean.
+// Work items are whole tasks when there are at least as many as threads, else (task, tile) for
+// approx_logits and (task, partition) for attend. Tiles and partitions are the same either way,
+// so the result does not depend on the thread count (bit for bit). Why the kernel is organised
+// this way, and what was measured: docs/cpu-performance.md.
 //
 // GCC 12's AVX-512 intrinsics self-initialise `__Y` (undefined vectors) and trip these
 // warnings wherever they are inlined (-Wuninitialized at -O0, as in the plain CMake build;
@@ -58,24 +62,20 @@ namespace sparq {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // positions per stage-1 work item (sets the statistics grid)
-constexpr int64_t kSub = 256;     // positions per L1-resident block of per-head logits
-constexpr int64_t kSplit = 512;   // selected rows per stage-2 work item (fixed: thread-count
-                                  // independent results)
-// Rows ahead to prefetch in the gathers, first cache line only. They are latency-bound (the
-// prefetches stall on line-fill buffers); 4..32 rows measured the same, so no tuning knob.
-// Prefetching every line of the row instead held more fill buffers for the same misses:
-// 8-14% slower at S >= 16K (fp32/bf16, MHA and GQA, 2 threads, interleaved in-process A/B),
-// and no prefetch at all was as slow; benchmarks/cpu_memory_floor.cpp shows the same.
+constexpr int64_t kTileLen = 4096;      // positions per approx_logits work item (sets the statistics grid)
+constexpr int64_t kSub = 256;           // positions per L1-resident block of per-head logits
+constexpr int64_t kPartitionLen = 512;  // selected rows per attend work item (fixed: results
+                                        // independent of the thread count)
+// Rows ahead to prefetch in the gathers, first cache line only: the gathers are latency-bound
+// (prefetches stall on line-fill buffers), so prefetching whole rows holds more fill buffers
+// for the same misses and was slower (docs/cpu-performance.md).
 constexpr int64_t kPrefetch = 8;
 constexpr int64_t kLine = 64;  // bytes per cache line
-// Value rows of at most this many bytes are copied to a per-thread buffer during the key pass
-// of stage 2 (demand loads of K and V rows of a position back to back: twice the misses in
-// flight of a prefetch hint), and the value pass then reads that L2-resident buffer. Measured
-// (interleaved in-process A/B, 2 threads, S = 16K): bf16 D = 128 (256 B rows) MHA 3.56 -> 3.21
-// ms, GQA 1.70 -> 1.49 ms; fp32 D = 128 (512 B rows) MHA 4.43 -> 4.76 ms (slower: 16 lines
-// per position exceed the misses a core keeps in flight), GQA unchanged. So by row size.
-constexpr int64_t kStageRowBytes = 256;
+// Value rows of at most this many bytes are copied to a per-thread buffer during attend's key
+// pass (demand loads of a position's K and V rows back to back: twice the misses in flight of
+// a prefetch hint), and the value pass then reads that L2-resident buffer. Larger rows (fp32 at
+// D = 128) were slower buffered: their lines exceed the misses a core keeps in flight.
+constexpr int64_t kBufferedValueRowBytes = 256;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -87,16 +87,16 @@ struct RowInfo {
 };
 
 struct Problem {
-  int64_t B, Hq, Hkv, G, S, D, r, k, rpad, kpad, n_chunks;
+  int64_t B, Hq, Hkv, G, S, D, r, k, rpad, kpad, n_tiles;
   float scale;
   bool reallocate;
   const void* query;  // contiguous (B, Hq, D)
   const void* key;
-  int64_t kB, kH, kS;
+  int64_t k_sb, k_sh, k_ss;
   const void* value;
-  int64_t vB, vH, vS;
+  int64_t v_sb, v_sh, v_ss;
   const void* key_t;  // nullptr when absent
-  int64_t tB, tH, tD;
+  int64_t kt_sb, kt_sh, kt_sd;
   const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
   const bool* mask;        // contiguous (B, S) or nullptr
   const RowInfo* rows;
@@ -105,13 +105,13 @@ struct Problem {
   int64_t* i1;         // (tasks, r), ascending
   float* q_f32;        // (tasks, G, D)
   float* q_hat;        // (tasks, G, rpad), zero-padded, step-1 scale folded in
-  float* chunk_stats;  // (tasks, n_chunks, G, 2): softmax (max, sum) of approx logits
-  float* chunk_range;  // (tasks, n_chunks, 2): min, max of finite selection scores
-  int64_t n_splits;    // ceil(min(k, S) / kSplit): stage-2 splits of the selected rows
+  float* tile_stats;  // (tasks, n_tiles, G, 2): softmax (max, sum) of approx logits
+  float* tile_range;  // (tasks, n_tiles, 2): min, max of finite selection scores
+  int64_t n_partitions;  // ceil(min(k, S) / kPartitionLen): partitions of the selected rows
   int64_t* sel_idx;    // (tasks, kpad): selected positions, ascending
   int64_t* n_sel;      // (tasks,)
   float* head_stats;   // (tasks, G, 2): softmax (max, sum) of approx logits over all of S
-  float* partials;     // (tasks, n_splits, G, D + 3) when splits run as separate work items
+  float* partials;     // (tasks, n_partitions, G, D + 3) when partitions run as separate work items
 };
 
 // Per-thread scratch, carved from one allocation.
@@ -119,16 +119,16 @@ struct Scratch {
   float* scores;                    // S: selection scores (per-task mode)
   float* logits;                    // G * kSub: per-head approximate logits of a block
   float* gathered;                  // r * kSub: key columns when there is no key_t
-  float* sel_exact;                 // G * kSplit: exact logits -> softmax weights
-  float* sel_approx;                // G * kSplit: approximate logits of the selected rows
+  float* sel_exact;                 // G * kPartitionLen: exact logits -> softmax weights
+  float* sel_approx;                // G * kPartitionLen: approximate logits of the selected rows
   float* key_cols;                  // rpad: one key row's i1 columns
   float* v_mean;                    // D
-  float* partials;                  // n_splits * G * (D + 3) (per-task mode)
-  void* value_stage;                // kSplit value rows (when D * e <= kStageRowBytes)
+  float* partials;                  // n_partitions * G * (D + 3) (per-task mode)
+  void* value_buffer;                // kPartitionLen value rows (when D * e <= kBufferedValueRowBytes)
 };
 
 // ---------------------------------------------------------------------------------------
-// Stage 0: query prep for one task.
+// prep for one task.
 // ---------------------------------------------------------------------------------------
 template <typename T>
 void prep_query(const Problem& P, int64_t task) {
@@ -136,7 +136,7 @@ void prep_query(const Problem& P, int64_t task) {
   const T* q = static_cast<const T*>(P.query) + (b * P.Hq + h * G) * D;
   float* qf = P.q_f32 + task * G * D;
   for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
-  // i1 = top-r of sum_g |q_g| (ties: lowest index; any choice is valid, DESIGN.md).
+  // i1 = top-r of sum_g |q_g| (ties: lowest index; any choice is valid, docs/design.md).
   int64_t* i1 = P.i1 + task * r;
   std::vector<std::pair<float, int64_t>> mag(D);
   for (int64_t d = 0; d < D; ++d) {
@@ -185,7 +185,7 @@ inline void for_head_blocks(int64_t G, const F& f) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Stage 1 kernel: logits[hh][i] = sum_j q_hat[hh][j] * rows[j][i] for NH heads at once, each
+// approx_logits kernel: logits[hh][i] = sum_j q_hat[hh][j] * rows[j][i] for NH heads at once, each
 // row element loaded once; U vectors of positions per step keep enough FMAs in flight.
 // Stores whole vectors: `logits` rows hold round_up(n, kVec) floats.
 // ---------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ inline float vec_max(const float* x, int64_t n) {
 }
 
 // sum_i exp(x[i] - m) (m finite); with `write`, x[i] becomes exp(x[i] - m). FastExp: the
-// ~20-ulp polynomial, used for the S*G statistics of stage 1.
+// ~20-ulp polynomial, used for the S*G statistics of approx_logits.
 template <bool FastExp, bool Write>
 inline float exp_sum(float* x, int64_t n, float m) {
   const fVec mv(m);
@@ -258,22 +258,22 @@ inline float exp_sum(float* x, int64_t n, float m) {
   return hsum(acc);
 }
 
-// Stage 1 for one (task, chunk): selection scores into scores[lo, hi) and the chunk's
+// approx_logits for one (task, tile): selection scores into scores[lo, hi) and the tile's
 // statistics. `scores` is indexed by position.
 template <typename T>
-void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
+void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* scores,
                   const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, r = P.r;
   const RowInfo ri = P.rows[b];
-  float* stats = P.chunk_stats + (task * P.n_chunks + chunk) * G * 2;
-  float* range = P.chunk_range + (task * P.n_chunks + chunk) * 2;
+  float* stats = P.tile_stats + (task * P.n_tiles + tile) * G * 2;
+  float* range = P.tile_range + (task * P.n_tiles + tile) * 2;
   for (int64_t g = 0; g < G; ++g) {
     stats[2 * g] = -INFINITY;
     stats[2 * g + 1] = 0.0f;
   }
   float lo_score = INFINITY, hi_score = -INFINITY;
-  const int64_t lo = std::max(ri.begin, chunk * kChunk);
-  const int64_t hi = std::min(ri.end, (chunk + 1) * kChunk);
+  const int64_t lo = std::max(ri.begin, tile * kTileLen);
+  const int64_t hi = std::min(ri.end, (tile + 1) * kTileLen);
   const int64_t* i1 = P.i1 + task * r;
   const float* qh = P.q_hat + task * G * P.rpad;
   const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
@@ -294,20 +294,19 @@ void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
   for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
     const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
     if (P.key_t) {
-      const T* base = static_cast<const T*>(P.key_t) + b * P.tB + h * P.tH + s0;
-      for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.tD;
+      const T* base = static_cast<const T*>(P.key_t) + b * P.kt_sb + h * P.kt_sh + s0;
+      for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
       // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
-      // r short interleaved runs (kSub positions each). bf16 MHA S = 16K with staged values:
-      // 3.21 -> 3.09 ms; 64K: 11.9 -> 11.0 ms; fp32 unchanged (interleaved A/B).
+      // r short interleaved runs (kSub positions each).
       const int64_t ahead = std::min(kSub, hi - s0 - kSub);
       for (int64_t j = 0; j < r; ++j)
         for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
           prefetch(row_ptr[j] + kSub + i);
       approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
-      const T* base = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
+      const T* base = static_cast<const T*>(P.key) + b * P.k_sb + h * P.k_sh;
       for (int64_t i = 0; i < n; ++i) {
-        const T* row = base + (s0 + i) * P.kS;
+        const T* row = base + (s0 + i) * P.k_ss;
         for (int64_t j = 0; j < r; ++j) ws.gathered[j * kSub + i] = static_cast<float>(row[i1[j]]);
       }
       approx_logits_all_heads<float>(gathered_rows.data(), r, qh, P.rpad, G, n, logits);
@@ -357,7 +356,7 @@ void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
         }
       }
     }
-    // Per-head softmax statistics of this block, merged into the chunk's.
+    // Per-head softmax statistics of this block, merged into the tile's.
     for (int64_t g = 0; g < G; ++g) {
       float* x = logits + g * kSub;
       const float m = vec_max(x, npad);
@@ -373,7 +372,7 @@ void stage1_chunk(const Problem& P, int64_t task, int64_t chunk, float* scores,
 }
 
 // ---------------------------------------------------------------------------------------
-// Stage 2 kernels over the selected rows.
+// attend kernels over the selected rows.
 // ---------------------------------------------------------------------------------------
 
 // Exact logits of NH heads for one key row.
@@ -399,16 +398,16 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
 
 // y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads. Each value row is read once, whole
 // (the gather is latency-bound: touching a row in several passes costs a miss per pass), and
-// the NH x D fp32 accumulators live in L1. Staged: row t is vbase + t * D (the value stage).
-template <typename T, int NH, bool Staged>
-void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n_sel,
+// the NH x D fp32 accumulators live in L1. Buffered: row t is vbase + t * D (the value buffer).
+template <typename T, int NH, bool Buffered>
+void accumulate_values(const T* vbase, int64_t v_ss, const int64_t* idx, int64_t n_sel,
                        const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
   for (int hh = 0; hh < NH; ++hh)
     for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
   const int64_t d_full = D / kVec * kVec;
   for (int64_t t = 0; t < n_sel; ++t) {
-    if (!Staged && t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * vS);
-    const T* row = Staged ? vbase + t * D : vbase + idx[t] * vS;
+    if (!Buffered && t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * v_ss);
+    const T* row = Buffered ? vbase + t * D : vbase + idx[t] * v_ss;
     fVec pb[NH];
     for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
     for (int64_t d = 0; d < d_full; d += kVec) {
@@ -429,21 +428,21 @@ void accumulate_values(const T* vbase, int64_t vS, const int64_t* idx, int64_t n
   }
 }
 
-// accumulate_values for all G heads; p: G rows of kSplit weights; head g's sum goes to
+// accumulate_values for all G heads; p: G rows of kPartitionLen weights; head g's sum goes to
 // partial + g * pstride + 3.
-template <typename T, bool Staged>
-void accumulate_values_all_heads(const T* vbase, int64_t vS, const int64_t* idx, int64_t n,
+template <typename T, bool Buffered>
+void accumulate_values_all_heads(const T* vbase, int64_t v_ss, const int64_t* idx, int64_t n,
                                  const float* p, int64_t G, int64_t D, float* partial,
                                  int64_t pstride) {
   for_head_blocks(G, [&](auto nh, int64_t g0) {
-    accumulate_values<T, decltype(nh)::value, Staged>(vbase, vS, idx, n, p + g0 * kSplit, kSplit, D,
+    accumulate_values<T, decltype(nh)::value, Buffered>(vbase, v_ss, idx, n, p + g0 * kPartitionLen, kPartitionLen, D,
                                                       partial + g0 * pstride + 3, pstride);
   });
 }
 
-// Stage 2a: merge the stage-1 statistics of a task and select its rows.
+// topk for one task: merge its approx_logits statistics and select its rows.
 template <typename T>
-void stage2_select(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
+void topk_task(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
   const int64_t b = task / P.Hkv, G = P.G;
   const RowInfo ri = P.rows[b];
   float* head_stats = P.head_stats + task * G * 2;
@@ -452,15 +451,15 @@ void stage2_select(const Problem& P, int64_t task, const float* scores, const Sc
     head_stats[2 * g] = -INFINITY;
     head_stats[2 * g + 1] = 0.0f;
   }
-  for (int64_t c = 0; c < P.n_chunks; ++c) {  // in chunk order: deterministic
-    const float* st = P.chunk_stats + (task * P.n_chunks + c) * G * 2;
+  for (int64_t c = 0; c < P.n_tiles; ++c) {  // in tile order: deterministic
+    const float* st = P.tile_stats + (task * P.n_tiles + c) * G * 2;
     for (int64_t g = 0; g < G; ++g) {
       const SoftmaxState s =
           softmax_merge({head_stats[2 * g], head_stats[2 * g + 1]}, {st[2 * g], st[2 * g + 1]});
       head_stats[2 * g] = s.m;
       head_stats[2 * g + 1] = s.l;
     }
-    const float* rg = P.chunk_range + (task * P.n_chunks + c) * 2;
+    const float* rg = P.tile_range + (task * P.n_tiles + c) * 2;
     lo_score = std::min(lo_score, rg[0]);
     hi_score = std::max(hi_score, rg[1]);
   }
@@ -470,14 +469,14 @@ void stage2_select(const Problem& P, int64_t task, const float* scores, const Sc
                               P.sel_idx + task * P.kpad);
 }
 
-// Stage 2b: one split of the selected rows -> per head (max, sum p, sum of approx softmax
+// attend: one partition of the selected rows -> per head (max, sum p, sum of approx softmax
 // numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats). `scores`: the task's
-// stage-1 selection scores, indexed by position.
+// approx_logits selection scores, indexed by position.
 template <typename T>
-void stage2_split(const Problem& P, int64_t task, int64_t split, const float* scores,
+void attend_partition(const Problem& P, int64_t task, int64_t partition, const float* scores,
                   float* partial, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
-  const int64_t t0 = split * kSplit, n = std::min(P.n_sel[task] - t0, kSplit);
+  const int64_t t0 = partition * kPartitionLen, n = std::min(P.n_sel[task] - t0, kPartitionLen);
   const int64_t pstride = D + 3;
   if (n <= 0) {
     for (int64_t g = 0; g < G; ++g) {
@@ -488,7 +487,7 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
     return;
   }
   const int64_t* idx = P.sel_idx + task * P.kpad + t0;
-  const T* kbase = static_cast<const T*>(P.key) + b * P.kB + h * P.kH;
+  const T* kbase = static_cast<const T*>(P.key) + b * P.k_sb + h * P.k_sh;
   const float* qf = P.q_f32 + task * G * D;
   const float* qh = P.q_hat + task * G * P.rpad;
   const int64_t* i1 = P.i1 + task * r;
@@ -497,25 +496,24 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
   float* ap = ws.sel_approx;
   float* cols = ws.key_cols;
   for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
-  const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
-  T* stage = static_cast<T*>(ws.value_stage);  // nullptr: value rows are not staged
+  const T* vbase = static_cast<const T*>(P.value) + b * P.v_sb + h * P.v_sh;
+  T* buffer = static_cast<T*>(ws.value_buffer);  // nullptr: value rows are not buffered
 
-  // Exact logits of the selected rows, all heads per key row read (and the value row staged).
+  // Exact logits of the selected rows, all heads per key row read (and the value row buffered).
   for (int64_t t = 0; t < n; ++t) {
     if (t + kPrefetch < n) {
-      prefetch(kbase + idx[t + kPrefetch] * P.kS);
-      if (stage) prefetch(vbase + idx[t + kPrefetch] * P.vS);
+      prefetch(kbase + idx[t + kPrefetch] * P.k_ss);
+      if (buffer) prefetch(vbase + idx[t + kPrefetch] * P.v_ss);
     }
-    if (stage) std::memcpy(stage + t * D, vbase + idx[t] * P.vS, D * sizeof(T));
-    const T* row = kbase + idx[t] * P.kS;
+    if (buffer) std::memcpy(buffer + t * D, vbase + idx[t] * P.v_ss, D * sizeof(T));
+    const T* row = kbase + idx[t] * P.k_ss;
     for_head_blocks(G, [&](auto nh, int64_t g0) {
-      exact_logits_row<T, decltype(nh)::value>(row, qf + g0 * D, D, P.scale, ex + g0 * kSplit + t, kSplit);
+      exact_logits_row<T, decltype(nh)::value>(row, qf + g0 * D, D, P.scale, ex + g0 * kPartitionLen + t, kPartitionLen);
     });
   }
 
   // Approximate logits l_hat_g of the selected rows (for alpha), out of the gather loop above:
-  // the extra instructions per row there cut the misses in flight (10-15% of the whole step
-  // at fp32 MHA, S = 16K). With one head per group, a position's stage-1 selection score is
+  // extra instructions per row there cut the misses in flight. With one head per group, a position's approx_logits selection score is
   // that head's approximate logit, read back from the L2-resident scores; in the local window
   // (whose score is a marker) and with G > 1 it is recomputed from the i1 columns of the key
   // rows just read, now in L2.
@@ -526,38 +524,38 @@ void stage2_split(const Problem& P, int64_t task, int64_t split, const float* sc
         ap[t] = scores[idx[t]];
         continue;
       }
-      const T* row = kbase + idx[t] * P.kS;
+      const T* row = kbase + idx[t] * P.k_ss;
       for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
       for (int64_t g = 0; g < G; ++g) {
         fVec acc(0.0f);
         for (int64_t j = 0; j < rpad; j += kVec)
           acc = at::vec::fmadd(fVec::loadu(qh + g * rpad + j), fVec::loadu(cols + j), acc);
-        ap[g * kSplit + t] = hsum(acc);
+        ap[g * kPartitionLen + t] = hsum(acc);
       }
     }
   }
 
-  // Per head: local softmax weights (in place) and the approximate score mass of the split.
+  // Per head: local softmax weights (in place) and the approximate score mass of the partition.
   const float* head_stats = P.head_stats + task * G * 2;
   for (int64_t g = 0; g < G; ++g) {
-    float* x = ex + g * kSplit;
+    float* x = ex + g * kPartitionLen;
     float* part = partial + g * pstride;
     const float m = vec_max(x, n);
     part[0] = m;
     part[1] = exp_sum<false, true>(x, n, m);
     const float hm = head_stats[2 * g], hl = head_stats[2 * g + 1];
-    part[2] = (P.reallocate && hl > 0.0f) ? exp_sum<false, false>(ap + g * kSplit, n, hm) : 0.0f;
+    part[2] = (P.reallocate && hl > 0.0f) ? exp_sum<false, false>(ap + g * kPartitionLen, n, hm) : 0.0f;
   }
 
-  if (stage)
-    accumulate_values_all_heads<T, true>(stage, D, idx, n, ex, G, D, partial, pstride);
+  if (buffer)
+    accumulate_values_all_heads<T, true>(buffer, D, idx, n, ex, G, D, partial, pstride);
   else
-    accumulate_values_all_heads<T, false>(vbase, P.vS, idx, n, ex, G, D, partial, pstride);
+    accumulate_values_all_heads<T, false>(vbase, P.v_ss, idx, n, ex, G, D, partial, pstride);
 }
 
-// Stage 2c: merge the splits (in order) and write alpha * y + (1 - alpha) * v_mean.
+// merge: combine the partitions (in order) and write alpha * y + (1 - alpha) * v_mean.
 template <typename T>
-void stage2_merge(const Problem& P, int64_t task, const float* partials, const Scratch& ws) {
+void merge_task(const Problem& P, int64_t task, const float* partials, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D;
   const RowInfo ri = P.rows[b];
   T* out = static_cast<T*>(P.out) + (b * P.Hq + h * G) * D;
@@ -566,19 +564,19 @@ void stage2_merge(const Problem& P, int64_t task, const float* partials, const S
     return;
   }
   const int64_t pstride = D + 3;
-  const int64_t n_used = ceil_div(P.n_sel[task], kSplit);
+  const int64_t n_used = ceil_div(P.n_sel[task], kPartitionLen);
   float* vm = ws.v_mean;
   if (P.reallocate) {
     if (P.value_mean) {
       const T* src = static_cast<const T*>(P.value_mean) + task * D;
       for (int64_t d = 0; d < D; ++d) vm[d] = static_cast<float>(src[d]);
     } else {  // mean of value over the valid positions
-      const T* vbase = static_cast<const T*>(P.value) + b * P.vB + h * P.vH;
+      const T* vbase = static_cast<const T*>(P.value) + b * P.v_sb + h * P.v_sh;
       for (int64_t d = 0; d < D; ++d) vm[d] = 0.0f;
       const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
       for (int64_t s = ri.begin; s < ri.end; ++s) {
         if (mask && !mask[s]) continue;
-        const T* row = vbase + s * P.vS;
+        const T* row = vbase + s * P.v_ss;
         int64_t d = 0;
         for (; d + kVec <= D; d += kVec) (fVec::loadu(vm + d) + load_f(row + d)).store(vm + d);
         if (d < D) (fVec::loadu(vm + d, D - d) + load_f(row + d, D - d)).store(vm + d, D - d);
@@ -613,7 +611,7 @@ void stage2_merge(const Problem& P, int64_t task, const float* partials, const S
 
 // f(item, thread) for item in [0, n), items handed out one at a time from a shared counter:
 // balances uneven items (ragged rows) and keeps going when one thread is descheduled on a
-// busy machine, where a static split would wait for it. `thread` indexes per-thread scratch.
+// busy machine, where a static partitioning would wait for it. `thread` indexes per-thread scratch.
 template <typename F>
 void dynamic_for(int64_t n, const F& f) {
   if (n <= 0) return;
@@ -667,14 +665,14 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   }
   P.rows = rows.data();
 
-  // Work items: whole (b, h) tasks when there are enough of them for the threads (stage-1
-  // scores and stage-2 partials then stay in the thread's cache); otherwise stages run as
-  // separate parallel loops over (task, chunk) and (task, split). Same chunks and splits
+  // Work items: whole (b, h) tasks when there are enough of them for the threads (selection
+  // scores and attend partials then stay in the thread's cache); otherwise the stages run as
+  // separate parallel loops over (task, tile) and (task, partition). Same tiles and partitions
   // either way, merged in the same order, so results do not depend on the thread count.
   const int nthreads = std::max(1, at::get_num_threads());
-  const bool per_task = tasks >= nthreads || (P.n_chunks == 1 && P.n_splits == 1);
-  const int64_t part_floats = P.n_splits * G * (D + 3);
-  const bool stage_values = D * int64_t{sizeof(T)} <= kStageRowBytes;
+  const bool per_task = tasks >= nthreads || (P.n_tiles == 1 && P.n_partitions == 1);
+  const int64_t part_floats = P.n_partitions * G * (D + 3);
+  const bool buffer_values = D * int64_t{sizeof(T)} <= kBufferedValueRowBytes;
 
   // Global arrays and per-thread scratch in one byte buffer (64-byte aligned pieces).
   int64_t bytes = 0;
@@ -686,8 +684,8 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   const int64_t o_i1 = reserve(tasks * r * 8);
   const int64_t o_qf = reserve(tasks * G * D * 4);
   const int64_t o_qh = reserve(tasks * G * P.rpad * 4);
-  const int64_t o_stats = reserve(tasks * P.n_chunks * G * 2 * 4);
-  const int64_t o_range = reserve(tasks * P.n_chunks * 2 * 4);
+  const int64_t o_stats = reserve(tasks * P.n_tiles * G * 2 * 4);
+  const int64_t o_range = reserve(tasks * P.n_tiles * 2 * 4);
   const int64_t o_sel = reserve(tasks * P.kpad * 8);
   const int64_t o_nsel = reserve(tasks * 8);
   const int64_t o_hstats = reserve(tasks * G * 2 * 4);
@@ -698,12 +696,12 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       per_task ? S * 4 : 0,                          // scores
       G * kSub * 4,                                  // logits
       P.key_t ? 0 : r * kSub * 4,                    // gathered
-      std::max(G * kSplit, D) * 4,                   // sel_exact (also merge scratch)
-      G * kSplit * 4,                                // sel_approx
+      std::max(G * kPartitionLen, D) * 4,                   // sel_exact (also merge scratch)
+      G * kPartitionLen * 4,                                // sel_approx
       P.rpad * 4,                                    // key_cols
       D * 4,                                         // v_mean
       per_task ? part_floats * 4 : 0,                // partials
-      stage_values ? kSplit * D * int64_t{sizeof(T)} : 0,  // value_stage
+      buffer_values ? kPartitionLen * D * int64_t{sizeof(T)} : 0,  // value_buffer
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
@@ -714,8 +712,8 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   P.i1 = reinterpret_cast<int64_t*>(base + o_i1);
   P.q_f32 = reinterpret_cast<float*>(base + o_qf);
   P.q_hat = reinterpret_cast<float*>(base + o_qh);
-  P.chunk_stats = reinterpret_cast<float*>(base + o_stats);
-  P.chunk_range = reinterpret_cast<float*>(base + o_range);
+  P.tile_stats = reinterpret_cast<float*>(base + o_stats);
+  P.tile_range = reinterpret_cast<float*>(base + o_range);
   P.sel_idx = reinterpret_cast<int64_t*>(base + o_sel);
   P.n_sel = reinterpret_cast<int64_t*>(base + o_nsel);
   P.head_stats = reinterpret_cast<float*>(base + o_hstats);
@@ -739,37 +737,37 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.key_cols = reinterpret_cast<float*>(piece[5]);
     ws.v_mean = reinterpret_cast<float*>(piece[6]);
     ws.partials = reinterpret_cast<float*>(piece[7]);
-    ws.value_stage = stage_values ? piece[8] : nullptr;
+    ws.value_buffer = buffer_values ? piece[8] : nullptr;
     return ws;
   };
-  const int64_t split_floats = G * (D + 3);
+  const int64_t partition_floats = G * (D + 3);
 
   if (per_task) {
     dynamic_for(tasks, [&](int64_t task, int tid) {
       const Scratch ws = scratch_for(tid);
       prep_query<T>(P, task);
-      for (int64_t c = 0; c < P.n_chunks; ++c) stage1_chunk<T>(P, task, c, ws.scores, ws);
-      stage2_select<T>(P, task, ws.scores, ws);
-      for (int64_t sp = 0; sp < P.n_splits; ++sp)
-        stage2_split<T>(P, task, sp, ws.scores, ws.partials + sp * split_floats, ws);
-      stage2_merge<T>(P, task, ws.partials, ws);
+      for (int64_t c = 0; c < P.n_tiles; ++c) approx_logits_tile<T>(P, task, c, ws.scores, ws);
+      topk_task<T>(P, task, ws.scores, ws);
+      for (int64_t sp = 0; sp < P.n_partitions; ++sp)
+        attend_partition<T>(P, task, sp, ws.scores, ws.partials + sp * partition_floats, ws);
+      merge_task<T>(P, task, ws.partials, ws);
     });
-  } else {  // few (b, h): split the sequence (stage 1) and the selected rows (stage 2) too
+  } else {  // few (b, h): tiles of the sequence and partitions of the selected rows too
     dynamic_for(tasks, [&](int64_t task, int) { prep_query<T>(P, task); });
-    dynamic_for(tasks * P.n_chunks, [&](int64_t w, int tid) {
-      const int64_t task = w / P.n_chunks;
-      stage1_chunk<T>(P, task, w % P.n_chunks, global_scores + task * S, scratch_for(tid));
+    dynamic_for(tasks * P.n_tiles, [&](int64_t w, int tid) {
+      const int64_t task = w / P.n_tiles;
+      approx_logits_tile<T>(P, task, w % P.n_tiles, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
-      stage2_select<T>(P, task, global_scores + task * S, scratch_for(tid));
+      topk_task<T>(P, task, global_scores + task * S, scratch_for(tid));
     });
-    dynamic_for(tasks * P.n_splits, [&](int64_t w, int tid) {
-      const int64_t task = w / P.n_splits;
-      stage2_split<T>(P, task, w % P.n_splits, global_scores + task * S,
-                      P.partials + w * split_floats, scratch_for(tid));
+    dynamic_for(tasks * P.n_partitions, [&](int64_t w, int tid) {
+      const int64_t task = w / P.n_partitions;
+      attend_partition<T>(P, task, w % P.n_partitions, global_scores + task * S,
+                      P.partials + w * partition_floats, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
-      stage2_merge<T>(P, task, P.partials + task * P.n_splits * split_floats, scratch_for(tid));
+      merge_task<T>(P, task, P.partials + task * P.n_partitions * partition_floats, scratch_for(tid));
     });
   }
 }
@@ -831,24 +829,24 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
   P.k = k;
   P.rpad = cpu::round_up(r, cpu::kVec);
   P.kpad = cpu::round_up(std::min(k, d.S), cpu::kVec);
-  P.n_chunks = ceil_div(d.S, cpu::kChunk);
-  P.n_splits = ceil_div(std::min(k, d.S), cpu::kSplit);
+  P.n_tiles = ceil_div(d.S, cpu::kTileLen);
+  P.n_partitions = ceil_div(std::min(k, d.S), cpu::kPartitionLen);
   P.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D)));
   P.reallocate = reallocate;
   P.query = q.data_ptr();
   P.key = key_rows.data_ptr();
-  P.kB = key_rows.stride(0);
-  P.kH = key_rows.stride(1);
-  P.kS = key_rows.stride(2);
+  P.k_sb = key_rows.stride(0);
+  P.k_sh = key_rows.stride(1);
+  P.k_ss = key_rows.stride(2);
   P.value = value_rows.data_ptr();
-  P.vB = value_rows.stride(0);
-  P.vH = value_rows.stride(1);
-  P.vS = value_rows.stride(2);
+  P.v_sb = value_rows.stride(0);
+  P.v_sh = value_rows.stride(1);
+  P.v_ss = value_rows.stride(2);
   if (key_t_rows.defined()) {
     P.key_t = key_t_rows.data_ptr();
-    P.tB = key_t_rows.stride(0);
-    P.tH = key_t_rows.stride(1);
-    P.tD = key_t_rows.stride(2);
+    P.kt_sb = key_t_rows.stride(0);
+    P.kt_sh = key_t_rows.stride(1);
+    P.kt_sd = key_t_rows.stride(2);
   }
   P.value_mean = v_mean.defined() ? v_mean.data_ptr() : nullptr;
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;

@@ -60,7 +60,7 @@ inline fVec load_f(const T* p, int64_t n) {
   }
 }
 
-// Horizontal reductions in registers (stage 2 does one per head per selected row). GCC 12's
+// Horizontal reductions in registers (attend does one per head per selected row). GCC 12's
 // AVX-512 intrinsics self-initialise their "undefined" vectors, which -Wuninitialized (-O0)
 // and -Wmaybe-uninitialized (-O2+) report wherever they are inlined: a known false positive,
 // silenced for this TU at the top of attention_cpu.cpp.

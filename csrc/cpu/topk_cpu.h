@@ -1,4 +1,4 @@
-// Exact top-k selection over the stage-1 selection scores of one (batch, KV head), in O(S).
+// Exact top-k selection over the approx_logits selection scores of one (batch, KV head), in O(S).
 //
 // Scores are fp32: +inf for the forced local window, -inf for invalid positions, finite
 // otherwise. Pass 1 builds a histogram over linear buckets of [min, max] of the finite scores
@@ -8,7 +8,7 @@
 // over order-preserving keys (sparq/math.h), so pass 2 is plain float compares: every score
 // >= cut(T+1) is taken, scores in [cut(T), cut(T+1)) are candidates resolved exactly with
 // nth_element. Both passes run on whole vectors; indices come out in ascending order so that
-// stage 2 walks the key/value cache forward. Ties: any valid choice (lowest index here).
+// attend walks the key/value cache forward. Ties: any valid choice (lowest index here).
 #pragma once
 
 #include <algorithm>
