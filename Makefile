@@ -1,18 +1,21 @@
 # Two commands on a fresh machine (they set everything up themselves):
 #   make bench   latency benchmark vs torch SDPA on whatever device is present
-#   make test    C++ (ctest) and Python (pytest) tests
+#   make test    C++ (ctest) and Python (pytest) tests, all of them (make test-fast: without "slow")
 # Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (e.g. "torch==2.13.0" for a CPU-only
-# torch), FORCE_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (read by setup.py), BENCH_ARGS.
+# torch), FORCE_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (read by setup.py), BENCH_ARGS,
+# REQUIRE_NATIVE (native backends whose absence fails install and tests; default "cpu";
+# REQUIRE_NATIVE= for an intentionally pure-torch install).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch>=2.5
 BENCH_ARGS ?=
+REQUIRE_NATIVE ?= cpu
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: all venv install test pytest ctest bench clean
+.PHONY: all venv install test test-fast pytest ctest bench clean
 all: test
 
 # The virtual environment with torch and the test/benchmark/model dependencies.
@@ -29,6 +32,7 @@ venv: $(VENV)/.deps
 install: $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import sparq_ext, torch; print('sparq_ext', sparq_ext.__version__, '| torch', torch.__version__, '| native cpu:', sparq_ext.has_native_kernel('cpu'), '| native cuda:', sparq_ext.has_native_kernel('cuda'), '|', sparq_ext.extension_error or 'extension loaded')"
+	@$(PY) -c "import sparq_ext, sys; missing = [n for n in '$(REQUIRE_NATIVE)'.replace(',', ' ').split() if not sparq_ext.has_native_kernel(n)]; missing and sys.exit(f'make install: native kernels {missing} were not built ({sparq_ext.extension_error or \"see the build log\"}); REQUIRE_NATIVE= accepts a pure-torch install')"
 
 ctest: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B build/cmake -G Ninja \
@@ -39,7 +43,11 @@ ctest: install
 	ctest --test-dir build/cmake --output-on-failure
 
 pytest: install
-	$(PY) -m pytest tests -q -ra
+	SPARQ_EXT_REQUIRE_NATIVE=$(REQUIRE_NATIVE) $(PY) -m pytest -q -ra
+
+# Without the slow tests (real model, emulator builds, large shapes); make test runs everything.
+test-fast: install
+	SPARQ_EXT_REQUIRE_NATIVE=$(REQUIRE_NATIVE) $(PY) -m pytest -q -ra -m "not slow"
 
 test: ctest pytest
 

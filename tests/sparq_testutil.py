@@ -1,4 +1,9 @@
-"""Helpers for comparing a SparQ backend with the reference on random data.
+"""Shared test helpers: inputs, tolerances, the backends under test, and tie-free queries.
+
+Backends: ``"reference"`` (the pure-torch reference, :func:`sparq_ext.sparq_attention_reference`),
+``"cpu"`` and ``"cuda"`` (``sparq_ext.attention`` on that device, which dispatches to the native
+kernel). A native backend that is not built (or has no device) is skipped, except where
+``SPARQ_EXT_REQUIRE_NATIVE`` names it (``make test`` sets ``cpu``): then its absence fails.
 
 Exact equality of two implementations needs the same ``i1`` and ``i2``. Both are top-k
 choices, and ties (or near-ties within fp32 round-off) at the r-th / k-th boundary may be
@@ -11,9 +16,111 @@ separately, with data for which every valid choice gives the same output.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+import sparq_ext
 from sparq_ext.reference import local_window_positions, valid_positions
+
+BACKENDS = ("reference", "cpu", "cuda")
+NATIVE_BACKENDS = ("cpu", "cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Output tolerances against the fp32 reference computed on the same (rounded) inputs: fp32 is a
+# few ulps of fp32 accumulation in another order; half types are rounded to 11 / 8 mantissa bits
+# at the output. CUDA's fp32 sums run in a different order again (warp shuffles, partitions).
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+CUDA_FP32_TOLERANCE = dict(rtol=2e-4, atol=2e-4)
+
+
+def tolerance(dtype: torch.dtype, backend: str = "reference") -> dict:
+    return CUDA_FP32_TOLERANCE if backend == "cuda" and dtype == torch.float32 else TOLERANCES[dtype]
+
+
+def required_native_backends() -> set[str]:
+    """Native backends whose absence must fail the run (``SPARQ_EXT_REQUIRE_NATIVE``, e.g. "cpu")."""
+    names = {n.strip() for n in os.environ.get("SPARQ_EXT_REQUIRE_NATIVE", "").split(",") if n.strip()}
+    unknown = names - set(NATIVE_BACKENDS)
+    if unknown:
+        raise ValueError(f"SPARQ_EXT_REQUIRE_NATIVE: unknown backends {sorted(unknown)} (use {NATIVE_BACKENDS})")
+    return names
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None."""
+    if backend == "reference":
+        return None
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if not sparq_ext.has_native_kernel(backend):
+        return (f"the native {backend} kernel is not built "
+                f"({sparq_ext.extension_error or 'extension built without it'})")
+    return None
+
+
+def device_of(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def attention(backend: str, query, key, value, **kwargs):
+    """SparQ attention through ``backend``; inputs (CPU tensors or views) are moved to its device
+    keeping their strides where they are views, and the output comes back to the CPU."""
+    if backend == "reference":
+        with torch.no_grad():
+            return sparq_ext.sparq_attention_reference(query, key, value, **kwargs)
+    device = device_of(backend)
+    moved = {name: _to(t, device) for name, t in kwargs.items()}
+    with torch.no_grad():
+        out = sparq_ext.attention(_to(query, device), _to(key, device), _to(value, device), **moved)
+    assert out.device.type == device
+    return out.cpu()
+
+
+def _to(t, device):
+    """``t`` on ``device`` with its layout: a view is re-made over a copy of its whole base, so
+    strided, offset and expanded (stride-0) inputs reach the backend as they are."""
+    if not isinstance(t, torch.Tensor) or t.device.type == device:
+        return t
+    base = t if t._base is None else t._base
+    moved = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=device).copy_(base)
+    return moved.as_strided(t.size(), t.stride(), t.storage_offset() - base.storage_offset())
+
+
+def make_inputs(B=2, Hq=4, Hkv=2, S=64, D=32, dtype=torch.float32, seed=0, with_key_t=False):
+    """Fresh random decode-step inputs on the CPU: query ``(B, Hq, 1, D)``, key/value
+    ``(B, Hkv, S, D)`` (and ``key_t`` ``(B, Hkv, D, S)``). Half-precision queries are drawn
+    without ties in ``sum_g |q_g|`` (:func:`untied_query`), so that every backend picks the same
+    ``i1`` as the fp32 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(dtype)
+    if dtype != torch.float32:
+        q = untied_query(B, Hq, Hkv, D, dtype, gen)
+    K = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    V = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    if with_key_t:
+        return q, K, V, K.transpose(-1, -2).contiguous()
+    return q, K, V
+
+
+def untied_query(B, Hq, Hkv, D, dtype, gen):
+    """A query whose group sums of |q| have no ties (exact in bf16/fp16), random signs.
+
+    Rounded to 8 or 11 bits, random queries often tie at the r-th largest |q| component, and
+    ties may be broken either way (docs/design.md), which changes i1 and the whole result. The
+    magnitudes here are distinct powers-of-two multiples of 1 + j/128, the same pattern
+    scaled by 2^-(g % 3) in each head of a group, so every sum is exact and distinct.
+    """
+    G = Hq // Hkv
+    j = torch.stack([torch.randperm(D, generator=gen) for _ in range(B * Hkv)]).reshape(B, Hkv, 1, D)
+    mags = 2.0 ** (j // 128) * (1 + (j % 128) / 128)
+    head_scale = (2.0 ** -(torch.arange(G) % 3)).reshape(1, 1, G, 1)
+    signs = torch.randint(0, 2, (B, Hkv, G, D), generator=gen) * 2 - 1
+    return (mags * head_scale * signs).reshape(B, Hq, 1, D).to(dtype)
 
 
 def query_gap(q: torch.Tensor, Hkv: int, r: int) -> float:

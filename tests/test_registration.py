@@ -5,7 +5,7 @@ import torch
 
 import sparq_ext
 from sparq_ext.ops import SCHEMA
-from conftest import TOLERANCES, make_inputs
+from sparq_testutil import NATIVE_BACKENDS, make_inputs, required_native_backends, tolerance
 
 
 def test_schema_is_the_documented_one():
@@ -16,6 +16,15 @@ def test_schema_is_the_documented_one():
 def test_every_device_has_a_kernel():
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("sparq_ext::attention", key)
+
+
+def test_required_native_kernels_are_loaded():
+    """Never skipped: where SPARQ_EXT_REQUIRE_NATIVE names a backend (make test: cpu), its native
+    kernel must be registered, so a build that fell back to pure torch cannot pass."""
+    for name in required_native_backends():
+        assert sparq_ext.extension_error is None, sparq_ext.extension_error
+        assert sparq_ext.has_native_kernel(name), f"the native {name} kernel is not registered"
+    assert set(required_native_backends()) <= set(NATIVE_BACKENDS)
 
 
 def test_extension_state_is_reported():
@@ -67,7 +76,7 @@ def test_torch_compile_fullgraph_cpu():
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(q, K, V, Kt, lens), step(q, K, V, Kt, lens),
-                               **TOLERANCES[torch.float32])
+                               **tolerance(torch.float32))
 
 
 def test_direct_op_call_matches_wrapper():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparq_ext
-from conftest import make_inputs
+from sparq_testutil import make_inputs
 
 B, Hq, Hkv, S, D = 2, 4, 2, 16, 8
 
