@@ -74,7 +74,7 @@ def _join_dropping_seen_paragraphs(documents) -> str:
 
 
 # Pure-Python standard-library modules whose docstrings are long prose. The text follows the
-# Python version (the runs in benchmarks/results used 3.11.7: 93,737 tokens).
+# Python version (93,737 tokens on Python 3.11.7).
 DOCSTRING_MODULES = ("argparse", "asyncio.base_events", "asyncio.events", "asyncio.streams", "asyncio.tasks",
                      "calendar", "configparser", "contextlib", "dataclasses", "difflib", "email.message",
                      "enum", "fractions", "ftplib", "functools", "http.client", "http.cookiejar", "imaplib",
