@@ -87,10 +87,12 @@ def _is_int(x) -> bool:
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
-    """Data checks need the values on the host: skip them while tracing or capturing."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    """Whether a check may read ``t``'s values on the host: only for CPU tensors outside tracing.
+    Reading a CUDA tensor would synchronise the device on every call (and fail under CUDA-graph
+    capture); a traced or compiled tensor has no values to read."""
+    if t.device.type != "cpu":
         return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None,
@@ -208,8 +210,10 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
 
     Inference-only: inputs that require grad are rejected unless grad mode is off.
-    ``seq_lens`` values are checked eagerly; under ``torch.compile`` or CUDA-graph capture
-    they cannot be read without a sync, so they are not checked there.
+    ``seq_lens`` values are checked only for CPU tensors in eager mode. On a GPU they are
+    never read on the host (that would synchronise the device on every decode step): the kernel
+    clamps each value to ``[0, S]``, as the reference's masking does. Under ``torch.compile``
+    or tracing they are not checked either.
     """
     check_attention_inputs(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                            local_window, reallocate, scale)

@@ -132,3 +132,60 @@ def test_cpp_checks_on_direct_op_calls(case, changes, error, words):
     with pytest.raises(RuntimeError, match=words.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         torch.ops.sparq_ext.attention(q, K, V, **args)
+
+
+class _ValuesUnreadable(torch.Tensor):
+    """A tensor that reports ``device_type`` and fails any read of its values (``min``, ``max``,
+    ``item``, ``int()``, comparisons, copies to the host): stands in for a CUDA ``seq_lens``,
+    whose host read would synchronise the device, on a machine without a GPU."""
+
+    device_type = "cpu"
+    _READS = {torch.Tensor.min, torch.Tensor.max, torch.Tensor.aminmax, torch.Tensor.item,
+              torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
+              torch.Tensor.any, torch.Tensor.all, torch.Tensor.cpu, torch.Tensor.to,
+              torch.Tensor.numpy, torch.Tensor.lt, torch.Tensor.gt, torch.Tensor.__lt__,
+              torch.Tensor.__gt__, torch.Tensor.__le__, torch.Tensor.__ge__, torch.min, torch.max,
+              torch.aminmax, torch.any, torch.all}
+
+    @property
+    def device(self):
+        return torch.device(self.device_type)
+
+    @property
+    def is_cuda(self):
+        return self.device_type == "cuda"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._READS:
+            raise _HostRead(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _HostRead(AssertionError):
+    pass
+
+
+def _on(device_type, t):
+    wrapped = t.as_subclass(_ValuesUnreadable)
+    wrapped.device_type = device_type
+    return wrapped
+
+
+def test_seq_lens_of_a_gpu_tensor_are_not_read_on_the_host():
+    # Out of range on purpose: only a host read could notice, and none may happen.
+    args = {name: _on("cuda", t) if isinstance(t, torch.Tensor) else t for name, t in base().items()}
+    args["seq_lens"] = _on("cuda", torch.tensor([S + 5, -1]))
+    sparq_ext.check_attention_inputs(**args)
+
+
+def test_seq_lens_of_a_cpu_tensor_are_read_and_checked():
+    # The same stand-in on the CPU: the value check reads it (so the test above can fail) ...
+    args = {name: _on("cpu", t) if isinstance(t, torch.Tensor) else t for name, t in base().items()}
+    with pytest.raises(_HostRead):
+        sparq_ext.check_attention_inputs(**args)
+    # ... and plain CPU values out of range are rejected naming the argument.
+    args = base()
+    args["seq_lens"] = torch.tensor([S + 5, -1])
+    with pytest.raises(ValueError, match=r"seq_lens must lie in \[0, S=16\]"):
+        sparq_ext.check_attention_inputs(**args)
