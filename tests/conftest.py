@@ -61,6 +61,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(item, "callspec", None)
         params = params.params if params is not None else {}
         name = params.get("backend") or params.get("native_backend")
+        if name is None and item.get_closest_marker("cuda") is not None:
+            name = "cuda"  # tests/test_cuda.py: CUDA-only tests, counted with the cuda backend
         if name is not None:
             _item_backend[item.nodeid] = name
 

@@ -1,6 +1,8 @@
 """Every native backend (the CPU kernel, csrc/cpu/; the CUDA kernels, csrc/cuda/) against the
-pure-torch reference, on every option, dtype and layout. Fixed seeds; no timing. A backend that
-is not built or has no device is skipped (or fails, where SPARQ_EXT_REQUIRE_NATIVE names it).
+pure-torch reference, on every option, dtype, head dim, GQA group and layout. Fixed seeds; no
+timing. A backend that is not built or has no device is skipped (or fails, where
+SPARQ_EXT_REQUIRE_NATIVE names it). What only CUDA has (graphs, streams, no host sync, very long
+caches) is in tests/test_cuda.py.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparq_ext import sparq_attention_reference
-from sparq_testutil import DTYPES, attention, make_inputs, tolerance, untied_query
+from sparq_testutil import DTYPES, attention, make_inputs, separated_query, tolerance, untied_query
 
 
 def native_and_reference(backend, q, K, V, r, k, *, key_t=None, value_mean=None, seq_lens=None,
@@ -27,12 +29,30 @@ def native_and_reference(backend, q, K, V, r, k, *, key_t=None, value_mean=None,
     return out, ref
 
 
-def check(backend, q, K, V, r, k, **kwargs):
+def check(backend, q, K, V, r, k, separate=True, **kwargs):
+    """``backend`` against the reference at the backend's tolerance. ``separate``: first redraw
+    the query (in its layout) if the top-r or top-k boundary is a near-tie, which two correct
+    implementations may break differently (tests/sparq_testutil.py)."""
+    if separate:
+        q = _in_layout_of(q, separated_query(
+            q, K, r, k, key_t=kwargs.get("key_t"), seq_lens=kwargs.get("seq_lens"),
+            attn_mask=kwargs.get("attn_mask"), local_window=kwargs.get("local_window", 0),
+            scale=kwargs.get("scale")))
     out, ref = native_and_reference(backend, q, K, V, r, k, **kwargs)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), **tolerance(q.dtype, backend))
     return out
+
+
+def _in_layout_of(like, values):
+    """``values`` with ``like``'s strides and storage offset (``like`` itself when they are it),
+    so a layout test keeps its layout when its query is redrawn."""
+    if values is like:
+        return like
+    base = like if like._base is None else like._base
+    out = base.clone().as_strided(like.size(), like.stride(), like.storage_offset() - base.storage_offset())
+    return out.copy_(values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -59,7 +79,46 @@ def test_standard_shape_16k(native_backend, dtype, Hkv):
           value_mean=V.float().mean(2, keepdim=True).to(dtype), local_window=S // 64)
 
 
-@pytest.mark.parametrize("D, r", [(40, 5), (72, 72), (128, 1), (16, 3), (200, 17)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (8, 2), (16, 2)])  # G = 1, 4, 8
+def test_head_dims_groups_dtypes(native_backend, dtype, D, Hq, Hkv):
+    q, K, V = make_inputs(2, Hq, Hkv, 1531, D, dtype, seed=D + Hq)
+    check(native_backend, q, K, V, D // 8, 97, key_t=K.transpose(-1, -2).contiguous())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_key_t", [True, False], ids=["key_t", "no_key_t"])
+@pytest.mark.parametrize("reallocate", [True, False])
+@pytest.mark.parametrize("with_mean", [False, True], ids=["mean_none", "value_mean"])
+def test_option_combinations(native_backend, dtype, with_key_t, reallocate, with_mean):
+    q, K, V = make_inputs(3, 8, 2, 3000, 128, dtype, seed=11)
+    check(native_backend, q, K, V, 16, 200, key_t=K.transpose(-1, -2).contiguous() if with_key_t else None,
+          value_mean=V.float().mean(2, keepdim=True).to(dtype) if with_mean else None,
+          seq_lens=torch.tensor([3000, 1777, 5]), local_window=50, reallocate=reallocate, scale=0.07)
+
+
+@pytest.mark.parametrize("S, k, r", [(1, 1, 64), (2, 1, 1), (5, 3, 64), (17, 17, 3), (4097, 4096, 64)])
+def test_tiny_caches_and_k_near_s(native_backend, S, k, r):
+    q, K, V = make_inputs(1, 2, 1, S, 64, seed=S)
+    check(native_backend, q, K, V, r, k, key_t=K.transpose(-1, -2).contiguous(), local_window=min(k, 2))
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(32, 1), (12, 1), (6, 3)])  # G = 32, 12, 2
+def test_large_and_odd_groups(native_backend, Hq, Hkv):
+    q, K, V = make_inputs(2, Hq, Hkv, 2000, 128, torch.float16, seed=Hq)
+    check(native_backend, q, K, V, 16, 128, key_t=K.transpose(-1, -2).contiguous(), local_window=16)
+
+
+def test_large_logits_stay_finite(native_backend):
+    q, K, V = make_inputs(2, 8, 2, 2000, 128, seed=27)
+    for q_scale, scale in ((40.0, None), (1.0, 1e-6)):
+        out, ref = native_and_reference(native_backend, q * q_scale, K, V, 32, 100, local_window=10, scale=scale)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # logits up to ~1e3 amplify rounding
+
+
+@pytest.mark.parametrize("D, r", [(40, 5), (72, 72), (128, 1), (16, 3), (200, 17), (57, 14), (80, 80), (96, 24)])
 def test_head_dims_and_r(native_backend, D, r):
     q, K, V = make_inputs(2, 6, 3, 257, D, seed=D + r)
     check(native_backend, q, K, V, r, 31, key_t=K.transpose(-1, -2).contiguous(), local_window=4)
@@ -110,6 +169,8 @@ def test_broadcast_mask_shapes(native_backend, shape):
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(shape, generator=gen) > 0.3
     check(native_backend, q, K, V, 4, 50, attn_mask=mask, local_window=3)
+    check(native_backend, q, K, V, 4, 50, attn_mask=mask, local_window=3,
+          seq_lens=torch.tensor([600, 211, 7], dtype=torch.int32))
 
 
 def test_rows_with_nothing_valid_are_zero(native_backend):
@@ -178,6 +239,13 @@ def test_non_contiguous_and_expanded_inputs(native_backend):
     # Last dim not contiguous: (B, H, D, S) storage viewed as (B, H, S, D).
     K2 = torch.randn(B, Hkv, D, S, generator=gen).transpose(-1, -2)
     check(native_backend, q, K2, V, 8, 30, key_t=K2.transpose(-1, -2))
+    # An odd storage offset (not 16-byte aligned) and a query that is every other element of a
+    # wider tensor.
+    K_odd = torch.randn(B * Hkv * S * D + 3, generator=gen)[3:].view(B, Hkv, S, D)
+    check(native_backend, q, K_odd, V, 8, 30)
+    q_wide = torch.zeros(B, Hq, 1, 2 * D)
+    q_wide[..., ::2] = q
+    check(native_backend, q_wide[..., ::2], K, V, 8, 30, key_t=Kt_strided)
     # Expanded (stride-0) batch and head dims.
     K1 = torch.randn(1, 1, S, D, generator=gen)
     V1 = torch.randn(1, 1, S, D, generator=gen)
@@ -201,7 +269,7 @@ def test_tied_scores(native_backend, dtype):
     # off by 6e-5 at k = 2999 on an AMD EPYC (the kernel by 5e-6), so the truth is float64.
     for k in (1, 100, 700, 2999):
         check(native_backend, q, K, V, 4, k, key_t=K.transpose(-1, -2).contiguous(), local_window=min(k, 3),
-              reference_dtype=torch.float64)
+              reference_dtype=torch.float64, separate=False)
 
 
 def test_zero_query_and_constant_keys(native_backend):
