@@ -55,7 +55,11 @@ def parse_args(argv=None):
                         "call, so each method reads its inputs from memory as a decode step does; "
                         "warm: no flush (inputs still rotate). CUDA default: warm (rotation "
                         "already exceeds its L2)")
+    p.add_argument("--bandwidth-mib", type=int,
+                   help="buffer size of the copy and row-gather bandwidth probes (default cuda 4096, "
+                        "cpu 1024)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no PNG)")
     p.add_argument("--tag", help="file name tag (default: device type)")
     return p.parse_args(argv)
 
@@ -187,17 +191,19 @@ def maybe_graphs(fn, n_sets, args, device):
 def print_table(rows):
     from tabulate import tabulate
 
-    headers = ["dtype", "B", "Hkv", "S", "r", "k", "sparq ms", "SDPA ms", "seed ms", "x SDPA",
-               "x seed", "ideal x", "sparq GB/s", "SDPA GB/s"]
+    headers = ["dtype", "B", "Hkv", "S", "r", "k", "sparq ms", "SDPA ms", "SDPA backend", "seed ms",
+               "x SDPA", "x seed", "ideal x", "sparq GB/s", "SDPA GB/s", "sparq % copy", "SDPA % copy"]
     table = []
     for r in rows:
         if "skipped" in r:
-            table.append([r["dtype"], r["B"], r["Hkv"], r["S"], r["r"], r["k"], r["skipped"]] + [""] * 7)
+            table.append([r["dtype"], r["B"], r["Hkv"], r["S"], r["r"], r["k"], r["skipped"]]
+                         + [""] * (len(headers) - 7))
             continue
         table.append([r["dtype"], r["B"], r["Hkv"], r["S"], r["r"], r["k"], r["sparq_ms"], r["sdpa_ms"],
-                      r.get("seed_ms", float("nan")), r["speedup_vs_sdpa"],
+                      r["sdpa_best_backend"], r.get("seed_ms", float("nan")), r["speedup_vs_sdpa"],
                       r.get("speedup_vs_seed", float("nan")), r["ideal_speedup"], r["sparq_GBps"],
-                      r["sdpa_GBps"]])
+                      r["sdpa_GBps"], r.get("sparq_pct_of_copy", float("nan")),
+                      r.get("sdpa_pct_of_copy", float("nan"))])
     print(tabulate(table, headers=headers, floatfmt=".3g"))
 
 
@@ -256,7 +262,8 @@ def main(argv=None):
                      else None)
 
     meta = common.run_metadata(device, root=HERE)
-    meta["copy_GBps"] = common.copy_bandwidth(device, nbytes=(4 << 30) if cuda else (1 << 30)) / 1e9
+    probe_bytes = (args.bandwidth_mib or (4096 if cuda else 1024)) << 20
+    meta["copy_GBps"] = common.copy_bandwidth(device, nbytes=probe_bytes) / 1e9
     meta["cuda_graphs"] = bool(args.cuda_graphs and cuda)
     args.cache = args.cache or ("warm" if cuda else "cold")
     flush = None
@@ -267,7 +274,7 @@ def main(argv=None):
         meta["cache_flush_bytes"] = flush.nbytes
     meta["cache"] = args.cache
     row_bytes = args.head_dim * 4
-    meta["row_gather_GBps"] = common.row_gather_bandwidth(device, row_bytes=row_bytes,
+    meta["row_gather_GBps"] = common.row_gather_bandwidth(device, row_bytes=row_bytes, nbytes=probe_bytes,
                                                           before=flush) / 1e9
     meta["row_gather_row_bytes"] = row_bytes
     print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | "
@@ -286,13 +293,16 @@ def main(argv=None):
             row = bench_config(args, device, dt, B, Hkv, S, ratio, seed_compiled, pbar, flush)
             if "sparq_GBps" in row:
                 row["sparq_pct_of_copy"] = 100 * row["sparq_GBps"] / meta["copy_GBps"]
+                row["sdpa_pct_of_copy"] = 100 * row["sdpa_GBps"] / meta["copy_GBps"]
             rows.append(row)
             # after every shape, so a run cut short (a time limit) keeps what it measured
             common.write_json(json_path, {"meta": meta, "args": vars(args), "rows": rows})
     print_table(rows)
-    png_path = os.path.join(args.out, f"bench_attention_{tag}.png")
-    plot(rows, meta, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        png_path = os.path.join(args.out, f"bench_attention_{tag}.png")
+        plot(rows, meta, png_path)
+        print(f"wrote {png_path}")
     return rows
 
 

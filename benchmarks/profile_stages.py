@@ -1,80 +1,118 @@
-"""Per-kernel GPU time of one SparQ decode step (torch.profiler), beside dense SDPA, with the
-bytes each stage must move and the bandwidth that implies. For finding the stage to speed up
-next; the latency sweep itself is benchmarks/bench_attention.py.
+"""Where one SparQ decode step spends its device time, beside dense SDPA: torch.profiler's kernel
+records grouped by kernel name (time and launches per call), and the total per call with the
+bandwidth it implies for the bytes the method must read (sparq_ext.transfer_bytes). Kernel names
+are read from the profile, not assumed, so this works whatever the kernels are called. The
+latency benchmark is benchmarks/bench_attention.py; this is for finding the stage to speed up.
 
-    python benchmarks/profile_stages.py [--seq 32768 131072] [--batch 1 8]
+    python benchmarks/profile_stages.py                       # CUDA: B=1, S=32K and 128K
+    python benchmarks/profile_stages.py --device cpu --seq 4096 --iters 5
+
+On the CPU the groups are operators (their self time) rather than kernels.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+import collections
+import functools
 
 import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the in-place build
-import sparq_ext  # noqa: E402
+import sparq_ext
+from sparq_ext.evaluation import timing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def stage_bytes(B, Hq, Hkv, S, D, r, k, e):
-    rows = B * Hkv
-    return {
-        "approx_logits": rows * S * (r * e + 4),          # key_t rows + selection score
-        "radix_hist": rows * S * 4 * 3,                   # three passes over the scores
-        "radix_emit": rows * (S * 4 + k * 4),
-        "attend": rows * k * (2 * D * e + 4),             # K and V rows + index
-    }
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--query-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=8.0, help="compression ratio (r, k from sparq_ext.rk_for_ratio)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--iters", type=int, default=20, help="profiled calls per method")
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--iters", type=int, default=20)
-    args = ap.parse_args()
-    assert torch.cuda.is_available() and sparq_ext.has_native_kernel("cuda")
-    dev = torch.cuda.get_device_name()
-    Hq, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+def kernel_times(fn, device: torch.device, iters: int) -> dict[str, tuple[float, float]]:
+    """``{name: (microseconds per call, launches per call)}`` for what ``fn()`` runs on
+    ``device``: CUDA kernels (and copies/memsets) on a GPU, operators' self time on the CPU."""
+    for _ in range(3):  # warm-up: workspaces, lazy module loads, autotuning stay out of the profile
+        fn()
+    timing.sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(iters):
+            fn()
+        timing.sync(device)
+    total_us: dict[str, float] = collections.defaultdict(float)
+    launches: dict[str, int] = collections.Counter()
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.device_type != DeviceType.CPU:
+                continue
+            us = event.self_cpu_time_total
+        total_us[event.name] += us
+        launches[event.name] += 1
+    return {name: (total_us[name] / iters, launches[name] / iters) for name in total_us}
+
+
+def report(title: str, times: dict[str, tuple[float, float]], nbytes: int, copy_GBps: float) -> float:
+    total = sum(us for us, _ in times.values())
+    launches = sum(n for _, n in times.values())
+    gbps = nbytes / (total * 1e-6) / 1e9 if total > 0 else float("nan")
+    print(f"--- {title}: {total:.1f} us per call, {launches:g} launches per call, "
+          f"{nbytes / 1e6:.1f} MB read -> {gbps:.0f} GB/s ({100 * gbps / copy_GBps:.0f}% of copy)")
+    print(f"{'us/call':>9} {'share':>6} {'launches':>8}  name")
+    for name, (us, n) in sorted(times.items(), key=lambda item: -item[1][0]):
+        print(f"{us:9.1f} {100 * us / total if total else 0:5.1f}% {n:8g}  {name[:110]}")
+    return total
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if not sparq_ext.has_native_kernel(device.type):
+        print(f"note: no native {device.type} kernel ({sparq_ext.extension_error or 'not built'}); "
+              "profiling the pure-torch fallback")
+    Hq, Hkv, D, dtype = args.query_heads, args.kv_heads, args.head_dim, DTYPES[args.dtype]
+    copy_GBps = timing.copy_bandwidth(device, nbytes=(2 << 30) if device.type == "cuda" else (64 << 20)) / 1e9
+    print(f"device: {timing.device_name(device)} | torch {torch.__version__} | "
+          f"commit {timing.git_commit()} | copy bandwidth {copy_GBps:.0f} GB/s")
     for B in args.batch:
         for S in args.seq:
-            r, k = 16, S // 16
-            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
-            key = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
-            value = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
+            r, k = sparq_ext.rk_for_ratio(args.ratio, S, D)
+            gen = torch.Generator(device=device).manual_seed(S + B)
+            q = torch.randn(B, Hq, 1, D, device=device, generator=gen).to(dtype)
+            key = torch.randn(B, Hkv, S, D, device=device, generator=gen).to(dtype)
+            value = torch.randn(B, Hkv, S, D, device=device, generator=gen).to(dtype)
             key_t = key.transpose(-1, -2).contiguous()
             v_mean = value.float().mean(2, keepdim=True).to(dtype)
-            kw = dict(r=r, k=k, key_t=key_t, value_mean=v_mean, local_window=k // 4)
-            with torch.no_grad():
-                for _ in range(3):
-                    sparq_ext.attention(q, key, value, **kw)
-                    torch.nn.functional.scaled_dot_product_attention(q, key, value,
-                                                                     enable_gqa=True)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.iters):
-                        sparq_ext.attention(q, key, value, **kw)
-                    for _ in range(args.iters):
-                        torch.nn.functional.scaled_dot_product_attention(q, key, value,
-                                                                         enable_gqa=True)
-                    torch.cuda.synchronize()
-            print(f"\n=== {dev}  B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} r={r} k={k} bf16 ===")
-            want = stage_bytes(B, Hq, Hkv, S, D, r, k, 2)
-            rows = []
-            for ev in prof.key_averages():
-                t = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)  # us/call
-                if ev.count < args.iters or t <= 0:
-                    continue
-                name = ev.key
-                stage = next((s for s in want if s in name), None)
-                per_step = t * ev.count / args.iters
-                gbs = f"{want[stage] / (per_step * 1e-6) / 1e9:8.0f}" if stage else " " * 8
-                rows.append((per_step, ev.count // args.iters, t, gbs, name))
-            rows.sort(reverse=True)
-            print(f"{'us/step':>9} {'calls':>5} {'us/call':>9} {'GB/s':>8}  kernel")
-            for per_step, calls, t, gbs, name in rows:
-                print(f"{per_step:9.1f} {calls:5d} {t:9.1f} {gbs}  {name[:90]}")
+            nbytes = sparq_ext.transfer_bytes(B, Hkv, S, D, r, k, dtype=dtype, query_heads=Hq)
+            print(f"\n=== B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} r={r} k={k} {args.dtype} ===")
+            with torch.inference_mode():
+                sparq = kernel_times(functools.partial(sparq_ext.attention, q, key, value, r=r, k=k,
+                                                       key_t=key_t, value_mean=v_mean), device, args.iters)
+                sdpa = kernel_times(functools.partial(F.scaled_dot_product_attention, q, key, value,
+                                                      enable_gqa=Hq != Hkv), device, args.iters)
+            t_sparq = report("sparq_ext.attention", sparq, nbytes["sparq"], copy_GBps)
+            t_sdpa = report("SDPA (default backend)", sdpa, nbytes["dense"], copy_GBps)
+            if t_sparq > 0:
+                print(f"device-time ratio SDPA / SparQ: {t_sdpa / t_sparq:.2f}x "
+                      f"(bytes ratio {nbytes['ideal_speedup']:.2f}x)")
 
 
 if __name__ == "__main__":

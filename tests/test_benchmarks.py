@@ -1,18 +1,35 @@
 """The latency benchmark (the README's main job) runs end to end on a tiny CPU shape and
-writes what it reports; its timing helper flushes before every timed call. No timing asserts."""
+writes what it reports; its timing helper flushes before every timed call; the stage profiler
+groups by the names it finds; the GPU session script runs its steps in the planned order and,
+dry-run here, writes the files a GPU run brings back. No timing asserts."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import sparq_ext
 from sparq_ext.evaluation import timing as common
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SESSION = BENCHMARKS / "gpu_session.sh"
+# The GPU session's steps, most valuable first: the build, the tests, the profile, the benchmark,
+# and the sanitizer tools last (memcheck before the optional ones).
+SESSION_STEPS = ["ninja", "build", "import", "tests", "profile", "bench_eager", "bench_graphs",
+                 "memcheck", "synccheck", "initcheck", "racecheck"]
+# What a session brings back (the device tool returns at most 8 files).
+SESSION_FILES = {"session.log", "build.log", "pytest.log", "profile.log", "bench.log",
+                 "bench_attention_{tag}_eager.json", "bench_attention_{tag}_graphs.json",
+                 "sanitizer.log"}
 
 pytest.importorskip("tabulate")
 pytest.importorskip("matplotlib")
@@ -54,6 +71,8 @@ def test_bench_attention_cpu_smoke(tmp_path):
     assert (row["S"], row["Hkv"], row["r"], row["k"]) == (1024, 8, 16, 64)
     assert row["sparq_ms"] > 0 and row["sdpa_ms"] > 0
     assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa_ms"] / row["sparq_ms"])
+    assert row["sparq_pct_of_copy"] == pytest.approx(100 * row["sparq_GBps"] / payload["meta"]["copy_GBps"])
+    assert row["sdpa_pct_of_copy"] == pytest.approx(100 * row["sdpa_GBps"] / payload["meta"]["copy_GBps"])
     assert (tmp_path / "bench_attention_cpu.png").stat().st_size > 0
 
 
@@ -75,3 +94,40 @@ def test_accuracy_merge_keeps_a_flat_run_history():
     e = run("e", eval_accuracy.run_history(d))
     assert [m["commit"] for m in eval_accuracy.run_history(e)] == ["a", "b", "c", "d", "e"]
     assert eval_accuracy.run_history(run("first")) == [{"commit": "first"}]
+
+
+def test_profile_stages_groups_by_the_names_it_finds():
+    profile_stages = load_script("profile_stages")
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    times = profile_stages.kernel_times(lambda: (a @ b).relu(), torch.device("cpu"), iters=3)
+    assert times["aten::mm"][1] == 1 and times["aten::relu"][1] == 1  # launches per call
+    assert all(us >= 0 for us, _ in times.values())
+
+
+def test_gpu_session_steps_in_planned_order():
+    # Step names are literal lower-case words; comments and the helpers' own calls are skipped, and
+    # a step written twice (its dry-run and GPU forms) counts where it first appears.
+    calls = re.findall(r"^[^#\n]*?\b(?:run_step|sanitize) ([a-z_]+)\b", SESSION.read_text(), flags=re.M)
+    assert list(dict.fromkeys(calls)) == SESSION_STEPS
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run(tmp_path):
+    if not sparq_ext.has_native_kernel("cpu"):
+        pytest.skip("the session's import step needs a native kernel; the dry run checks the CPU one")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(SESSION), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    log = (tmp_path / "session.log").read_text()
+    assert done.returncode == 0, log + done.stdout[-3000:] + done.stderr[-3000:]
+    assert "DRY RUN" in log
+    assert re.findall(r"START (\w+)", log) == SESSION_STEPS
+    assert re.findall(r"PASS (\w+)", log) == SESSION_STEPS
+    assert {p.name for p in tmp_path.iterdir()} == {name.format(tag="dry") for name in SESSION_FILES}
+    for mode in ("eager", "graphs"):
+        payload = json.loads((tmp_path / f"bench_attention_dry_{mode}.json").read_text())
+        (row,) = payload["rows"]
+        assert row["sparq_ms"] > 0 and row["sdpa_ms"] > 0
+    assert "tests/test_cuda.py::test_cuda_graph_capture_and_replay" in (tmp_path / "pytest.log").read_text()
+    assert "would run:" in (tmp_path / "sanitizer.log").read_text()
+    assert "us/call" in (tmp_path / "profile.log").read_text()

@@ -140,12 +140,12 @@ class _ValuesUnreadable(torch.Tensor):
     whose host read would synchronise the device, on a machine without a GPU."""
 
     device_type = "cpu"
-    _READS = {torch.Tensor.min, torch.Tensor.max, torch.Tensor.aminmax, torch.Tensor.item,
+    _READS = frozenset({torch.Tensor.min, torch.Tensor.max, torch.Tensor.aminmax, torch.Tensor.item,
               torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
               torch.Tensor.any, torch.Tensor.all, torch.Tensor.cpu, torch.Tensor.to,
               torch.Tensor.numpy, torch.Tensor.lt, torch.Tensor.gt, torch.Tensor.__lt__,
               torch.Tensor.__gt__, torch.Tensor.__le__, torch.Tensor.__ge__, torch.min, torch.max,
-              torch.aminmax, torch.any, torch.all}
+              torch.aminmax, torch.any, torch.all})
 
     @property
     def device(self):
