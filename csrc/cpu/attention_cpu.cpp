@@ -321,6 +321,7 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
       for (int64_t i = 0; i < npad; i += kVec) {
         fVec sum = fVec::loadu(logits + i);
         for (int64_t g = 1; g < G; ++g) sum = sum + fVec::loadu(logits + g * kSub + i);
+        sum = fVec::blendv(sum, fVec(kNaNScore), sum.isnan());  // sparq/math.h's NaN rule
         const int64_t c = std::min<int64_t>(kVec, n - i);
         if (c < kVec) {
           sum.store(sc + i, c);
@@ -349,6 +350,7 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
         }
         float sum = 0.0f;
         for (int64_t g = 0; g < G; ++g) sum += logits[g * kSub + i];
+        sum = selection_score(sum);
         sc[i] = sum;
         if (std::isfinite(sum)) {
           lo_score = std::min(lo_score, sum);
