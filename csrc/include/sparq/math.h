@@ -147,9 +147,17 @@ SPARQ_HD SoftmaxState softmax_merge(SoftmaxState a, SoftmaxState b) {
   return {m, a.l * softmax_rescale(a.m, m) + b.l * softmax_rescale(b.m, m)};
 }
 
-// Add one logit x (may be -inf for a masked position, which leaves the state unchanged).
+// A state that holds a NaN logit: l is NaN and m finite, so that every later merge keeps
+// the NaN (a state with m = -inf would be taken for empty and dropped).
+SPARQ_HD SoftmaxState softmax_nan(SoftmaxState s) {
+  return {s.m == -INFINITY ? 0.0f : s.m, NAN};
+}
+
+// Add one logit x (may be -inf for a masked position, which leaves the state unchanged; a
+// NaN makes the state NaN, as in the reference's softmax).
 SPARQ_HD SoftmaxState softmax_push(SoftmaxState s, float x) {
   if (x == -INFINITY) return s;
+  if (is_nan_bits(x)) return softmax_nan(s);
   const float m = fmaxf(s.m, x);
   return {m, s.l * softmax_rescale(s.m, m) + expf(x - m)};
 }
