@@ -324,9 +324,7 @@ def test_randomised_options(emu, case):
 
 # ---- long rows: the selected sets exactly, with topk split over blocks from the SM count ----
 
-@pytest.mark.parametrize("S", [12000, 12288, pytest.param(32768, marks=pytest.mark.slow),
-                               pytest.param(32769, marks=pytest.mark.slow),
-                               pytest.param(70000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("S", [12000, 12288, 32768, 32769, 70000])
 def test_long_rows_select_exactly_the_reference_set(emu, S):
     # Around 12K the old one-block top-k overran its shared memory; 32K was its limit. At
     # B * Hkv = 2 the plan splits each row's topk over many blocks.

@@ -49,6 +49,8 @@ void __tsan_destroy_fiber(void* fiber);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
+void __tsan_ignore_thread_begin(void);
+void __tsan_ignore_thread_end(void);
 }
 #define SPARQ_EMU_TSAN 1
 #endif
@@ -104,6 +106,19 @@ inline std::atomic<int>& attr_calls() {  // cudaFuncSetAttribute calls (tests co
   static std::atomic<int> n{0};
   return n;
 }
+// Under ThreadSanitizer the fibers of a block are separate TSan threads that switch without
+// synchronising, so races between CUDA threads of a block are reported; the emulator's own
+// bookkeeping (block state, collectives, barrier counters) is hidden from TSan by this guard,
+// and barriers / collectives publish happens-before edges explicitly (sync_release/acquire).
+// A fiber's first switch-in and its exit do synchronise with the block's scheduler, so what
+// the scheduler set up, and shared memory reused by the next block on the worker, are ordered.
+struct TsanIgnore {
+#ifdef SPARQ_EMU_TSAN
+  TsanIgnore() { __tsan_ignore_thread_begin(); }
+  ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#endif
+};
+
 inline cudaError_t& last_error() {
   thread_local cudaError_t e = cudaSuccess;
   return e;
@@ -118,6 +133,7 @@ struct Fiber {
   ucontext_t ctx{};
   void* stack = nullptr;
   bool finished = false;
+  bool started = false;
   uint3 thread_idx{};
 #ifdef SPARQ_EMU_TSAN
   void* tsan_fiber = nullptr;
@@ -164,7 +180,22 @@ struct ThreadCtx {
   dim3 block_dim, grid_dim;
 };
 
-inline const uint3& thread_idx() { return current_block()->current->thread_idx; }
+inline uint3 thread_idx() {
+  TsanIgnore guard;
+  return current_block()->current->thread_idx;
+}
+inline uint3 block_idx() {
+  TsanIgnore guard;
+  return current_block()->block_idx;
+}
+inline dim3 block_dim() {
+  TsanIgnore guard;
+  return current_block()->block_dim;
+}
+inline dim3 grid_dim() {
+  TsanIgnore guard;
+  return current_block()->grid_dim;
+}
 
 // Back to the block's scheduler; returns when the scheduler resumes this fiber.
 inline void yield() {
@@ -197,6 +228,7 @@ inline void sync_acquire() {
 inline int lane_id() { return static_cast<int>(thread_idx().x & 31u); }
 
 inline void exchange(unsigned mask, uint64_t val, uint64_t (&out)[32]) {
+  TsanIgnore guard;
   Block* b = current_block();
   const int lane = lane_id();
   if (!(mask >> lane & 1u)) fail("warp intrinsic called by a lane outside its mask");
@@ -224,6 +256,7 @@ inline void exchange(unsigned mask, uint64_t val, uint64_t (&out)[32]) {
 }
 
 inline void syncthreads() {
+  TsanIgnore guard;
   Block* b = current_block();
   const uint64_t gen = b->barrier_gen;
   ++b->epoch;
@@ -249,6 +282,9 @@ void fiber_entry(unsigned lo, unsigned hi) {
   __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
   (*start->fn)();
+#ifdef SPARQ_EMU_TSAN
+  __tsan_ignore_thread_begin();  // ended right before the last switch
+#endif
   Block* b = current_block();
   start->fiber->finished = true;
   ++b->epoch;
@@ -259,7 +295,9 @@ void fiber_entry(unsigned lo, unsigned hi) {
     ++b->barrier_gen;
   }
 #ifdef SPARQ_EMU_TSAN
-  __tsan_switch_to_fiber(b->sched_tsan, 1);
+  void* sched = b->sched_tsan;
+  __tsan_ignore_thread_end();
+  __tsan_switch_to_fiber(sched, 0);  // synchronising: the fiber's work is done
 #endif
 #ifdef SPARQ_EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, nullptr, 0);
@@ -282,6 +320,7 @@ void run_block(Block& b, std::vector<Fiber>& fibers, Fn& body) {
   for (int t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
     f.finished = false;
+    f.started = false;
     f.thread_idx = make_uint3(static_cast<unsigned>(t), 0, 0);
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
@@ -303,8 +342,13 @@ void run_block(Block& b, std::vector<Fiber>& fibers, Fn& body) {
       Fiber& f = fibers[t];
       if (f.finished) continue;
       b.current = &f;
+      const bool first = !f.started;
+      f.started = true;
 #ifdef SPARQ_EMU_TSAN
-      __tsan_switch_to_fiber(f.tsan_fiber, 1);
+      // Announced right before the switch: later accesses count as the fiber's.
+      __tsan_switch_to_fiber(f.tsan_fiber, first ? 0 : 1);  // the first switch-in syncs
+#else
+      (void)first;
 #endif
 #ifdef SPARQ_EMU_ASAN
       void* fake = nullptr;
@@ -388,7 +432,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, Args... a
   launch_smem(kernel, grid, block, 0, stream, args...);
 }
 
-inline void* dynamic_smem() { return current_block()->dynamic_smem; }
+inline void* dynamic_smem() {
+  TsanIgnore guard;
+  return current_block()->dynamic_smem;
+}
 
 template <typename T>
 inline uint64_t to_bits(T v) {
@@ -413,12 +460,19 @@ inline void warp_exchange(unsigned mask, T v, uint64_t (&out)[32]) {
 }  // namespace sparq_emu
 
 #define threadIdx (::sparq_emu::thread_idx())
-#define blockIdx (::sparq_emu::current_block()->block_idx)
-#define blockDim (::sparq_emu::current_block()->block_dim)
-#define gridDim (::sparq_emu::current_block()->grid_dim)
+#define blockIdx (::sparq_emu::block_idx())
+#define blockDim (::sparq_emu::block_dim())
+#define gridDim (::sparq_emu::grid_dim())
 
 inline void __syncthreads() { ::sparq_emu::syncthreads(); }
+// The emulator's atomics are sequentially consistent read-modify-writes, which already order
+// the last-block-done pattern (fence, ticket atomic); a fence is kept outside ThreadSanitizer,
+// which does not model fences.
+#ifdef SPARQ_EMU_TSAN
+inline void __threadfence() {}
+#else
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+#endif
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int off) {
