@@ -109,13 +109,16 @@ inline std::atomic<int>& attr_calls() {  // cudaFuncSetAttribute calls (tests co
 // Under ThreadSanitizer the fibers of a block are separate TSan threads that switch without
 // synchronising, so races between CUDA threads of a block are reported; the emulator's own
 // bookkeeping (block state, collectives, barrier counters) is hidden from TSan by this guard,
-// and barriers / collectives publish happens-before edges explicitly (sync_release/acquire).
-// A fiber's first switch-in and its exit do synchronise with the block's scheduler, so what
-// the scheduler set up, and shared memory reused by the next block on the worker, are ordered.
+// and barriers / collectives publish happens-before edges explicitly (sync_release/acquire,
+// per block and per warp). A fiber's first switch-in synchronises with the scheduler (what it
+// set up), and the scheduler acquires every exited fiber's work when the block is done (so
+// shared memory reused by the next block on the worker, and the launch's results, are ordered).
 struct TsanIgnore {
 #ifdef SPARQ_EMU_TSAN
   TsanIgnore() { __tsan_ignore_thread_begin(); }
   ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#else
+  TsanIgnore() {}  // user-provided: no unused-variable warning at the call sites
 #endif
 };
 
@@ -150,6 +153,7 @@ struct Collective {
 
 struct Warp {
   std::list<std::shared_ptr<Collective>> open;
+  char tsan_token = 0;  // happens-before token of this warp's collectives
 };
 
 struct Block {
@@ -163,9 +167,10 @@ struct Block {
   uint64_t epoch = 0;  // bumped on every state change: detects a round without progress
   Fiber* current = nullptr;
   ucontext_t sched_ctx{};
+  char sync_addr = 0;   // ThreadSanitizer's happens-before token of the block's barriers
+  char exit_token = 0;  // released by exiting fibers, acquired once the block is done
 #ifdef SPARQ_EMU_TSAN
   void* sched_tsan = nullptr;
-  char sync_addr = 0;  // happens-before token of barriers and collectives
 #endif
 };
 
@@ -214,14 +219,18 @@ inline void yield() {
 #endif
 }
 
-inline void sync_release() {
+inline void sync_release(void* token) {
 #ifdef SPARQ_EMU_TSAN
-  __tsan_release(&current_block()->sync_addr);
+  __tsan_release(token);
+#else
+  (void)token;
 #endif
 }
-inline void sync_acquire() {
+inline void sync_acquire(void* token) {
 #ifdef SPARQ_EMU_TSAN
-  __tsan_acquire(&current_block()->sync_addr);
+  __tsan_acquire(token);
+#else
+  (void)token;
 #endif
 }
 
@@ -247,10 +256,10 @@ inline void exchange(unsigned mask, uint64_t val, uint64_t (&out)[32]) {
   c->vals[lane] = val;
   c->joined |= 1u << lane;
   ++b->epoch;
-  sync_release();
+  sync_release(&w.tsan_token);
   if (c->joined == mask) c->done = true;
   while (!c->done) yield();
-  sync_acquire();
+  sync_acquire(&w.tsan_token);
   std::memcpy(out, c->vals, sizeof(out));
   if (++c->left == __builtin_popcount(mask)) w.open.remove(c);
 }
@@ -260,13 +269,13 @@ inline void syncthreads() {
   Block* b = current_block();
   const uint64_t gen = b->barrier_gen;
   ++b->epoch;
-  sync_release();
+  sync_release(&b->sync_addr);
   if (++b->arrived == b->alive) {
     b->arrived = 0;
     ++b->barrier_gen;
   }
   while (b->barrier_gen == gen) yield();
-  sync_acquire();
+  sync_acquire(&b->sync_addr);
 }
 
 template <typename Fn>
@@ -288,7 +297,7 @@ void fiber_entry(unsigned lo, unsigned hi) {
   Block* b = current_block();
   start->fiber->finished = true;
   ++b->epoch;
-  sync_release();
+  sync_release(&b->exit_token);
   // An exited thread no longer holds barriers up (CUDA: exited threads do not count).
   if (--b->alive > 0 && b->arrived == b->alive) {
     b->arrived = 0;
@@ -297,7 +306,9 @@ void fiber_entry(unsigned lo, unsigned hi) {
 #ifdef SPARQ_EMU_TSAN
   void* sched = b->sched_tsan;
   __tsan_ignore_thread_end();
-  __tsan_switch_to_fiber(sched, 0);  // synchronising: the fiber's work is done
+  // Not synchronising: the fibers still running must not inherit this one's accesses (the
+  // block's end acquires exit_token instead).
+  __tsan_switch_to_fiber(sched, 1);
 #endif
 #ifdef SPARQ_EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, nullptr, 0);
@@ -366,6 +377,7 @@ void run_block(Block& b, std::vector<Fiber>& fibers, Fn& body) {
            "threads that exited)");
   }
 #ifdef SPARQ_EMU_TSAN
+  __tsan_acquire(&b.exit_token);  // the block's work happens before whatever follows it
   for (int t = 0; t < n; ++t) __tsan_destroy_fiber(fibers[t].tsan_fiber);
 #endif
   current_block() = nullptr;

@@ -4,7 +4,8 @@
 // ASan reports any out-of-bounds access of a kernel; TSan reports unsynchronised accesses
 // between blocks (they run on concurrent workers: global atomics, the last-block-done
 // counters of topk and attend) and, through the emulator's fiber annotations, between the
-// threads of a block (__shared__ memory, thread_local statics here).
+// threads of a block (__shared__ memory, thread_local statics here; tsan_selfcheck.cpp shows
+// such a race is reported).
 // Not part of pytest (sanitizer builds are slow). From the repository root:
 //
 //   SAN=address   # or thread
