@@ -16,6 +16,7 @@ import math
 import torch
 
 _TINY = 1e-30  # matches sparq::kTiny in csrc/include/sparq/math.h
+_NAN_SCORE = torch.finfo(torch.float32).min  # matches sparq::kNaNScore
 
 
 def valid_positions(batch: int, seq_len: int, seq_lens=None, attn_mask=None, device=None):
@@ -73,7 +74,11 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
     approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
 
     # Step 2: i2 = top-k of the group-summed approximate logits, local window forced in.
-    selection_score = approx_logits.sum(2).masked_fill(~valid_kv, -math.inf)
+    selection_score = approx_logits.sum(2)
+    # The NaN rule all backends share (docs/cuda-pipeline.md): a NaN score ranks below every
+    # other valid position (torch.topk alone would rank NaN first).
+    selection_score = torch.where(selection_score.isnan(), _NAN_SCORE, selection_score)
+    selection_score = selection_score.masked_fill(~valid_kv, -math.inf)
     in_window = local_window_positions(valid, local_window)[:, None, :].expand(B, Hkv, S)
     selection_score = selection_score.masked_fill(in_window, math.inf)
     i2 = selection_score.topk(min(k, S), dim=-1).indices  # (B, Hkv, k)

@@ -1,10 +1,13 @@
 """The CUDA kernels, executed on the CPU: csrc/cuda/*.cu compiled as host code against a small
-emulator of the CUDA execution model (tests/cuda_emu/emu.h: one std::thread per CUDA thread,
-real barriers, warp intrinsics as rendezvous of the lanes in their mask), driven by the same
-launch sequence the CUDA backend uses (csrc/include/sparq/cuda_pipeline.h), and compared
-with the pure-torch reference. This covers the kernels' indexing, synchronisation, radix
-select and softmax merging in CI, where there is no GPU; it says nothing about speed, and
-fp32 rounding differs from the GPU's fast-math intrinsics in the last bits.
+emulator of the CUDA execution model (tests/cuda_emu/emu.h: blocks run concurrently on worker
+threads, so inter-block atomics and last-block-done counters really race; the threads of a
+block are fibers with real barriers, warp intrinsics as rendezvous of the lanes in their mask;
+the 48 KiB dynamic shared-memory limit is enforced), driven by the same launch sequence the
+CUDA backend uses (csrc/include/sparq/cuda_pipeline.h), and compared with the pure-torch
+reference: outputs, and the selected index sets exactly. This covers the kernels' indexing,
+synchronisation, radix select and softmax merging in CI, where there is no GPU; it says
+nothing about speed, and fp32 rounding differs from the GPU's fast-math intrinsics in the
+last bits.
 
 Needs g++ (C++20) and the CUDA toolkit's headers; skipped otherwise. The build (about a
 minute) is cached per source hash under the system temp dir.
@@ -25,6 +28,7 @@ import pytest
 import torch
 
 from sparq_ext import sparq_attention_reference
+from sparq_ext.reference import valid_positions
 from sparq_testutil import separated_query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,18 +90,14 @@ def _build() -> Path:
     return lib
 
 
-TOPK_PATHS = {"row_kernel": None, "chunked": "4"}  # SPARQ_EMU_TOPK_ROW_MAX_KEYS
+TOPK_BLOCKS = {"from_sm_count": 0, "seven_blocks": 7}  # topk blocks per row (0: the plan's)
 
 
-@pytest.fixture(params=list(TOPK_PATHS))
-def topk_path(request, monkeypatch):
-    """Runs a test through both top-k implementations (one block per row / chunked)."""
-    value = TOPK_PATHS[request.param]
-    if value is None:
-        monkeypatch.delenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", raising=False)
-    else:
-        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", value)
-    return request.param
+@pytest.fixture(params=list(TOPK_BLOCKS))
+def topk_blocks(request):
+    """Runs a test with the plan's topk block count and with rows split over 7 blocks (at the
+    small S of these tests the plan would mostly take one)."""
+    return TOPK_BLOCKS[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -106,36 +106,74 @@ def emu():
         lib = ctypes.CDLL(str(_build()))
     except subprocess.CalledProcessError as error:
         pytest.fail(f"emulation build failed:\n{error.stderr[-4000:]}")
-    i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.sparq_emu_attention.restype = ctypes.c_int
-    lib.sparq_emu_attention.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64,
-                                        ctypes.c_int, ctypes.c_float, i64,
-                                        vp, vp, vp, vp, vp, vp, vp, vp]
-    lib.sparq_emu_splits.restype = i64
-    lib.sparq_emu_splits.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, i64, i64]
+    i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.sparq_emu_attention.restype = i32
+    lib.sparq_emu_attention.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, i64, i32,
+                                        ctypes.c_float, i64, i64, vp, vp, vp, vp, vp, vp, vp,
+                                        vp, vp, vp, vp, vp, i32]
+    lib.sparq_emu_plan.restype = None
+    lib.sparq_emu_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, vp, vp]
+    lib.sparq_emu_set_smem_optin.argtypes = [i32]
+    lib.sparq_emu_attribute_calls.restype = i32
+    lib.sparq_emu_probe_smem_launch.restype = i32
+    lib.sparq_emu_probe_smem_launch.argtypes = [i32, i32]
     return lib
+
+
+def plan(lib, dtype, B, Hq, Hkv, S, D, k, sm_count=132):
+    """(partitions, topk blocks per row) of the launch plan."""
+    splits, blocks = ctypes.c_int64(), ctypes.c_int64()
+    lib.sparq_emu_plan(DTYPE_CODE[dtype], B, Hq, Hkv, S, D, k, sm_count,
+                       ctypes.byref(splits), ctypes.byref(blocks))
+    return splits.value, blocks.value
 
 
 def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def _strides(t):
+    return None if t is None else torch.tensor(t.stride(), dtype=torch.int64)
+
+
 def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None,
-                 attn_mask=None, local_window=0, reallocate=True, scale=None, sm_count=132):
+                 attn_mask=None, local_window=0, reallocate=True, scale=None, sm_count=132,
+                 topk_blocks=0, repeats=1, return_topk=False):
+    """The emulated CUDA pipeline. ``q`` may sit at any storage offset (it must be contiguous,
+    as the host glue makes it); ``k``/``v``/``key_t`` keep their strides (key_t needs a unit
+    S-stride). With ``return_topk`` also returns the selected positions, ``(B, Hkv, k_eff)``
+    int32 (-1 past each row's min(k, valid count))."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    assert q.is_contiguous() and (key_t is None or key_t.stride(-1) == 1 or S == 1)
     out = torch.full_like(q, float("nan"))
     mask = None
     if attn_mask is not None:
         mask = attn_mask.expand(B, 1, 1, S).reshape(B, S).contiguous().to(torch.uint8)
     lens = None if seq_lens is None else seq_lens.to(torch.int64).contiguous()
     scale = D**-0.5 if scale is None else scale
+    topk = torch.full((B, Hkv, min(kk, S)), -1, dtype=torch.int32)
+    strides = [_strides(t) for t in (k, v, key_t)]
     err = lib.sparq_emu_attention(
         DTYPE_CODE[q.dtype], B, Hq, Hkv, S, D, r, kk, local_window, int(reallocate), scale,
-        sm_count, _ptr(q.contiguous()), _ptr(k.contiguous()), _ptr(v.contiguous()),
-        _ptr(key_t), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out))
+        sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]), _ptr(v), _ptr(strides[1]),
+        _ptr(key_t), _ptr(strides[2]), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out),
+        _ptr(topk), repeats)
     assert err == 0, f"launch error {err}"
-    return out
+    return (out, topk) if return_topk else out
+
+
+def assert_same_selection(topk, i2, valid_count):
+    """The emulated topk's index sets equal the reference's exactly (rows of B x Hkv; only
+    the first min(k, valid count) entries of a row are selections)."""
+    B, Hkv, _ = topk.shape
+    for b in range(B):
+        n = int(min(topk.shape[-1], valid_count[b]))
+        for h in range(Hkv):
+            got = sorted(topk[b, h, :n].tolist())
+            want = sorted(i2[b, h, :n].tolist())
+            assert got == want, f"row (b={b}, h={h}): selected sets differ"
+            assert (topk[b, h, n:] == -1).all()
 
 
 def check(lib, q, k, v, r, kk, *, with_key_t=True, atol=None, exact_choice=True, **kw):
@@ -144,12 +182,15 @@ def check(lib, q, k, v, r, kk, *, with_key_t=True, atol=None, exact_choice=True,
         q = separated_query(q, k, r, kk, key_t=key_t, seq_lens=kw.get("seq_lens"),
                             attn_mask=kw.get("attn_mask"),
                             local_window=kw.get("local_window", 0), scale=kw.get("scale"))
-    got = run_emulated(lib, q, k, v, r, kk, key_t=key_t, **kw)
-    ref = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
-                                    kw.get("seq_lens"), kw.get("attn_mask"),
-                                    kw.get("local_window", 0), kw.get("reallocate", True),
-                                    kw.get("scale"))
+    got, topk = run_emulated(lib, q, k, v, r, kk, key_t=key_t, return_topk=True, **kw)
+    ref, i2 = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
+                                        kw.get("seq_lens"), kw.get("attn_mask"),
+                                        kw.get("local_window", 0), kw.get("reallocate", True),
+                                        kw.get("scale"), return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the emulated output (unwritten or bad math)"
+    if exact_choice:
+        valid = valid_positions(q.shape[0], k.shape[2], kw.get("seq_lens"), kw.get("attn_mask"))
+        assert_same_selection(topk, i2, valid.sum(-1))
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[q.dtype]
     torch.testing.assert_close(got.float(), ref.float(), atol=atol or tol, rtol=atol or tol)
     return got
@@ -175,7 +216,7 @@ def test_head_dims(emu, D):
     check(emu, q, k, v, D // 4, 40, local_window=5)
 
 
-def test_no_key_t_mask_window_seq_lens(emu, topk_path):
+def test_no_key_t_mask_window_seq_lens(emu, topk_blocks):
     B, S = 3, 900
     q, k, v = inputs(B, 2, 1, S, 64, torch.float32, 1)
     g = torch.Generator().manual_seed(2)
@@ -183,7 +224,7 @@ def test_no_key_t_mask_window_seq_lens(emu, topk_path):
     mask[1, ..., :400] = False
     seq_lens = torch.tensor([900, 850, 0])
     check(emu, q, k, v, 16, 70, with_key_t=False, attn_mask=mask, seq_lens=seq_lens,
-          local_window=30)
+          local_window=30, topk_blocks=topk_blocks)
 
 
 @pytest.mark.parametrize("reallocate", [True, False])
@@ -196,7 +237,7 @@ def test_value_mean_and_reallocate(emu, reallocate):
 def test_group_chunks_and_splits(emu):
     # G = 12 -> two group chunks of 8; k = 1000 over several flash-decoding splits.
     q, k, v = inputs(1, 12, 1, 2100, 64, torch.float16, 4)
-    assert emu.sparq_emu_splits(1, 1, 12, 1, 2100, 64, 1000, 132) > 1
+    assert plan(emu, torch.float16, 1, 12, 1, 2100, 64, 1000)[0] > 1
     check(emu, q, k, v, 8, 1000, local_window=100)
 
 
@@ -207,7 +248,7 @@ def test_k_covers_everything(emu):
 
 
 @pytest.mark.parametrize("kk", [10, 25, 37, 50, 190])
-def test_ties_any_choice_is_right(emu, kk, topk_path):
+def test_ties_any_choice_is_right(emu, kk, topk_blocks):
     # Keys and values constant within 4 groups of positions (sizes 10, 15, 25, 150), so every
     # approximate score ties inside its group and the k-th often falls inside one: the radix
     # select must take exactly the right number from the tied group, and any choice among
@@ -221,14 +262,16 @@ def test_ties_any_choice_is_right(emu, kk, topk_path):
     q = (rows_k[0] * 3).view(1, 1, 1, D).expand(1, 2, 1, D).contiguous()
     k = rows_k[group].view(1, 1, S, D)
     v = torch.randn(4, D, generator=g)[group].view(1, 1, S, D)
-    check(emu, q, k, v, 64, kk, exact_choice=False)
-    check(emu, q, k, v, 64, kk, exact_choice=False, reallocate=False)
+    check(emu, q, k, v, 64, kk, exact_choice=False, topk_blocks=topk_blocks)
+    check(emu, q, k, v, 64, kk, exact_choice=False, reallocate=False, topk_blocks=topk_blocks)
 
 
-def test_multiple_topk_chunks(emu, topk_path):
-    # S > 4096 keys: several radix blocks per row (chunked histogram passes and emit).
+def test_multiple_topk_blocks(emu, topk_blocks):
+    # S > 4096 keys: several topk blocks per row when forced (candidates gathered from all of
+    # them, refined by the last one to finish).
     q, k, v = inputs(1, 1, 1, 9000, 64, torch.bfloat16, 6)
-    check(emu, q, k, v, 4, 700, seq_lens=torch.tensor([8999]), local_window=10)
+    check(emu, q, k, v, 4, 700, seq_lens=torch.tensor([8999]), local_window=10,
+          topk_blocks=topk_blocks)
 
 
 @pytest.mark.parametrize("D,dtype", [(32, torch.float32), (80, torch.float16),
@@ -249,7 +292,7 @@ def test_window_only_and_single_position(emu):
 
 
 @pytest.mark.parametrize("case", range(int(os.environ.get("SPARQ_EMU_CASES", "12"))))
-def test_randomised_options(emu, case, monkeypatch):
+def test_randomised_options(emu, case):
     # Hypothesis-style sweep with a fixed seed per case: shapes, dtypes and every option.
     g = torch.Generator().manual_seed(1000 + case)
 
@@ -264,9 +307,9 @@ def test_randomised_options(emu, case, monkeypatch):
     kk = int(torch.randint(1, S + 50, (1,), generator=g))
     window = pick([0, 0, int(torch.randint(0, kk + 1, (1,), generator=g))])
     q, k, v = inputs(B, G * Hkv, Hkv, S, D, dtype, 2000 + case)
-    if case % 2:  # odd cases take the chunked top-k
-        monkeypatch.setenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS", "4")
     kw = dict(local_window=window, reallocate=pick([True, True, False]))
+    if case % 2:  # odd cases split each row's topk over several blocks
+        kw["topk_blocks"] = pick([2, 3, 5, 16])
     if pick([False, True]):
         kw["seq_lens"] = torch.randint(0, S + 1, (B,), generator=g)
     if pick([False, True]):
@@ -277,3 +320,103 @@ def test_randomised_options(emu, case, monkeypatch):
     if pick([False, True]):
         kw["scale"] = float(torch.rand(1, generator=g)) + 0.01
     check(emu, q, k, v, r, kk, with_key_t=pick([True, False]), **kw)
+
+
+# ---- long rows: the selected sets exactly, with topk split over blocks from the SM count ----
+
+@pytest.mark.parametrize("S", [12000, 12288, 32768, 32769, 70000])
+def test_long_rows_select_exactly_the_reference_set(emu, S):
+    # Around 12K the old one-block top-k overran its shared memory; 32K was its limit. At
+    # B * Hkv = 2 the plan splits each row's topk over many blocks.
+    q, k, v = inputs(1, 8, 2, S, 64, torch.bfloat16, S)
+    assert plan(emu, torch.bfloat16, 1, 8, 2, S, 64, S // 16)[1] > 1
+    check(emu, q, k, v, 16, S // 16, local_window=S // 64, seq_lens=torch.tensor([S - 5]))
+
+
+def test_no_launch_needs_more_than_48k_shared_memory(emu):
+    # An sm_86/89/120-like device (99 KiB opt-in): every kernel fits the default 48 KiB, so
+    # no launch opts in, whatever S.
+    emu.sparq_emu_set_smem_optin(99 * 1024)
+    try:
+        before = emu.sparq_emu_attribute_calls()
+        q, k, v = inputs(1, 4, 1, 12288, 64, torch.float32, 12)
+        check(emu, q, k, v, 8, 1000)
+        assert emu.sparq_emu_attribute_calls() == before
+    finally:
+        emu.sparq_emu_set_smem_optin(227 * 1024)
+
+
+def test_emulator_enforces_the_dynamic_shared_memory_limit(emu):
+    assert emu.sparq_emu_probe_smem_launch(48 * 1024, 0) == 0
+    assert emu.sparq_emu_probe_smem_launch(48 * 1024 + 16, 0) != 0  # no opt-in: refused
+    assert emu.sparq_emu_probe_smem_launch(64 * 1024, 64 * 1024) == 0
+    assert emu.sparq_emu_probe_smem_launch(300 * 1024, 300 * 1024) != 0  # above the device's
+
+
+# ---- structure: layouts, ragged rows, replays; fp32 too (exact choice, tight tolerance) ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unaligned_and_offset_inputs(emu, dtype):
+    B, Hq, Hkv, S, D = 2, 4, 2, 700, 64
+    q0, k0, v0 = inputs(B, Hq, Hkv, S, D, dtype, 21)
+    # query one element past an aligned start: contiguous but not 16-byte aligned
+    buf = torch.empty(q0.numel() + 1, dtype=dtype)
+    q = buf[1:].view_as(q0).copy_(q0)
+    assert q.data_ptr() % 16 != 0
+    # key rows strided (a slice of wider rows), value at an odd storage offset (copied, as the
+    # host glue does), key_t with a component stride that breaks 16-byte rows (scalar loads)
+    k = torch.zeros(B, Hkv, S, D + 8, dtype=dtype)[..., :D].copy_(k0)
+    vbuf = torch.empty(v0.numel() + 1, dtype=dtype)
+    v = vbuf[1:].view_as(v0).copy_(v0)
+    kt = torch.zeros(B, Hkv, D, S + 3, dtype=dtype)[..., :S].copy_(k0.transpose(-1, -2))
+    q_sep = separated_query(q0, k0, 8, 60)
+    q.copy_(q_sep)
+    got, topk = run_emulated(emu, q, k, v, 8, 60, key_t=kt, return_topk=True)
+    ref, i2 = sparq_attention_reference(q_sep, k0, v0, 8, 60, return_selection=True)
+    assert_same_selection(topk, i2, torch.full((B,), S))
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ragged_rows(emu, dtype, topk_blocks):
+    q, k, v = inputs(4, 6, 2, 3000, 64, dtype, 22)
+    check(emu, q, k, v, 12, 300, seq_lens=torch.tensor([3000, 1, 0, 2047]), local_window=20,
+          topk_blocks=topk_blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_replay_on_a_dirty_workspace(emu, dtype):
+    # A CUDA graph replays the same kernels on the same workspace: prep must clear every
+    # counter and histogram, or the second run selects and merges garbage.
+    q, k, v = inputs(2, 4, 2, 2500, 64, dtype, 23)
+    q = separated_query(q, k, 8, 200)
+    once = run_emulated(emu, q, k, v, 8, 200, topk_blocks=3)
+    thrice, topk = run_emulated(emu, q, k, v, 8, 200, topk_blocks=3, repeats=3,
+                                return_topk=True)
+    # Not bit-equal: concurrent topk blocks claim output slots in a different order each run,
+    # so attend sums the same rows in another order (rounding only).
+    tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(thrice, once, atol=tol, rtol=tol)
+    _, i2 = sparq_attention_reference(q, k, v, 8, 200, return_selection=True)
+    assert_same_selection(topk, i2, torch.full((2,), 2500))
+
+
+def test_nan_rule(emu):
+    # docs/cuda-pipeline.md's NaN rule, as tests/test_semantics.py checks it on the other
+    # backends: a NaN approximate logit ranks below every other valid position.
+    S, D = 120, 16
+    q, k, v = inputs(1, 4, 2, S, D, torch.float32, 11)
+    top = q[0, :2, 0].abs().sum(0).argmax()
+    q[0, :2, 0, top] += 5.0 * torch.sign(q[0, :2, 0, top])
+    k[0, 0, 37, top] = float("nan")
+    got, topk = run_emulated(emu, q, k, v, 4, 10, reallocate=False, return_topk=True)
+    assert torch.isfinite(got).all() and 37 not in topk[0, 0].tolist()
+    _, i2 = sparq_attention_reference(q, k, v, 4, 10, reallocate=False, return_selection=True)
+    assert_same_selection(topk, i2, torch.tensor([S]))
+    got, topk = run_emulated(emu, q, k, v, 4, S - 1, reallocate=False, return_topk=True)
+    assert torch.isfinite(got).all() and 37 not in topk[0, 0].tolist()
+    got = run_emulated(emu, q, k, v, 4, S, reallocate=False)
+    assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()
+    got = run_emulated(emu, q, k, v, 4, 10)  # alpha of the NaN group is NaN
+    assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()

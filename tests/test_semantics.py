@@ -281,3 +281,39 @@ def test_rk_for_ratio_and_transfer_bytes():
     assert t["sparq"] == (8 * (S * r + 2 * k * D + D) + 2 * 32 * D) * 2
     assert 7.5 < t["ideal_speedup"] <= 8.0  # compression ratio ~ rho
     assert sparq_ext.transfer_bytes(1, 1, 10, 4, 1, 100, dtype=4)["sparq"] == (10 + 2 * 10 * 4 + 4 + 8) * 4
+
+
+def _nan_key_inputs(S=120, D=16, k_nan_pos=37):
+    """Two KV heads, two query heads each; head 0's key at ``k_nan_pos`` holds a NaN in the
+    component with the largest |q| of its group, so that position's approximate logit (any
+    r) and its exact logit are NaN. Head 1 is clean."""
+    q, K, V = make_inputs(1, 4, 2, S, D, seed=11)
+    top = q[0, :2, 0].abs().sum(0).argmax()
+    q[0, :2, 0, top] += 5.0 * torch.sign(q[0, :2, 0, top])  # clearly the top component
+    K = K.clone()
+    K[0, 0, k_nan_pos, top] = float("nan")
+    return q, K, V, k_nan_pos
+
+
+def test_nan_logit_ranks_below_every_valid_position(backend):
+    """docs/cuda-pipeline.md's NaN rule: a NaN approximate logit is selected only when k covers
+    every other valid position; it still counts as valid; alpha over a group that holds it is
+    NaN (its softmax is), so the reallocated output of that group is NaN."""
+    S = 120
+    q, K, V, p = _nan_key_inputs(S)
+    without_p = torch.ones(1, 1, 1, S, dtype=torch.bool)
+    without_p[..., p] = False
+    for k in (10, S - 1):  # never needed: head 0's group is as if p were masked out
+        got = attention(backend, q, K, V, r=4, k=k, reallocate=False, local_window=3)
+        expected = attention(backend, q, K, V, r=4, k=k, reallocate=False, local_window=3,
+                             attn_mask=without_p)
+        assert torch.isfinite(got).all(), k
+        torch.testing.assert_close(got[:, :2], expected[:, :2],
+                                   **tolerance(torch.float32, backend))
+    # k = S needs every valid position, the NaN one too: its exact logit makes head 0's
+    # group NaN; the other group is untouched.
+    got = attention(backend, q, K, V, r=4, k=S, reallocate=False)
+    assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()
+    # reallocate: alpha of the NaN group is NaN (the approximate softmax holds the NaN logit)
+    got = attention(backend, q, K, V, r=4, k=10)
+    assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()

@@ -224,3 +224,14 @@ class TestApproxLogitScale:
         got = torch.tensor([_C._approx_logit_scale(h, f, 0.088)
                             for h, f in zip(hat.tolist(), full.tolist())])
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+
+class TestNaNKeys:
+    """docs/cuda-pipeline.md's NaN rule: every NaN ranks below -inf (key 0), so a positive
+    NaN can never outrank the local window's +inf."""
+
+    @pytest.mark.parametrize("nan_bits", [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF])
+    def test_every_nan_is_the_smallest_key(self, nan_bits):
+        key = _C._float_to_ordered(from_bits(nan_bits))
+        assert key == 0
+        assert key < _C._float_to_ordered(-INF) < _C._float_to_ordered(INF)

@@ -315,12 +315,16 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
       for (int64_t i = n; i < npad; ++i) logits[g * kSub + i] = -INFINITY;
 
     float* sc = scores + s0;
+    bool saw_nan = false;  // a NaN logit in this block (the exp below would not keep it)
     const bool all_valid = !mask || std::find(mask + s0, mask + s0 + n, false) == mask + s0 + n;
     if (all_valid && s0 + n <= ri.win_start) {  // common case: no masking, no window
       fVec vmin(INFINITY), vmax(-INFINITY);
       for (int64_t i = 0; i < npad; i += kVec) {
         fVec sum = fVec::loadu(logits + i);
         for (int64_t g = 1; g < G; ++g) sum = sum + fVec::loadu(logits + g * kSub + i);
+        const fVec nan_lanes = sum.isnan();  // sparq/math.h's NaN rule
+        saw_nan = saw_nan || nan_lanes.zero_mask() != (1 << kVec) - 1;
+        sum = fVec::blendv(sum, fVec(kNaNScore), nan_lanes);
         const int64_t c = std::min<int64_t>(kVec, n - i);
         if (c < kVec) {
           sum.store(sc + i, c);
@@ -349,6 +353,8 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
         }
         float sum = 0.0f;
         for (int64_t g = 0; g < G; ++g) sum += logits[g * kSub + i];
+        saw_nan = saw_nan || std::isnan(sum);
+        sum = selection_score(sum);
         sc[i] = sum;
         if (std::isfinite(sum)) {
           lo_score = std::min(lo_score, sum);
@@ -359,6 +365,12 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
     // Per-head softmax statistics of this block, merged into the tile's.
     for (int64_t g = 0; g < G; ++g) {
       float* x = logits + g * kSub;
+      if (saw_nan && std::any_of(x, x + n, [](float v) { return std::isnan(v); })) {
+        const SoftmaxState s = softmax_nan({stats[2 * g], stats[2 * g + 1]});
+        stats[2 * g] = s.m;
+        stats[2 * g + 1] = s.l;
+        continue;
+      }
       const float m = vec_max(x, npad);
       if (m == -INFINITY) continue;
       const float l = exp_sum<true, false>(x, npad, m);
@@ -601,7 +613,7 @@ void merge_task(const Problem& P, int64_t task, const float* partials, const Scr
     }
     const float inv_l = 1.0f / std::max(l, kTiny);
     const float hl = head_stats[2 * g + 1];
-    const float alpha = hl > 0.0f ? alpha_num / hl : 0.0f;
+    const float alpha = !(hl <= 0.0f) ? alpha_num / hl : 0.0f;  // NaN stays NaN (math.h)
     for (int64_t d = 0; d < D; ++d) {
       const float yv = y[d] * inv_l;
       out[g * D + d] = static_cast<T>(P.reallocate ? reallocate_mix(alpha, yv, vm[d]) : yv);

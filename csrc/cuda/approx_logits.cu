@@ -1,4 +1,5 @@
-// Stage 2: approximate logits from the r selected components (SparQ step 1).
+// approx_logits: approximate logits from the r selected components (SparQ step 1;
+// docs/cuda-pipeline.md).
 //
 // Grid (S tiles, B*Hkv, ceil(G / GC)); 256 threads, each a run of VEC = 16/e consecutive
 // positions. Per (b, KV head) and valid position it reads r elements of K: from key_t,
@@ -6,8 +7,12 @@
 // gathered from key rows (r scattered elements per row; whole 32-byte sectors in practice).
 // Plus the mask byte per position when attn_mask is given. Writes 4 B per valid position
 // (the group-summed logit, the radix-select key source; only from grid.z == 0), 8 B per
-// (tile, head) of softmax statistics, and up to 1 KiB of histogram per tile. Positions at or
-// beyond the row's length are neither read nor written.
+// (tile, head) of softmax statistics, and the tile's first-digit histogram for topk (the top
+// kTopkDigitBits of each valid position's ordered key, counted in shared memory and flushed
+// with one global atomic per non-empty bucket) plus its valid count (one atomic per warp):
+// topk starts from these without another pass over the scores, and attend's k clamp and
+// v_mean's count need no pass over the mask. Positions at or beyond the row's length are
+// neither read nor written.
 //
 // All G query heads of a group are formed in registers from the same loads (GC at a time;
 // with G > 8 the further chunks re-read the tile through L2, never DRAM twice in practice).
@@ -28,8 +33,11 @@ __global__ void __launch_bounds__(kApproxThreads)
   __shared__ float coef[GC][kMaxHeadDim];
   __shared__ float coef_sum[kMaxHeadDim];
   __shared__ int32_t comp[kMaxHeadDim];
-  __shared__ uint32_t hist[kRadixBuckets];
+  __shared__ uint32_t hist[kTopkDigitBuckets];
   __shared__ SoftmaxState warp_stats[GC][kApproxThreads / 32];
+  static_assert(sizeof(coef) + sizeof(coef_sum) + sizeof(comp) + sizeof(hist) +
+                        sizeof(warp_stats) <= kSharedMemoryBudget,
+                "approx_logits' static shared memory must fit the default 48 KiB");
 
   const int64_t row = blockIdx.y;
   const int64_t b = row / p.Hkv, h = row % p.Hkv;
@@ -55,7 +63,7 @@ __global__ void __launch_bounds__(kApproxThreads)
     for (int g = 0; g < GC; ++g)
       coef[g][j] = g0 + g < G ? p.coef[((row * G) + g0 + g) * r + j] : 0.f;
   }
-  for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) hist[i] = 0;
+  for (int i = threadIdx.x; i < kTopkDigitBuckets; i += blockDim.x) hist[i] = 0;
   __syncthreads();
 
   const int64_t s0 = tile_start + static_cast<int64_t>(threadIdx.x) * VEC;
@@ -115,7 +123,8 @@ __global__ void __launch_bounds__(kApproxThreads)
     float score[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
-      score[v] = !valid[v] ? kInvalidScore : (s0 + v >= win_start ? kWindowScore : acc_sum[v]);
+      score[v] = !valid[v] ? kInvalidScore
+                 : (s0 + v >= win_start ? kWindowScore : selection_score(acc_sum[v]));
     }
     float* out = p.sel_score + row * p.S_pad + s0;
     if (full_run) {  // S_pad and s0 are multiples of 4: aligned float4 stores
@@ -130,11 +139,18 @@ __global__ void __launch_bounds__(kApproxThreads)
       for (int v = 0; v < VEC; ++v)
         if (s0 + v < len) out[v] = score[v];
     }
+    uint32_t n_valid = 0;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       const uint32_t key = float_to_ordered(score[v]);
-      warp_hist_add(hist, radix_digit(key, 0), valid[v] && key != kNegInfKey);
+      const bool counted = valid[v] && key != kNegInfKey;
+      n_valid += counted ? 1u : 0u;
+      warp_hist_add(hist, key >> (32 - kTopkDigitBits), counted);
     }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) n_valid += __shfl_xor_sync(kFullMask, n_valid, off);
+    if ((threadIdx.x & 31) == 0 && n_valid != 0)
+      atomicAdd(&p.counters[row * p.counter_stride + kValidCount], n_valid);
   }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -157,8 +173,8 @@ __global__ void __launch_bounds__(kApproxThreads)
     out[1] = st.l;
   }
   if (blockIdx.z == 0) {
-    uint32_t* global_hist = p.hist + row * kRadixPasses * kRadixBuckets;
-    for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x)
+    uint32_t* global_hist = p.hist + row * kTopkDigitBuckets;
+    for (int i = threadIdx.x; i < kTopkDigitBuckets; i += blockDim.x)
       if (hist[i] != 0) atomicAdd(&global_hist[i], hist[i]);
   }
 }

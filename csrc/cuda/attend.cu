@@ -1,19 +1,25 @@
-// Stages 4 and 5: exact attention over the selected positions, and the merge.
+// attend (with the merge folded in) and value_sum: SparQ step 2's exact attention over the
+// selected positions and step 3's reallocation (docs/cuda-pipeline.md).
 //
 // value_sum (only when value_mean is None; grid (S / 1024, B*Hkv), 128 threads) reads every
 //   valid V row once (D*e B per valid position; this is the dense cost the caller avoids by
 //   passing value_mean) and adds D fp32 per warp into value_sum with atomics.
-// attend (grid (splits, B*Hkv, ceil(G / GC)), 128 threads) reads, per selected position,
+// attend (grid (partitions, B*Hkv, ceil(G / GC)), 128 threads) reads, per selected position,
 //   its index (4 B), its K row and its V row (2*D*e B: the 2*k*D*e of the byte budget), in
-//   16-byte loads; with G > 8 the further group chunks re-read them through L2. It forms all
-//   heads' exact logits and, from the same K row, their approximate logits (the dot product
-//   restricted to the i1 components, times the head's scale), so alpha needs no per-head
-//   logits from stage 2. The query slice of each lane lives in registers.
-//   Writes per split and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the exact
-//   and approximate softmax (flash-decoding partials).
-// merge (grid B*Hq, 128 threads) reads the partials ((D + 4) * 4 B per split and head), the
-//   stage-2 tile statistics (8 B per tile and head) and v_mean (D values), and writes the
-//   output (D*e B per head).
+//   16-byte loads, software-pipelined: while a warp reduces one group of rows, the K/V rows
+//   of the next group are in flight (raw 16-byte vectors in registers) and the indices of
+//   the group after that are already loaded, so the index -> row dependency costs one
+//   latency per partition instead of one per group. With G > 8 the further group chunks
+//   re-read the rows through L2. It forms all heads' exact logits and, from the same K row,
+//   their approximate logits (the dot product restricted to the i1 components, times the
+//   head's scale), so alpha needs no per-head logits from approx_logits. The query slice of
+//   each lane (prep's aligned fp32 copy) lives in registers.
+//   Writes per partition and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the
+//   exact and approximate softmax (flash-decoding partials).
+// merge: the last block of each (row, group chunk) to finish (a done counter per chunk)
+//   reads the partials ((D + 4) * 4 B per partition and head), the approx_logits tile
+//   statistics (8 B per tile and head) and v_mean (D values), and writes the output (D*e B
+//   per head): no separate merge launch.
 #include "sparq/cuda_common.cuh"
 
 namespace sparq {
@@ -21,7 +27,32 @@ namespace cuda {
 namespace {
 
 constexpr int kAttendThreads = kAttendWarps * 32;
-constexpr int kAttendUnroll = 2;  // positions in flight per lane group (loads before math)
+constexpr int kAttendUnroll = 2;  // rows per lane group and pipeline step
+
+// A lane's slice of one K or V row as raw 16-byte vectors: held in registers while in flight,
+// converted to fp32 only when the row is used.
+template <typename T, int N>
+struct RawSlice {
+  static constexpr int kChunks = N * static_cast<int>(sizeof(T)) / 16;
+  static_assert(N * static_cast<int>(sizeof(T)) % 16 == 0, "16-byte slices");
+  uint4 v[kChunks];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, RawSlice<T, N>& out) {
+#pragma unroll
+  for (int c = 0; c < RawSlice<T, N>::kChunks; ++c) {
+    SPARQ_EMU_CHECK_ALIGNED(p + c * (16 / sizeof(T)), 16);
+    out.v[c] = *reinterpret_cast<const uint4*>(p + c * (16 / sizeof(T)));
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void raw_to_float(const RawSlice<T, N>& in, float (&out)[N]) {
+  const T* e = reinterpret_cast<const T*>(in.v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float<T>(e[i]);
+}
 
 // Merge one softmax state per thread over the block; every thread gets the result.
 __device__ SoftmaxState block_merge(SoftmaxState s) {
@@ -34,15 +65,6 @@ __device__ SoftmaxState block_merge(SoftmaxState s) {
   SoftmaxState all = softmax_empty();
   for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) all = softmax_merge(all, partial[w]);
   return all;
-}
-
-__device__ __forceinline__ uint32_t hist_total(const uint32_t* row_hist) {
-  __shared__ uint32_t scratch[32];
-  uint32_t part = 0;
-  for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) part += row_hist[i];
-  uint32_t total = 0;
-  block_inclusive_scan(part, scratch, &total);
-  return total;
 }
 
 template <typename T, int KD>
@@ -84,29 +106,82 @@ __global__ void __launch_bounds__(kAttendThreads) value_sum_kernel(const ValueSu
   }
 }
 
+// The merge of one group chunk's partitions, by the last attend block of (row, chunk) to
+// finish: alpha against the approx_logits statistics, alpha * y + (1 - alpha) * v_mean.
+template <typename T, int GC>
+__device__ void merge_chunk(const AttendParams& p, int64_t row, int64_t g0, int64_t n_valid) {
+  const int64_t G = p.G, D = p.D;
+  for (int gi = 0; gi < GC && g0 + gi < G; ++gi) {  // uniform over the block
+    const int64_t g = g0 + gi;
+    SoftmaxState full = softmax_empty();  // approximate softmax over all valid positions
+    const float* tiles = p.tile_stats + (row * G + g) * p.n_tiles * 2;
+    for (int64_t t = threadIdx.x; t < p.n_tiles; t += blockDim.x)
+      full = softmax_merge(full, {tiles[2 * t], tiles[2 * t + 1]});
+    full = block_merge(full);
+
+    SoftmaxState exact = softmax_empty(), selected = softmax_empty();
+    for (int64_t s = threadIdx.x; s < p.n_splits; s += blockDim.x) {
+      const float* st = p.part_stats + ((row * p.n_splits + s) * G + g) * 4;
+      exact = softmax_merge(exact, {SPARQ_LOAD_PUBLISHED(&st[0]), SPARQ_LOAD_PUBLISHED(&st[1])});
+      selected =
+          softmax_merge(selected, {SPARQ_LOAD_PUBLISHED(&st[2]), SPARQ_LOAD_PUBLISHED(&st[3])});
+    }
+    exact = block_merge(exact);
+    selected = block_merge(selected);
+    const float alpha = softmax_mass_ratio(selected, full);
+
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      float y = 0.f;
+      if (!(exact.l <= 0.f)) {  // a NaN l (NaN in a selected row) must reach the output
+        for (int64_t s = 0; s < p.n_splits; ++s) {
+          const int64_t part = (row * p.n_splits + s) * G + g;
+          y += SPARQ_LOAD_PUBLISHED(&p.part_acc[part * D + d]) *
+               softmax_rescale(SPARQ_LOAD_PUBLISHED(&p.part_stats[part * 4]), exact.m);
+        }
+        y /= exact.l;
+      }
+      float o = y;
+      if (p.reallocate) {
+        const float v_mean =
+            p.value_mean != nullptr
+                ? to_float<T>(static_cast<const T*>(p.value_mean)[row * D + d])
+                : p.value_sum[row * D + d] / static_cast<float>(n_valid > 0 ? n_valid : 1);
+        o = n_valid > 0 ? reallocate_mix(alpha, y, v_mean) : 0.f;
+      }
+      static_cast<T*>(p.out)[(row * G + g) * D + d] = from_float<T>(o);
+    }
+  }
+}
+
 template <typename T, int KD, int GC>
 __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendParams p) {
   using Layout = RowLayout<T, KD>;
   constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
   constexpr int RPW = Layout::kRowsPerWarp;
   constexpr int kRowsPerStep = kAttendWarps * RPW;
+  constexpr int64_t kStep = kAttendUnroll * kRowsPerStep;  // rows per pipeline step
   static_assert(EPL <= 32, "the i1 bitmask holds one bit per element of a lane");
   __shared__ uint8_t in_i1[KD];
   __shared__ float4 warp_stats[kAttendWarps][GC];
   __shared__ float acc_smem[GC][KD];
+  __shared__ bool last_block;
+  static_assert(sizeof(in_i1) + sizeof(warp_stats) + sizeof(acc_smem) + 32 * sizeof(float4) <=
+                    kSharedMemoryBudget,
+                "attend's static shared memory (and block_merge's) must fit 48 KiB");
 
   const int64_t row = blockIdx.y, b = row / p.Hkv, h = row % p.Hkv;
   const int64_t G = p.G, D = p.D;
   const int64_t g0 = static_cast<int64_t>(blockIdx.z) * GC;
+  uint32_t* counters = p.counters + row * p.counter_stride;
   for (int i = threadIdx.x; i < KD; i += blockDim.x) in_i1[i] = 0;
   for (int i = threadIdx.x; i < GC * KD; i += blockDim.x) (&acc_smem[0][0])[i] = 0.f;
   __syncthreads();
   for (int64_t j = threadIdx.x; j < p.r; j += blockDim.x) in_i1[p.i1[row * p.r + j]] = 1;
-  const int64_t valid_count = hist_total(p.hist + row * kRadixPasses * kRadixBuckets);
-  const int64_t k_row = p.k_eff < valid_count ? p.k_eff : valid_count;
+  const int64_t n_valid = counters[kValidCount];  // from approx_logits, an earlier launch
+  const int64_t k_row = p.k_eff < n_valid ? p.k_eff : n_valid;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.split_len;
   const int64_t end = begin + p.split_len < k_row ? begin + p.split_len : k_row;
-  __syncthreads();  // in_i1 complete (hist_total synchronised too; keep it explicit)
+  __syncthreads();  // in_i1 complete
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane / LPR, d0 = (lane % LPR) * EPL;
@@ -125,7 +200,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     const bool head = g0 + g < G;
     head_scale[g] = head ? p.head_scale[row * G + g0 + g] : 0.f;
     if (head && has_d) {
-      load_as_float<T, EPL>(static_cast<const T*>(p.query) + (row * G + g0 + g) * D + d0, q[g]);
+      load_as_float<float, EPL>(p.q32 + (row * G + g0 + g) * D + d0, q[g]);
     } else {
 #pragma unroll
       for (int e = 0; e < EPL; ++e) q[g][e] = 0.f;
@@ -146,34 +221,57 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     for (int e = 0; e < EPL; ++e) acc[g][e] = 0.f;
   }
 
-  // The trip count depends on the warp only, so whole warps run the shuffles together.
-  for (int64_t base = begin + warp * RPW; base < end; base += kAttendUnroll * kRowsPerStep) {
-    float kv[kAttendUnroll][EPL], vv[kAttendUnroll][EPL];
-    bool active[kAttendUnroll];
+  // The pipeline: position indices two steps ahead, K/V rows one step ahead.
+  // Indices are clamped although topk writes only positions below the row's length: an
+  // index must never address outside the cache.
+  auto load_index = [&](int64_t base, int u) -> int64_t {
+    const int64_t i = base + u * kRowsPerStep + sub;
+    if (i >= end) return -1;
+    return min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1);
+  };
+  auto load_rows = [&](const int64_t (&pos)[kAttendUnroll], RawSlice<T, EPL> (&kr)[kAttendUnroll],
+                       RawSlice<T, EPL> (&vr)[kAttendUnroll]) {
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) {
-      const int64_t i = base + u * kRowsPerStep + sub;
-      active[u] = i < end;
-      if (active[u] && has_d) {
-        // Clamped although the top-k writes only positions below the row's length: an
-        // index must never address outside the cache.
-        const int64_t s = min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1);
-        load_as_float<T, EPL>(k_base + s * p.k_ss, kv[u]);
-        load_as_float<T, EPL>(v_base + s * p.v_ss, vv[u]);
+      if (pos[u] >= 0 && has_d) {
+        load_raw<T, EPL>(k_base + pos[u] * p.k_ss, kr[u]);
+        load_raw<T, EPL>(v_base + pos[u] * p.v_ss, vr[u]);
       } else {
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) kv[u][e] = vv[u][e] = 0.f;
+        for (int c = 0; c < RawSlice<T, EPL>::kChunks; ++c) kr[u].v[c] = vr[u].v[c] = uint4{};
       }
     }
+  };
+  const int64_t first = begin + warp * RPW;
+  int64_t pos_cur[kAttendUnroll], pos_next[kAttendUnroll];
+  RawSlice<T, EPL> k_cur[kAttendUnroll], v_cur[kAttendUnroll];
+#pragma unroll
+  for (int u = 0; u < kAttendUnroll; ++u) {
+    pos_cur[u] = load_index(first, u);
+    pos_next[u] = load_index(first + kStep, u);
+  }
+  load_rows(pos_cur, k_cur, v_cur);
+
+  // The trip count depends on the warp only, so whole warps run the shuffles together.
+  for (int64_t base = first; base < end; base += kStep) {
+    RawSlice<T, EPL> k_next[kAttendUnroll], v_next[kAttendUnroll];
+    int64_t pos_after[kAttendUnroll];
+    load_rows(pos_next, k_next, v_next);  // in flight while this step is reduced
+#pragma unroll
+    for (int u = 0; u < kAttendUnroll; ++u) pos_after[u] = load_index(base + 2 * kStep, u);
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) {
+      const bool active = pos_cur[u] >= 0;
+      float kv[EPL], vv[EPL];
+      raw_to_float<T, EPL>(k_cur[u], kv);
+      raw_to_float<T, EPL>(v_cur[u], vv);
       float x[GC], xa[GC];
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
         float dot = 0.f, dot_i1 = 0.f;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
-          const float prod = q[g][e] * kv[u][e];
+          const float prod = q[g][e] * kv[e];
           dot += prod;
           dot_i1 += (i1_bits >> e) & 1u ? prod : 0.f;
         }
@@ -188,7 +286,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
           xa[g] += __shfl_xor_sync(kFullMask, xa[g], off);
         }
       }
-      if (!active[u]) continue;
+      if (!active) continue;
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
         const float logit = x[g] * p.scale;
@@ -198,9 +296,16 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
         const float w = expf(logit - m_new);
         exact[g] = {m_new, exact[g].l * c + w};
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(acc[g][e], c, w * vv[u][e]);
+        for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(acc[g][e], c, w * vv[e]);
         approx[g] = softmax_push(approx[g], xa[g] * head_scale[g]);
       }
+    }
+#pragma unroll
+    for (int u = 0; u < kAttendUnroll; ++u) {
+      k_cur[u] = k_next[u];
+      v_cur[u] = v_next[u];
+      pos_cur[u] = pos_next[u];
+      pos_next[u] = pos_after[u];
     }
   }
 
@@ -261,50 +366,18 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     out[2] = ap.m;
     out[3] = ap.l;
   }
-}
 
-template <typename T>
-__global__ void __launch_bounds__(kAttendThreads) merge_kernel(const MergeParams p) {
-  const int64_t G = p.G, D = p.D;
-  const int64_t head = blockIdx.x;  // b * Hq + h * G + g
-  const int64_t row = head / G, g = head % G, b = row / p.Hkv;
-
-  SoftmaxState full = softmax_empty();  // approximate softmax over all valid positions
-  const float* tiles = p.tile_stats + (row * G + g) * p.n_tiles * 2;
-  for (int64_t t = threadIdx.x; t < p.n_tiles; t += blockDim.x)
-    full = softmax_merge(full, {tiles[2 * t], tiles[2 * t + 1]});
-  full = block_merge(full);
-
-  SoftmaxState exact = softmax_empty(), selected = softmax_empty();
-  for (int64_t s = threadIdx.x; s < p.n_splits; s += blockDim.x) {
-    const float* st = p.part_stats + ((row * p.n_splits + s) * G + g) * 4;
-    exact = softmax_merge(exact, {st[0], st[1]});
-    selected = softmax_merge(selected, {st[2], st[3]});
+  // merge: the last partition of this (row, group chunk) to finish combines all of them.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t ticket = atomicAdd(&counters[kAttendDone + blockIdx.z], 1u);
+    last_block = ticket == gridDim.x - 1;
   }
-  exact = block_merge(exact);
-  selected = block_merge(selected);
-  const float alpha = softmax_mass_ratio(selected, full);
-  const int32_t n_valid = p.n_valid[b];
-
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float y = 0.f;
-    if (exact.l > 0.f) {
-      for (int64_t s = 0; s < p.n_splits; ++s) {
-        const int64_t part = (row * p.n_splits + s) * G + g;
-        y += p.part_acc[part * D + d] * softmax_rescale(p.part_stats[part * 4], exact.m);
-      }
-      y /= exact.l;
-    }
-    float o = y;
-    if (p.reallocate) {
-      const float v_mean =
-          p.value_mean != nullptr
-              ? to_float<T>(static_cast<const T*>(p.value_mean)[row * D + d])
-              : p.value_sum[row * D + d] / static_cast<float>(n_valid > 0 ? n_valid : 1);
-      o = n_valid > 0 ? reallocate_mix(alpha, y, v_mean) : 0.f;
-    }
-    static_cast<T*>(p.out)[head * D + d] = from_float<T>(o);
-  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  merge_chunk<T, GC>(p, row, g0, n_valid);
 }
 
 }  // namespace
@@ -334,15 +407,6 @@ cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucke
         SPARQ_LAUNCH((attend_kernel<T, KD, GC>), grid, kAttendThreads, stream, p);
       });
     });
-  });
-  return cudaGetLastError();
-}
-
-cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(p.rows * p.G);
-  SPARQ_DISPATCH_DTYPE(dtype, T, {
-    SPARQ_LAUNCH(merge_kernel<T>, blocks, kAttendThreads, stream, p);
   });
   return cudaGetLastError();
 }

@@ -2,8 +2,8 @@
 //
 // Host side only (g++, ATen): checks the arguments, brings the inputs into the layouts the
 // kernels read (only where they are not already: last dim contiguous, rows 16-byte aligned),
-// takes every workspace from the caching allocator, and enqueues the stages of
-// csrc/cuda/*.cu on the current stream. Nothing here reads device data or synchronises, so
+// takes its one workspace from the caching allocator, and enqueues the kernels of
+// csrc/cuda/*.cu on the current stream (docs/cuda-pipeline.md). Nothing here reads device data or synchronises, so
 // the op can be captured in a CUDA graph; every size is a function of the shapes alone
 // (k_eff = min(k, S); the clamp of k to each row's valid count happens on the device).
 #include <ATen/ATen.h>
@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <vector>
 
 #include "sparq/cuda_launchers.h"
 #include "sparq/cuda_pipeline.h"
@@ -33,17 +35,12 @@ DType kernel_dtype(at::ScalarType t) {
   TORCH_CHECK(false, "query must be float32, float16 or bfloat16, got ", t);
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// K / V rows (the last dim) read with 16-byte loads: unit stride over D, 16-byte aligned
-// start, and every other stride a multiple of 16 bytes (expanded dims, stride 0, are fine).
+// K / V rows (the last dim) read with 16-byte loads: unit stride over D and the 16-byte rule
+// of sparq/cuda_pipeline.h (aligned start, other strides multiples of 16 bytes).
 bool rows_aligned(const at::Tensor& t) {
-  const int64_t e = t.element_size();
   if (t.size(3) > 1 && t.stride(3) != 1) return false;
-  if (!aligned16(t.data_ptr())) return false;
-  for (int i = 0; i < 3; ++i)
-    if ((t.stride(i) * e) % 16 != 0) return false;
-  return true;
+  return cuda::rows_aligned16(t.data_ptr(), t.element_size(), t.stride(0), t.stride(1),
+                              t.stride(2));
 }
 
 at::Tensor with_aligned_rows(const at::Tensor& t) {
@@ -51,6 +48,18 @@ at::Tensor with_aligned_rows(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   // A contiguous view may still start at an unaligned offset: then copy into fresh storage.
   return rows_aligned(c) ? c : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Multiprocessors of each device, queried once (the current device's properties are cached
+// by ATen too; this keeps the lookup out of the per-call path).
+int64_t sm_count(int device) {
+  static std::mutex mu;
+  static std::vector<int64_t> counts;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);
+  if (counts[device] == 0)
+    counts[device] = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  return counts[device];
 }
 
 at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
@@ -68,7 +77,9 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   at::Tensor out = at::empty({B, Hq, 1, D}, query.options());
   if (B == 0) return out;
 
-  // Inputs in the layouts the kernels read (no copies when they already are).
+  // Inputs in the layouts the kernels read (no copies when they already are). The query
+  // may start at any address: prep reads it with scalar loads and writes the aligned fp32
+  // copy attend vector-loads.
   const at::Tensor q = query.contiguous();
   const at::Tensor key_rows = with_aligned_rows(key);
   const at::Tensor value_rows = with_aligned_rows(value);
@@ -76,9 +87,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   bool kt_vec = false;
   if (key_t) {
     kt = key_t->stride(3) == 1 || S == 1 ? *key_t : key_t->contiguous();
-    const int64_t e = kt.element_size();
-    kt_vec = aligned16(kt.data_ptr()) && (kt.stride(0) * e) % 16 == 0 &&
-             (kt.stride(1) * e) % 16 == 0 && (kt.stride(2) * e) % 16 == 0;
+    kt_vec = cuda::rows_aligned16(kt.data_ptr(), kt.element_size(), kt.stride(0),
+                                  kt.stride(1), kt.stride(2));
   }
   const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
@@ -96,7 +106,7 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   prob.window = local_window;
   prob.reallocate = reallocate;
   prob.scale = static_cast<float>(scale);
-  prob.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  prob.sm_count = sm_count(query.get_device());
   prob.query = q.data_ptr();
   prob.key = key_rows.data_ptr();
   prob.k_sb = key_rows.stride(0);
@@ -118,16 +128,13 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   prob.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   prob.out = out.data_ptr();
 
-  // Workspaces from the caching allocator; the zero-filled one is cleared on the stream (a
-  // memset node under graph capture).
+  // One workspace from the caching allocator; prep clears what needs clearing on the stream.
   const cuda::AttentionPlan plan = cuda::plan_attention(prob);
-  const auto byte_opts = query.options().dtype(at::kByte);
-  at::Tensor zeroed = at::empty({static_cast<int64_t>(plan.zeroed_bytes)}, byte_opts);
-  at::Tensor scratch = at::empty({static_cast<int64_t>(plan.scratch_bytes)}, byte_opts);
-  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, plan.zeroed_bytes, stream));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)},
+                                   query.options().dtype(at::kByte));
   const char* stage = "";
   const cudaError_t err =
-      cuda::enqueue_attention(prob, plan, zeroed.data_ptr(), scratch.data_ptr(), stream, &stage);
+      cuda::enqueue_attention(prob, plan, workspace.data_ptr(), stream, &stage);
   TORCH_CHECK(err == cudaSuccess, "sparq_ext.attention (CUDA): launching ", stage, " failed: ",
               cudaGetErrorString(err));
   return out;

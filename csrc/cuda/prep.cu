@@ -1,22 +1,26 @@
-// Stage 0 and 1: per-batch-row validity and per-(b, KV head) query preparation.
+// prep: one block per row (b, KV head), the first kernel of every call (docs/cuda-pipeline.md).
 //
-// row_prep   (grid B, 256 threads) reads seq_lens (8 B per row) and, with attn_mask, the
-//            mask bytes below the row's length (<= S B per row, twice at most: count, then a
-//            backward scan that stops after the local window); writes 12 B per row.
-// query_prep (grid B*Hkv, 256 threads) reads the query, G*D*e B per (b, KV head), about 3x
-//            (L1/L2); writes i1 (4r B), coefficients (4(G+1)r B) and per-head scales (4G B).
-//            All tiny beside the cache reads of the later stages.
+// Fuses what would otherwise be a memset and two small launches:
+//   - zeroes the row's first-digit histogram (16 KiB), counters and, without value_mean,
+//     its V sum (4D B): the workspace the later kernels accumulate into, cleared on the
+//     stream so CUDA-graph replays start from zero as well;
+//   - the block of KV head 0 of each batch row: the valid length (seq_lens, 8 B) and the
+//     local-window start (with attn_mask: a backward scan of the mask bytes that stops after
+//     the window, so at most a few blocks of bytes; the valid count itself comes from
+//     approx_logits, never from a byte-wise pass over the mask);
+//   - reads the group's query (G*D*e B, with scalar loads: the caller's query may start at
+//     any address), writes i1 (4r B), coefficients (4(G+1)r B), per-head scales (4G B) and
+//     the fp32 query copy attend reads with 16-byte loads (4GD B, aligned workspace).
 #include "sparq/cuda_common.cuh"
 
 namespace sparq {
 namespace cuda {
 namespace {
 
-__global__ void __launch_bounds__(kPrepThreads)
-    row_prep_kernel(const RowPrepParams p) {
+// The batch row's valid length and local-window start; every thread of the block calls it.
+__device__ void row_prep(const PrepParams& p, int64_t b) {
   __shared__ uint32_t scratch[32];
   __shared__ int32_t window_start;
-  const int64_t b = blockIdx.x;
   int64_t len = p.S;
   if (p.seq_lens != nullptr) {
     const int64_t l = p.seq_lens[b];
@@ -25,18 +29,11 @@ __global__ void __launch_bounds__(kPrepThreads)
   if (p.mask == nullptr) {
     if (threadIdx.x == 0) {
       p.row_len[b] = static_cast<int32_t>(len);
-      p.n_valid[b] = static_cast<int32_t>(len);
       p.win_start[b] = static_cast<int32_t>(len - (p.window < len ? p.window : len));
     }
     return;
   }
   const uint8_t* mask = p.mask + b * p.S;
-
-  uint32_t count = 0;
-  for (int64_t s = threadIdx.x; s < len; s += blockDim.x) count += mask[s] != 0;
-  uint32_t n_valid = 0;
-  block_inclusive_scan(count, scratch, &n_valid);
-
   // The window starts at the `window`-th valid position counted from the end; with fewer
   // valid positions than that, every valid position is in it (start 0). Scan backwards in
   // chunks of one position per thread (thread 0 takes the highest) until it is found.
@@ -57,7 +54,6 @@ __global__ void __launch_bounds__(kPrepThreads)
   __syncthreads();
   if (threadIdx.x == 0) {
     p.row_len[b] = static_cast<int32_t>(len);
-    p.n_valid[b] = static_cast<int32_t>(n_valid);
     p.win_start[b] = window_start;
   }
 }
@@ -67,14 +63,26 @@ __global__ void __launch_bounds__(kPrepThreads)
 // permutation and exactly r in-range components are chosen). D <= 256 makes the
 // O(D^2) comparison trivially cheap and needs no sort.
 template <typename T>
-__global__ void __launch_bounds__(kPrepThreads)
-    query_prep_kernel(const QueryPrepParams p) {
+__global__ void __launch_bounds__(kPrepThreads) prep_kernel(const PrepParams p) {
   __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of sum_g |q_g|
   __shared__ uint8_t selected[kMaxHeadDim];
   __shared__ int32_t i1[kMaxHeadDim];
   const int64_t row = blockIdx.x;
   const int64_t G = p.G, D = p.D, r = p.r;
   const T* q = static_cast<const T*>(p.query) + row * G * D;
+
+  // The row's accumulators, zeroed before approx_logits (the next launch) adds into them.
+  for (int64_t i = threadIdx.x; i < kTopkDigitBuckets; i += blockDim.x)
+    p.hist[row * kTopkDigitBuckets + i] = 0;
+  for (int64_t i = threadIdx.x; i < p.counter_stride; i += blockDim.x)
+    p.counters[row * p.counter_stride + i] = 0;
+  if (p.value_sum != nullptr)
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) p.value_sum[row * D + i] = 0.f;
+  if (row % p.Hkv == 0) row_prep(p, row / p.Hkv);
+
+  // The query in fp32 for attend's vector loads (scalar reads here: any alignment).
+  for (int64_t i = threadIdx.x; i < G * D; i += blockDim.x)
+    p.q32[row * G * D + i] = to_float<T>(q[i]);
 
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
@@ -125,17 +133,11 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 }  // namespace
 
-cudaError_t launch_row_prep(const RowPrepParams& p, cudaStream_t stream) {
-  if (p.B == 0) return cudaSuccess;
-  SPARQ_LAUNCH(row_prep_kernel, static_cast<unsigned>(p.B), kPrepThreads, stream, p);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_query_prep(const QueryPrepParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t launch_prep(const PrepParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (p.D > kMaxHeadDim) return cudaErrorInvalidValue;
   SPARQ_DISPATCH_DTYPE(dtype, T, {
-    SPARQ_LAUNCH(query_prep_kernel<T>, static_cast<unsigned>(p.rows), kPrepThreads, stream, p);
+    SPARQ_LAUNCH(prep_kernel<T>, static_cast<unsigned>(p.rows), kPrepThreads, stream, p);
   });
   return cudaGetLastError();
 }

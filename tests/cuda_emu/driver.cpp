@@ -1,18 +1,49 @@
-// C entry point of the CPU emulation build (tests/cuda_emu/emu.h): runs the CUDA backend's
+// C entry points of the CPU emulation build (tests/cuda_emu/emu.h): run the CUDA backend's
 // launch sequence (sparq/cuda_pipeline.h, the same code attention_cuda.cpp calls) on host
-// buffers. Inputs contiguous; key_t optional. Scratch memory is filled with 0xFF bytes
+// buffers. Key, value and key_t come with element strides; the query at any address (the
+// tests pass storage offsets). Key / value rows that fail the 16-byte rule are copied, as the
+// host glue does; key_t then takes scalar loads. The workspace is filled with 0xFF bytes
 // (NaN floats, -1 ints) so a read of anything a kernel should have written shows up.
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
+#include "emu.h"  // the emulated device state the tests set and read
 #include "sparq/cuda_pipeline.h"
 
+namespace {
+
+// A contiguous copy of a strided (B, H, S, D) tensor, for rows the kernels cannot vector-load.
+std::vector<unsigned char>* contiguous_copy(const void* src, int64_t e, int64_t B, int64_t H,
+                                            int64_t S, int64_t D, int64_t sb, int64_t sh,
+                                            int64_t ss, int64_t sd) {
+  auto* out = new std::vector<unsigned char>(static_cast<size_t>(B * H * S * D * e) + 16);
+  const auto* in = static_cast<const unsigned char*>(src);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d)
+          std::memcpy(out->data() + (((b * H + h) * S + s) * D + d) * e,
+                      in + (b * sb + h * sh + s * ss + d * sd) * e, static_cast<size_t>(e));
+  return out;
+}
+
+}  // namespace
+
+// strides: key (4), value (4), key_t (4), each (batch, head, dim 2, dim 3) in elements.
+// topk_idx_out: (B*Hkv, min(k, S)) int32 or nullptr, the positions topk selected (the
+// first min(k, valid count) of each row are meaningful; the rest stay -1).
+// repeats > 1 enqueues the call again on the same, now dirty, workspace (as a CUDA-graph
+// replay does): the output must not change.
 extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                                    int64_t D, int64_t r, int64_t k, int64_t window,
                                    int reallocate, float scale, int64_t sm_count,
-                                   const void* query, const void* key, const void* value,
-                                   const void* key_t, const void* value_mean,
-                                   const int64_t* seq_lens, const uint8_t* mask, void* out) {
+                                   int64_t topk_blocks, const void* query, const void* key,
+                                   const int64_t* k_strides, const void* value,
+                                   const int64_t* v_strides, const void* key_t,
+                                   const int64_t* kt_strides, const void* value_mean,
+                                   const int64_t* seq_lens, const uint8_t* mask, void* out,
+                                   int32_t* topk_idx_out, int repeats) {
   using namespace sparq::cuda;
   AttentionProblem a{};
   a.dtype = static_cast<DType>(dtype);
@@ -28,44 +59,59 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   a.reallocate = reallocate != 0;
   a.scale = scale;
   a.sm_count = sm_count;
-  // Tests reach the chunked top-k path at small S by lowering the one-block threshold.
-  if (const char* env = std::getenv("SPARQ_EMU_TOPK_ROW_MAX_KEYS"))
-    a.topk_row_max_keys = std::atoll(env);
+  a.topk_blocks = topk_blocks;
   a.query = query;
+  std::vector<unsigned char>* k_copy = nullptr;
+  std::vector<unsigned char>* v_copy = nullptr;
+  const int64_t* ks = k_strides;
+  const int64_t* vs = v_strides;
+  if ((D > 1 && ks[3] != 1) || !rows_aligned16(key, e, ks[0], ks[1], ks[2])) {
+    k_copy = contiguous_copy(key, e, B, Hkv, S, D, ks[0], ks[1], ks[2], ks[3]);
+    key = k_copy->data();
+  }
+  if ((D > 1 && vs[3] != 1) || !rows_aligned16(value, e, vs[0], vs[1], vs[2])) {
+    v_copy = contiguous_copy(value, e, B, Hkv, S, D, vs[0], vs[1], vs[2], vs[3]);
+    value = v_copy->data();
+  }
   a.key = key;
-  a.k_sb = Hkv * S * D;
-  a.k_sh = S * D;
-  a.k_ss = D;
+  a.k_sb = k_copy ? Hkv * S * D : ks[0];
+  a.k_sh = k_copy ? S * D : ks[1];
+  a.k_ss = k_copy ? D : ks[2];
   a.value = value;
-  a.v_sb = a.k_sb;
-  a.v_sh = a.k_sh;
-  a.v_ss = a.k_ss;
-  if (key_t != nullptr) {
+  a.v_sb = v_copy ? Hkv * S * D : vs[0];
+  a.v_sh = v_copy ? S * D : vs[1];
+  a.v_ss = v_copy ? D : vs[2];
+  if (key_t != nullptr) {  // unit S-stride required (the host glue makes it so)
     a.key_t = key_t;
-    a.kt_sb = Hkv * D * S;
-    a.kt_sh = D * S;
-    a.kt_sd = S;
-    a.kt_vec = reinterpret_cast<uintptr_t>(key_t) % 16 == 0 && (S * e) % 16 == 0;
+    a.kt_sb = kt_strides[0];
+    a.kt_sh = kt_strides[1];
+    a.kt_sd = kt_strides[2];
+    a.kt_vec = rows_aligned16(key_t, e, a.kt_sb, a.kt_sh, a.kt_sd);
   }
   a.value_mean = value_mean;
   a.seq_lens = seq_lens;
   a.mask = mask;
   a.out = out;
   const AttentionPlan plan = plan_attention(a);
-  void* zeroed = std::aligned_alloc(256, plan.zeroed_bytes + 256);
-  void* scratch = std::aligned_alloc(256, plan.scratch_bytes + 256);
-  std::memset(zeroed, 0, plan.zeroed_bytes + 256);
-  std::memset(scratch, 0xFF, plan.scratch_bytes + 256);
+  void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);
+  std::memset(workspace, 0xFF, plan.workspace_bytes + 256);
   const char* stage = "";
-  const cudaError_t err = enqueue_attention(a, plan, zeroed, scratch, nullptr, &stage);
-  std::free(zeroed);
-  std::free(scratch);
+  cudaError_t err = cudaSuccess;
+  for (int i = 0; i < repeats && err == cudaSuccess; ++i)
+    err = enqueue_attention(a, plan, workspace, nullptr, &stage);
+  if (topk_idx_out != nullptr && err == cudaSuccess)
+    std::memcpy(topk_idx_out, static_cast<char*>(workspace) + plan.topk_off,
+                sizeof(int32_t) * plan.rows * plan.k_eff);
+  std::free(workspace);
+  delete k_copy;
+  delete v_copy;
   return static_cast<int>(err);
 }
 
-// The plan's split count, for tests that want several flash-decoding splits.
-extern "C" int64_t sparq_emu_splits(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
-                                    int64_t D, int64_t k, int64_t sm_count) {
+// The plan's partition and topk block counts, for tests that want several of each.
+extern "C" void sparq_emu_plan(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+                               int64_t D, int64_t k, int64_t sm_count, int64_t* n_splits,
+                               int64_t* topk_blocks) {
   using namespace sparq::cuda;
   AttentionProblem a{};
   a.dtype = static_cast<DType>(dtype);
@@ -77,5 +123,25 @@ extern "C" int64_t sparq_emu_splits(int dtype, int64_t B, int64_t Hq, int64_t Hk
   a.r = 1;
   a.k = k;
   a.sm_count = sm_count;
-  return plan_attention(a).n_splits;
+  const AttentionPlan plan = plan_attention(a);
+  *n_splits = plan.n_splits;
+  *topk_blocks = plan.topk_blocks;
+}
+
+// The emulated device's opt-in shared-memory limit, and how many cudaFuncSetAttribute calls
+// the kernels made (none: every kernel fits the default 48 KiB).
+extern "C" void sparq_emu_set_smem_optin(int bytes) { sparq_emu::device().max_smem_optin = bytes; }
+extern "C" int sparq_emu_attribute_calls() { return sparq_emu::attr_calls().load(); }
+
+// A launch of an empty kernel with `bytes` of dynamic shared memory, after opting in to
+// `optin` bytes (0: no cudaFuncSetAttribute call): the emulator's launch check itself.
+static void empty_kernel() {}
+extern "C" int sparq_emu_probe_smem_launch(int bytes, int optin) {
+  if (optin > 0) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
+  sparq_emu::launch_smem(empty_kernel, dim3(1), dim3(32), static_cast<size_t>(bytes), nullptr);
+  return static_cast<int>(cudaGetLastError());
 }

@@ -2,7 +2,10 @@
 // AddressSanitizer or ThreadSanitizer. Inputs are exact-size heap buffers and every
 // workspace region is followed by a poisoned guard zone (SPARQ_WORKSPACE_GUARD_BYTES), so
 // ASan reports any out-of-bounds access of a kernel; TSan reports unsynchronised accesses
-// to __shared__ memory (statics here) or global buffers between the threads of a block.
+// between blocks (they run on concurrent workers: global atomics, the last-block-done
+// counters of topk and attend) and, through the emulator's fiber annotations, between the
+// threads of a block (__shared__ memory, thread_local statics here; tsan_selfcheck.cpp shows
+// such a race is reported).
 // Not part of pytest (sanitizer builds are slow). From the repository root:
 //
 //   SAN=address   # or thread
@@ -38,7 +41,7 @@
 
 using namespace sparq::cuda;
 
-static int64_t g_topk_row_max_keys = 0;  // 0: default; 4: the chunked top-k path
+static int64_t g_topk_blocks = 0;  // 0: from the SM count; more: rows split over blocks
 
 template <typename T>
 static T cast(float x);
@@ -58,18 +61,18 @@ float to_f<__half>(__half x) { return __half2float(x); }
 template <>
 float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// A block with poisoned gaps between the plan's regions (and after the last one).
+// The workspace with poisoned gaps between the plan's regions (and after the last one),
+// filled with 0xFF bytes: prep must clear what the later kernels accumulate into.
 struct Workspace {
   char* base = nullptr;
   size_t bytes = 0;
-  Workspace(const AttentionPlan& plan, bool zeroed) {
-    bytes = zeroed ? plan.zeroed_bytes : plan.scratch_bytes;
+  explicit Workspace(const AttentionPlan& plan) {
+    bytes = plan.workspace_bytes;
     base = static_cast<char*>(std::aligned_alloc(256, bytes + 256));
-    std::memset(base, zeroed ? 0 : 0xFF, bytes + 256);
+    std::memset(base, 0xFF, bytes + 256);
     POISON(base, bytes + 256);
-    const int first = zeroed ? 0 : plan.n_zeroed_regions;
-    const int last = zeroed ? plan.n_zeroed_regions : plan.n_regions;
-    for (int i = first; i < last; ++i) UNPOISON(base + plan.region_off[i], plan.region_bytes[i]);
+    for (int i = 0; i < plan.n_regions; ++i)
+      UNPOISON(base + plan.region_off[i], plan.region_bytes[i]);
   }
   ~Workspace() {
     UNPOISON(base, bytes + 256);
@@ -110,7 +113,7 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   a.reallocate = reallocate;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
   a.sm_count = 132;
-  a.topk_row_max_keys = g_topk_row_max_keys;
+  a.topk_blocks = g_topk_blocks;
   a.query = q.data();
   a.key = key.data();
   a.k_sb = Hkv * S * D;
@@ -125,16 +128,16 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
     a.kt_sb = Hkv * D * S;
     a.kt_sh = D * S;
     a.kt_sd = S;
-    a.kt_vec = reinterpret_cast<uintptr_t>(key_t.data()) % 16 == 0 && (S * sizeof(T)) % 16 == 0;
+    a.kt_vec = rows_aligned16(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd);
   }
   a.value_mean = with_mean ? mean.data() : nullptr;
   a.seq_lens = lens.data();
   a.mask = with_mask ? mask.data() : nullptr;
   a.out = out.data();
   const AttentionPlan plan = plan_attention(a);
-  Workspace zeroed(plan, true), scratch(plan, false);
+  Workspace workspace(plan);
   const char* stage = "";
-  const cudaError_t err = enqueue_attention(a, plan, zeroed.base, scratch.base, nullptr, &stage);
+  const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
   bool finite = err == cudaSuccess;
   for (T x : out) finite = finite && std::isfinite(to_f(x));
   std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%d mask=%d: %s\n",
@@ -155,8 +158,8 @@ int main() {
   ok &= run_case<float>(DType::kFloat32, 3, 2, 2, 333, 256, 4, 400, 9, true, true, true, true);
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
                                 true, false);
-  std::printf("chunked top-k path:\n");
-  g_topk_row_max_keys = 4;
+  std::printf("topk rows split over 5 blocks:\n");
+  g_topk_blocks = 5;
   ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
                                 true, false);

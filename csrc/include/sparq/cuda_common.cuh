@@ -53,6 +53,14 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   } while (0)
 #endif
 
+// Loads of data another block of the same launch published (fence + counter atomic): the L2
+// copy, never a stale L1 line.
+#ifdef SPARQ_CUDA_EMULATION
+#define SPARQ_LOAD_PUBLISHED(ptr) sparq_emu_load_acquire(ptr)
+#else
+#define SPARQ_LOAD_PUBLISHED(ptr) __ldcg(ptr)
+#endif
+
 // ---- vector loads ---------------------------------------------------------------------
 // N consecutive elements of T as fp32, in 16-byte (or, for short runs, 4/8-byte) loads.
 // `p` must be aligned to min(16, N * sizeof(T)) bytes.
@@ -100,29 +108,32 @@ __device__ __forceinline__ SoftmaxState warp_merge(SoftmaxState s) {
   return s;
 }
 
-// Inclusive prefix sum over the threads of a block (blockDim.x a multiple of 32, at most
-// 1024) and the block total. `scratch` holds 32 entries. Contains __syncthreads: every
-// thread of the block must call it.
-__device__ __forceinline__ uint32_t block_inclusive_scan(uint32_t x, uint32_t* scratch,
-                                                         uint32_t* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_warps = blockDim.x >> 5;
+__device__ __forceinline__ uint32_t warp_inclusive_scan(uint32_t x) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const uint32_t y = __shfl_up_sync(kFullMask, x, off);
     if (lane >= off) x += y;
   }
+  return x;
+}
+
+// Inclusive prefix sum over the threads of a block (blockDim.x a multiple of 32, at most
+// 1024) and the block total: a shuffle scan within each warp, then every warp scans the
+// warp totals with shuffles too (no serial loop over warps). `scratch` holds 32 entries.
+// Contains __syncthreads: every thread of the block must call it.
+__device__ __forceinline__ uint32_t block_inclusive_scan(uint32_t x, uint32_t* scratch,
+                                                         uint32_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_warps = blockDim.x >> 5;
+  x = warp_inclusive_scan(x);
   __syncthreads();  // scratch may still be read by an earlier call
   if (lane == 31) scratch[warp] = x;
   __syncthreads();
-  uint32_t before = 0, all = 0;
-  for (int w = 0; w < n_warps; ++w) {
-    const uint32_t c = scratch[w];
-    before += w < warp ? c : 0u;
-    all += c;
-  }
-  *total = all;
-  return x + before;
+  const uint32_t warp_incl = warp_inclusive_scan(lane < n_warps ? scratch[lane] : 0u);
+  const uint32_t before = __shfl_sync(kFullMask, warp_incl, (warp + 31) & 31);
+  *total = __shfl_sync(kFullMask, warp_incl, 31);
+  return x + (warp > 0 ? before : 0u);
 }
 
 // Add 1 to hist[bucket] for every lane with `active`, one shared atomic per distinct bucket

@@ -1,18 +1,22 @@
 // Interface between the host file csrc/cuda/attention_cuda.cpp (g++, ATen) and the CUDA
 // kernels in csrc/cuda/*.cu (nvcc, no torch headers): plain parameter structs of raw
-// pointers, sizes and element strides, and one launcher per stage. Launchers enqueue on the
+// pointers, sizes and element strides, and one launcher per kernel. Launchers enqueue on the
 // given stream, never synchronise, and return cudaGetLastError() for the caller to check.
 //
-// Stages (DESIGN.md section 6), per (batch b, KV head h) = one "row" (row = b * Hkv + h):
-//   row_prep      per batch row: valid length, valid count, local-window start
-//   query_prep    i1 = top-r of sum_g |q_g|, per-head approximate scales, fp32 query copies
+// Kernels (docs/design.md section 2 names the stages; docs/cuda-pipeline.md has the launch
+// list, the shared-memory budget and the estimated time of each), per (batch b, KV head h)
+// = one "row" (row = b * Hkv + h):
+//   prep          zeroes the row's counters and histogram, the batch row's valid length and
+//                 local-window start, i1 = top-r of sum_g |q_g|, per-head approximate
+//                 scales, an fp32 copy of the query in aligned workspace
 //   approx_logits group-summed approximate logits (selection scores), per-tile softmax
-//                 statistics per head, histogram of the top radix digit
-//   radix_hist    radix-select histogram passes 1..3
-//   radix_emit    exact top-k indices (unsorted)
+//                 statistics per head, the 12-bit first-digit histogram, the valid count
+//   topk          exact top-k: several blocks per row take every key above the pivot
+//                 digit and collect the pivot digit's candidates; the last block of the
+//                 row to finish refines the candidates on the remaining 20 bits
 //   value_sum     sum of V over valid positions (only when value_mean is not given)
-//   attend        exact attention over the selected rows, split over blocks (partials)
-//   merge         combine the splits, alpha, alpha * y + (1 - alpha) * v_mean
+//   attend        exact attention over the selected rows, split over blocks; the last
+//                 block of each (row, group chunk) to finish does the merge (alpha, output)
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,17 +31,31 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Block sizes and tiles the host needs for grid and workspace sizes.
 constexpr int kPrepThreads = 256;
 constexpr int kApproxThreads = 256;       // approx_logits: 16 bytes of key_t per thread per row
-constexpr int kTopkThreads = 256;         // must equal kRadixBuckets (one bucket per thread)
-constexpr int kTopkKeysPerThread = 16;
-constexpr int kTopkChunk = kTopkThreads * kTopkKeysPerThread;  // keys per block and pass
-// Rows of at most this many positions are selected by one block each, keys in shared memory
-// (128 KiB: fits sm_80 and sm_90), in one launch instead of four.
-constexpr int64_t kTopkRowMaxKeys = 32768;
-constexpr int kTopkRowThreads = 1024;
+// topk: the first radix digit is the top kTopkDigitBits of the ordered key (sign, exponent
+// and 3 mantissa bits of the score); the candidates sharing the pivot digit are refined on
+// two more digits of kTopkRefineBits.
+constexpr int kTopkDigitBits = 12;
+constexpr int kTopkDigitBuckets = 1 << kTopkDigitBits;
+constexpr int kTopkRefineBits = 10;
+constexpr int kTopkRefineBuckets = 1 << kTopkRefineBits;
+constexpr int kTopkThreads = 1024;        // one refine bucket per thread
+constexpr int64_t kTopkMinChunk = 2048;   // positions per topk block at least
 constexpr int kAttendWarps = 4;
 constexpr int kValueSumChunk = 1024;      // positions per value_sum block
 constexpr int kMaxHeadDim = 256;          // kernels are instantiated for head dims 64/128/256
 constexpr int kMaxGroupChunk = 8;         // query heads handled together per block
+// Every kernel keeps static + dynamic shared memory within the default 48 KiB, so no launch
+// needs cudaFuncAttributeMaxDynamicSharedMemorySize on any architecture (docs/cuda-pipeline.md).
+constexpr int kSharedMemoryBudget = 48 * 1024;
+
+// Per-row counters, zeroed by prep (graph replays start from zero too).
+enum RowCounter : int {
+  kValidCount = 0,    // valid positions (approx_logits adds each block's count)
+  kAboveSlots = 1,    // topk: output slots taken by keys above the pivot digit
+  kCandidates = 2,    // topk: candidates collected (keys with the pivot digit)
+  kTopkDone = 3,      // topk: blocks of the row finished
+  kAttendDone = 4,    // attend: blocks finished, one counter per group chunk from here
+};
 
 // Positions per approx_logits tile for a dtype: 16-byte loads, one per thread and key_t row.
 inline int approx_tile(DType dtype) {
@@ -48,27 +66,24 @@ inline int approx_tile(DType dtype) {
 inline int group_chunk(int64_t G) { return G <= 1 ? 1 : G <= 4 ? 4 : kMaxGroupChunk; }
 inline int64_t group_chunks(int64_t G) { return (G + group_chunk(G) - 1) / group_chunk(G); }
 
-// Per batch row: row_len = clamp(seq_lens[b], 0, S) (S without seq_lens); n_valid = valid
-// positions below row_len; win_start = first position of the local window (the last
-// `window` valid positions are those valid positions >= win_start).
-struct RowPrepParams {
+struct PrepParams {
+  const void* query;        // (B, Hq, 1, D) contiguous, query dtype; any alignment
   const int64_t* seq_lens;  // (B,) or nullptr
   const uint8_t* mask;      // (B, S) bool or nullptr
-  int64_t B, S;
-  int64_t window;
-  int32_t* row_len;         // (B,)
-  int32_t* n_valid;         // (B,)
-  int32_t* win_start;       // (B,)
-};
-
-struct QueryPrepParams {
-  const void* query;        // (B, Hq, 1, D) contiguous, query dtype
-  int64_t rows, G, D, r;
+  int64_t B, Hkv, rows, G, D, r, S, window;
   float scale;
+  // Zeroed here, per row: hist (kTopkDigitBuckets), counters (counter_stride), value_sum (D)
+  uint32_t* hist;
+  uint32_t* counters;
+  int64_t counter_stride;
+  float* value_sum;         // or nullptr
+  int32_t* row_len;         // (B,): clamp(seq_lens[b], 0, S)
+  int32_t* win_start;       // (B,): first position of the local window
   int32_t* i1;              // (rows, r)
   float* coef;              // (rows, G, r): q_g[i1_j] * approx scale_g
   float* coef_sum;          // (rows, r): sum_g coef
   float* head_scale;        // (rows, G): approximate-logit scale of each query head
+  float* q32;               // (rows, G, D) fp32 query, 16-byte aligned rows
 };
 
 struct ApproxParams {
@@ -88,7 +103,9 @@ struct ApproxParams {
   int64_t n_tiles;
   float* sel_score;         // (rows, S_pad): sum_g approx logit, +inf window, -inf invalid
   float* tile_stats;        // (rows, G, n_tiles, 2): softmax (max, sum exp) of approx logits
-  uint32_t* hist;           // (rows, kRadixPasses, kRadixBuckets), zeroed; pass 0 filled here
+  uint32_t* hist;           // (rows, kTopkDigitBuckets), zeroed: first-digit histogram
+  uint32_t* counters;       // (rows, counter_stride): kValidCount added here
+  int64_t counter_stride;
 };
 
 struct TopkParams {
@@ -96,11 +113,13 @@ struct TopkParams {
   int64_t S_pad, Hkv, rows;
   int64_t k_eff;            // min(k, S); the per-row clamp to the valid count is on device
   const int32_t* row_len;
-  uint32_t* hist;
-  uint32_t* counters;       // (rows, 2), zeroed
+  const uint32_t* hist;
+  uint32_t* counters;
+  int64_t counter_stride;
+  uint32_t* cand_key;       // (rows, S_pad): candidates' ordered keys
+  int32_t* cand_pos;        // (rows, S_pad): candidates' positions
   int32_t* topk_idx;        // (rows, k_eff): first min(k_eff, valid) entries are written
-  int64_t n_chunks;
-  int64_t row_max_keys;     // S_pad <= this: one block per row (kTopkRowMaxKeys by default)
+  int64_t blocks_per_row, chunk_len;
 };
 
 struct ValueSumParams {
@@ -117,40 +136,34 @@ struct AttendParams {
   int64_t k_sb, k_sh, k_ss;
   const void* value;
   int64_t v_sb, v_sh, v_ss;
-  const void* query;        // (B, Hq, 1, D) contiguous, query dtype
+  const float* q32;         // (rows, G, D) fp32 query from prep, aligned
   const int32_t* i1;        // (rows, r)
   const float* head_scale;  // (rows, G)
   float scale;              // exact-logit scale
   int64_t r;
   const int32_t* topk_idx;
-  const uint32_t* hist;     // pass-0 histogram: its total is the number of valid positions
+  uint32_t* counters;       // kValidCount read; kAttendDone + chunk counts finished blocks
+  int64_t counter_stride;
   int64_t rows, Hkv, G, S, D, k_eff;
   int64_t n_splits, split_len;
   float* part_acc;          // (rows, n_splits, G, D): unnormalised sum of p * V
   float* part_stats;        // (rows, n_splits, G, 4): (m, l) exact, (m, l) approx
-};
-
-struct MergeParams {
-  const float* part_acc;
-  const float* part_stats;
-  const float* tile_stats;
+  // merge, in the last block of each (row, group chunk)
+  const float* tile_stats;  // (rows, G, n_tiles, 2)
+  int64_t n_tiles;
   const float* value_sum;   // (rows, D) or nullptr when value_mean is given
   const void* value_mean;   // (B, Hkv, 1, D) contiguous, or nullptr
-  const int32_t* n_valid;
-  int64_t rows, Hkv, G, D, n_splits, n_tiles;
   bool reallocate;
   void* out;                // (B, Hq, 1, D) contiguous, query dtype
 };
 
-cudaError_t launch_row_prep(const RowPrepParams& p, cudaStream_t stream);
-cudaError_t launch_query_prep(const QueryPrepParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_prep(const PrepParams& p, DType dtype, cudaStream_t stream);
 cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_t stream);
-cudaError_t launch_radix_topk(const TopkParams& p, cudaStream_t stream);
+cudaError_t launch_topk(const TopkParams& p, cudaStream_t stream);
 cudaError_t launch_value_sum(const ValueSumParams& p, DType dtype, int head_dim_bucket,
                              cudaStream_t stream);
 cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucket,
                           cudaStream_t stream);
-cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream);
 
 // Smallest instantiated head dim (64, 128, 256) >= D, or 0 when D > kMaxHeadDim.
 inline int head_dim_bucket(int64_t D) {

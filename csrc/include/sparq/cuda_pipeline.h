@@ -1,7 +1,8 @@
 // The CUDA backend's launch sequence, free of torch: sizes every workspace from the shapes
-// alone (so the op can be captured in a CUDA graph) and enqueues the stages of
-// sparq/cuda_launchers.h. csrc/cuda/attention_cuda.cpp calls it with ATen-allocated buffers;
-// tests/cuda_emu/ calls the very same code with host buffers to run the kernels on the CPU.
+// alone (so the op can be captured in a CUDA graph) and enqueues the kernels of
+// sparq/cuda_launchers.h (docs/cuda-pipeline.md). csrc/cuda/attention_cuda.cpp calls it
+// with ATen-allocated buffers; tests/cuda_emu/ calls the very same code with host buffers to
+// run the kernels on the CPU.
 #pragma once
 
 #include <algorithm>
@@ -14,16 +15,26 @@
 namespace sparq {
 namespace cuda {
 
-// One call, in the layouts the kernels read: query and value_mean contiguous; key / value
-// rows with unit D-stride and 16-byte aligned rows; key_t with unit S-stride. Element
-// strides. Optional pointers are nullptr when absent.
+// Whether a tensor's rows may be read with 16-byte loads: a 16-byte aligned start and every
+// stride but the unit one a multiple of 16 bytes (stride 0, an expanded dim, is fine).
+// K / V rows (strides batch, head, position) and key_t rows (batch, head, component) alike;
+// the host glue copies a tensor that fails this (or falls back to scalar loads for key_t).
+inline bool rows_aligned16(const void* ptr, int64_t elem_bytes, int64_t s0, int64_t s1,
+                           int64_t s2) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * elem_bytes) % 16 == 0 &&
+         (s1 * elem_bytes) % 16 == 0 && (s2 * elem_bytes) % 16 == 0;
+}
+
+// One call, in the layouts the kernels read: query (any alignment) and value_mean contiguous;
+// key / value rows with unit D-stride and 16-byte aligned rows; key_t with unit S-stride.
+// Element strides. Optional pointers are nullptr when absent.
 struct AttentionProblem {
   DType dtype;
   int64_t B, Hq, Hkv, S, D, r, k, window;
   bool reallocate;
   float scale;
-  int64_t sm_count;  // multiprocessors of the device (sizes the flash-decoding splits)
-  int64_t topk_row_max_keys;  // 0: kTopkRowMaxKeys (tests lower it to reach both top-k paths)
+  int64_t sm_count;     // multiprocessors of the device (sizes partitions and topk blocks)
+  int64_t topk_blocks;  // 0: from sm_count (tests force several blocks per row at small S)
   const void* query;
   const void* key;
   int64_t k_sb, k_sh, k_ss;
@@ -38,18 +49,19 @@ struct AttentionProblem {
   void* out;            // (B, Hq, 1, D) contiguous
 };
 
-// Static sizes and the workspace layout: one zero-filled block (histograms, emit counters,
-// V sum) and one scratch block, carved at 256-byte boundaries.
+// Static sizes and the workspace layout: one block, carved at 256-byte boundaries. Nothing
+// needs clearing before the call: prep zeroes what the later kernels accumulate into.
 struct AttentionPlan {
-  int64_t rows, G, k_eff, n_tiles, S_pad, topk_chunks, value_chunks, n_splits, split_len;
+  int64_t rows, G, k_eff, n_tiles, S_pad, value_chunks, n_splits, split_len;
+  int64_t group_chunks, counter_stride, topk_blocks, topk_chunk;
   bool need_value_sum;
-  size_t hist_off, counters_off, value_sum_off, zeroed_bytes;
-  size_t row_info_off, i1_off, coef_off, coef_sum_off, head_scale_off, sel_off, tile_off,
-      topk_off, part_acc_off, part_stats_off, scratch_bytes;
-  // Every carved region as (offset, bytes), zeroed block first: lets the CPU emulation
-  // poison the gaps between regions and catch out-of-bounds workspace accesses.
-  size_t region_off[16], region_bytes[16];
-  int n_zeroed_regions, n_regions;
+  size_t hist_off, counters_off, value_sum_off, row_len_off, win_start_off, i1_off, coef_off,
+      coef_sum_off, head_scale_off, q32_off, sel_off, tile_off, cand_key_off, cand_pos_off,
+      topk_off, part_acc_off, part_stats_off, workspace_bytes;
+  // Every carved region as (offset, bytes): lets the CPU emulation poison the gaps between
+  // regions and catch out-of-bounds workspace accesses.
+  size_t region_off[20], region_bytes[20];
+  int n_regions;
 };
 
 // Gap left after each region: none on the GPU; in the CPU emulation a poisoned guard zone.
@@ -69,15 +81,27 @@ inline AttentionPlan plan_attention(const AttentionProblem& a) {
   const int64_t tile = approx_tile(a.dtype);
   p.n_tiles = (a.S + tile - 1) / tile;
   p.S_pad = (a.S + 3) / 4 * 4;
-  p.topk_chunks = (a.S + kTopkChunk - 1) / kTopkChunk;
   p.value_chunks = (a.S + kValueSumChunk - 1) / kValueSumChunk;
-  // Flash-decoding splits: about two blocks per SM in all, at least 128 positions a split.
-  const int64_t blocks_per_split = p.rows * group_chunks(p.G);
-  const int64_t want = (2 * std::max<int64_t>(a.sm_count, 1) + blocks_per_split - 1) /
-                       blocks_per_split;
+  p.group_chunks = group_chunks(p.G);
+  p.counter_stride = kAttendDone + p.group_chunks;
+  const int64_t sms = std::max<int64_t>(a.sm_count, 1);
+  // Partitions of the selected rows (flash-decoding splits): about two blocks per SM in all,
+  // at least 128 positions each.
+  const int64_t blocks_per_split = p.rows * p.group_chunks;
+  const int64_t want = (2 * sms + blocks_per_split - 1) / blocks_per_split;
   p.n_splits = std::clamp<int64_t>(want, 1, (p.k_eff + 127) / 128);
   p.split_len = (p.k_eff + p.n_splits - 1) / p.n_splits;
-  p.n_splits = (p.k_eff + p.split_len - 1) / p.split_len;
+  p.split_len = std::max<int64_t>(p.split_len, 1);
+  p.n_splits = std::max<int64_t>((p.k_eff + p.split_len - 1) / p.split_len, 1);
+  // topk blocks per row: about two 1024-thread blocks per SM in all (what fits at once, so
+  // each block makes few dependent steps over its chunk), chunks of at least kTopkMinChunk.
+  const int64_t topk_want = (2 * sms + p.rows - 1) / p.rows;
+  const int64_t topk_max = std::max<int64_t>((a.S + kTopkMinChunk - 1) / kTopkMinChunk, 1);
+  const int64_t blocks = a.topk_blocks > 0
+                             ? std::min<int64_t>(a.topk_blocks, std::max<int64_t>(a.S, 1))
+                             : std::clamp<int64_t>(topk_want, 1, topk_max);
+  p.topk_chunk = std::max<int64_t>((a.S + blocks - 1) / blocks, 1);
+  p.topk_blocks = (std::max<int64_t>(a.S, 1) + p.topk_chunk - 1) / p.topk_chunk;
   p.need_value_sum = a.reallocate && a.value_mean == nullptr;
 
   size_t off = 0;
@@ -89,46 +113,49 @@ inline AttentionPlan plan_attention(const AttentionProblem& a) {
     ++p.n_regions;
     return at;
   };
-  p.hist_off = take(sizeof(uint32_t) * p.rows * kRadixPasses * kRadixBuckets);
-  p.counters_off = take(sizeof(uint32_t) * p.rows * 2);
+  p.hist_off = take(sizeof(uint32_t) * p.rows * kTopkDigitBuckets);
+  p.counters_off = take(sizeof(uint32_t) * p.rows * p.counter_stride);
   p.value_sum_off = take(p.need_value_sum ? sizeof(float) * p.rows * a.D : 0);
-  p.zeroed_bytes = off;
-  p.n_zeroed_regions = p.n_regions;
-
-  off = 0;
-  p.row_info_off = take(sizeof(int32_t) * 3 * a.B);
+  p.row_len_off = take(sizeof(int32_t) * a.B);
+  p.win_start_off = take(sizeof(int32_t) * a.B);
   p.i1_off = take(sizeof(int32_t) * p.rows * a.r);
   p.coef_off = take(sizeof(float) * p.rows * p.G * a.r);
   p.coef_sum_off = take(sizeof(float) * p.rows * a.r);
   p.head_scale_off = take(sizeof(float) * p.rows * p.G);
+  p.q32_off = take(sizeof(float) * p.rows * p.G * a.D);
   p.sel_off = take(sizeof(float) * p.rows * p.S_pad);
   p.tile_off = take(sizeof(float) * p.rows * p.G * p.n_tiles * 2);
+  p.cand_key_off = take(sizeof(uint32_t) * p.rows * p.S_pad);
+  p.cand_pos_off = take(sizeof(int32_t) * p.rows * p.S_pad);
   p.topk_off = take(sizeof(int32_t) * p.rows * p.k_eff);
   p.part_acc_off = take(sizeof(float) * p.rows * p.n_splits * p.G * a.D);
   p.part_stats_off = take(sizeof(float) * p.rows * p.n_splits * p.G * 4);
-  p.scratch_bytes = off;
+  p.workspace_bytes = off;
   return p;
 }
 
-// Enqueues every stage on `stream`. `zeroed` (plan.zeroed_bytes) must be zero-filled on
-// the stream before; `scratch` (plan.scratch_bytes) may hold anything. Returns the first
-// launch error and the name of its stage through `failed_stage`.
+// Enqueues every kernel on `stream`: prep, approx_logits, topk, (value_sum,) attend.
+// `workspace` (plan.workspace_bytes, 256-byte aligned) may hold anything. Returns the first
+// launch error and the name of its kernel through `failed_stage`.
 inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionPlan& plan,
-                                     void* zeroed, void* scratch, cudaStream_t stream,
+                                     void* workspace, cudaStream_t stream,
                                      const char** failed_stage) {
-  char* z = static_cast<char*>(zeroed);
-  char* w = static_cast<char*>(scratch);
-  auto* hist = reinterpret_cast<uint32_t*>(z + plan.hist_off);
-  auto* counters = reinterpret_cast<uint32_t*>(z + plan.counters_off);
-  float* value_sum = plan.need_value_sum ? reinterpret_cast<float*>(z + plan.value_sum_off)
+  char* w = static_cast<char*>(workspace);
+  auto* hist = reinterpret_cast<uint32_t*>(w + plan.hist_off);
+  auto* counters = reinterpret_cast<uint32_t*>(w + plan.counters_off);
+  float* value_sum = plan.need_value_sum ? reinterpret_cast<float*>(w + plan.value_sum_off)
                                          : nullptr;
-  auto* row_len = reinterpret_cast<int32_t*>(w + plan.row_info_off);
+  auto* row_len = reinterpret_cast<int32_t*>(w + plan.row_len_off);
+  auto* win_start = reinterpret_cast<int32_t*>(w + plan.win_start_off);
   auto* i1 = reinterpret_cast<int32_t*>(w + plan.i1_off);
   auto* coef = reinterpret_cast<float*>(w + plan.coef_off);
   auto* coef_sum = reinterpret_cast<float*>(w + plan.coef_sum_off);
   auto* head_scale = reinterpret_cast<float*>(w + plan.head_scale_off);
+  auto* q32 = reinterpret_cast<float*>(w + plan.q32_off);
   auto* sel_score = reinterpret_cast<float*>(w + plan.sel_off);
   auto* tile_stats = reinterpret_cast<float*>(w + plan.tile_off);
+  auto* cand_key = reinterpret_cast<uint32_t*>(w + plan.cand_key_off);
+  auto* cand_pos = reinterpret_cast<int32_t*>(w + plan.cand_pos_off);
   auto* topk_idx = reinterpret_cast<int32_t*>(w + plan.topk_off);
   auto* part_acc = reinterpret_cast<float*>(w + plan.part_acc_off);
   auto* part_stats = reinterpret_cast<float*>(w + plan.part_stats_off);
@@ -142,29 +169,31 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
     return err == cudaSuccess;
   };
 
-  RowPrepParams rp{};
-  rp.seq_lens = a.seq_lens;
-  rp.mask = a.mask;
-  rp.B = a.B;
-  rp.S = a.S;
-  rp.window = a.window;
-  rp.row_len = row_len;
-  rp.n_valid = row_len + a.B;
-  rp.win_start = row_len + 2 * a.B;
-  if (!check(launch_row_prep(rp, stream), "row_prep")) return err;
-
-  QueryPrepParams qp{};
-  qp.query = a.query;
-  qp.rows = plan.rows;
-  qp.G = plan.G;
-  qp.D = a.D;
-  qp.r = a.r;
-  qp.scale = a.scale;
-  qp.i1 = i1;
-  qp.coef = coef;
-  qp.coef_sum = coef_sum;
-  qp.head_scale = head_scale;
-  if (!check(launch_query_prep(qp, a.dtype, stream), "query_prep")) return err;
+  PrepParams pp{};
+  pp.query = a.query;
+  pp.seq_lens = a.seq_lens;
+  pp.mask = a.mask;
+  pp.B = a.B;
+  pp.Hkv = a.Hkv;
+  pp.rows = plan.rows;
+  pp.G = plan.G;
+  pp.D = a.D;
+  pp.r = a.r;
+  pp.S = a.S;
+  pp.window = a.window;
+  pp.scale = a.scale;
+  pp.hist = hist;
+  pp.counters = counters;
+  pp.counter_stride = plan.counter_stride;
+  pp.value_sum = value_sum;
+  pp.row_len = row_len;
+  pp.win_start = win_start;
+  pp.i1 = i1;
+  pp.coef = coef;
+  pp.coef_sum = coef_sum;
+  pp.head_scale = head_scale;
+  pp.q32 = q32;
+  if (!check(launch_prep(pp, a.dtype, stream), "prep")) return err;
 
   ApproxParams ap{};
   ap.key_t = a.key_t;
@@ -180,7 +209,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   ap.coef = coef;
   ap.coef_sum = coef_sum;
   ap.row_len = row_len;
-  ap.win_start = rp.win_start;
+  ap.win_start = win_start;
   ap.mask = a.mask;
   ap.rows = plan.rows;
   ap.Hkv = a.Hkv;
@@ -192,6 +221,8 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   ap.sel_score = sel_score;
   ap.tile_stats = tile_stats;
   ap.hist = hist;
+  ap.counters = counters;
+  ap.counter_stride = plan.counter_stride;
   if (!check(launch_approx_logits(ap, a.dtype, stream), "approx_logits")) return err;
 
   TopkParams tp{};
@@ -203,10 +234,13 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   tp.row_len = row_len;
   tp.hist = hist;
   tp.counters = counters;
+  tp.counter_stride = plan.counter_stride;
+  tp.cand_key = cand_key;
+  tp.cand_pos = cand_pos;
   tp.topk_idx = topk_idx;
-  tp.n_chunks = plan.topk_chunks;
-  tp.row_max_keys = a.topk_row_max_keys > 0 ? a.topk_row_max_keys : kTopkRowMaxKeys;
-  if (!check(launch_radix_topk(tp, stream), "radix_topk")) return err;
+  tp.blocks_per_row = plan.topk_blocks;
+  tp.chunk_len = plan.topk_chunk;
+  if (!check(launch_topk(tp, stream), "topk")) return err;
 
   if (plan.need_value_sum) {
     ValueSumParams vp{};
@@ -225,50 +259,40 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
     if (!check(launch_value_sum(vp, a.dtype, head_bucket, stream), "value_sum")) return err;
   }
 
-  AttendParams attend{};
-  attend.key = a.key;
-  attend.k_sb = a.k_sb;
-  attend.k_sh = a.k_sh;
-  attend.k_ss = a.k_ss;
-  attend.value = a.value;
-  attend.v_sb = a.v_sb;
-  attend.v_sh = a.v_sh;
-  attend.v_ss = a.v_ss;
-  attend.query = a.query;
-  attend.i1 = i1;
-  attend.head_scale = head_scale;
-  attend.scale = a.scale;
-  attend.r = a.r;
-  attend.topk_idx = topk_idx;
-  attend.hist = hist;
-  attend.rows = plan.rows;
-  attend.Hkv = a.Hkv;
-  attend.G = plan.G;
-  attend.S = a.S;
-  attend.D = a.D;
-  attend.k_eff = plan.k_eff;
-  attend.n_splits = plan.n_splits;
-  attend.split_len = plan.split_len;
-  attend.part_acc = part_acc;
-  attend.part_stats = part_stats;
-  if (!check(launch_attend(attend, a.dtype, head_bucket, stream), "attend")) return err;
-
-  MergeParams mp{};
-  mp.part_acc = part_acc;
-  mp.part_stats = part_stats;
-  mp.tile_stats = tile_stats;
-  mp.value_sum = value_sum;
-  mp.value_mean = a.value_mean;
-  mp.n_valid = rp.n_valid;
-  mp.rows = plan.rows;
-  mp.Hkv = a.Hkv;
-  mp.G = plan.G;
-  mp.D = a.D;
-  mp.n_splits = plan.n_splits;
-  mp.n_tiles = plan.n_tiles;
-  mp.reallocate = a.reallocate;
-  mp.out = a.out;
-  check(launch_merge(mp, a.dtype, stream), "merge");
+  AttendParams at{};
+  at.key = a.key;
+  at.k_sb = a.k_sb;
+  at.k_sh = a.k_sh;
+  at.k_ss = a.k_ss;
+  at.value = a.value;
+  at.v_sb = a.v_sb;
+  at.v_sh = a.v_sh;
+  at.v_ss = a.v_ss;
+  at.q32 = q32;
+  at.i1 = i1;
+  at.head_scale = head_scale;
+  at.scale = a.scale;
+  at.r = a.r;
+  at.topk_idx = topk_idx;
+  at.counters = counters;
+  at.counter_stride = plan.counter_stride;
+  at.rows = plan.rows;
+  at.Hkv = a.Hkv;
+  at.G = plan.G;
+  at.S = a.S;
+  at.D = a.D;
+  at.k_eff = plan.k_eff;
+  at.n_splits = plan.n_splits;
+  at.split_len = plan.split_len;
+  at.part_acc = part_acc;
+  at.part_stats = part_stats;
+  at.tile_stats = tile_stats;
+  at.n_tiles = plan.n_tiles;
+  at.value_sum = value_sum;
+  at.value_mean = a.value_mean;
+  at.reallocate = a.reallocate;
+  at.out = a.out;
+  check(launch_attend(at, a.dtype, head_bucket, stream), "attend");
   return err;
 }
 

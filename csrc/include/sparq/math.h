@@ -23,7 +23,9 @@ namespace sparq {
 //
 // a < b (as floats, -inf < finite < +inf)  <=>  float_to_ordered(a) < float_to_ordered(b).
 // Positive floats get the sign bit set; negative floats are bit-inverted so that larger
-// magnitudes sort lower. NaN never reaches this (callers mask invalid positions as -inf).
+// magnitudes sort lower. Every NaN (either sign, any payload) maps to key 0, below -inf:
+// without that rule a positive NaN would map above +inf and outrank the local window.
+// NaN is tested on the bits, not with x != x, which --use_fast_math may fold away.
 // ---------------------------------------------------------------------------------------
 SPARQ_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
@@ -45,8 +47,13 @@ SPARQ_HD float bits_float(uint32_t u) {
 #endif
 }
 
+SPARQ_HD bool is_nan_bits(float x) { return (float_bits(x) & 0x7fffffffu) > 0x7f800000u; }
+
+constexpr uint32_t kNaNKey = 0u;
+
 SPARQ_HD uint32_t float_to_ordered(float x) {
   const uint32_t u = float_bits(x);
+  if (is_nan_bits(x)) return kNaNKey;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -140,9 +147,17 @@ SPARQ_HD SoftmaxState softmax_merge(SoftmaxState a, SoftmaxState b) {
   return {m, a.l * softmax_rescale(a.m, m) + b.l * softmax_rescale(b.m, m)};
 }
 
-// Add one logit x (may be -inf for a masked position, which leaves the state unchanged).
+// A state that holds a NaN logit: l is NaN and m finite, so that every later merge keeps
+// the NaN (a state with m = -inf would be taken for empty and dropped).
+SPARQ_HD SoftmaxState softmax_nan(SoftmaxState s) {
+  return {s.m == -INFINITY ? 0.0f : s.m, NAN};
+}
+
+// Add one logit x (may be -inf for a masked position, which leaves the state unchanged; a
+// NaN makes the state NaN, as in the reference's softmax).
 SPARQ_HD SoftmaxState softmax_push(SoftmaxState s, float x) {
   if (x == -INFINITY) return s;
+  if (is_nan_bits(x)) return softmax_nan(s);
   const float m = fmaxf(s.m, x);
   return {m, s.l * softmax_rescale(s.m, m) + expf(x - m)};
 }
@@ -181,6 +196,19 @@ SPARQ_HD float reallocate_mix(float alpha, float y, float v_mean) {
 // Selection score sentinels: the local window is forced in, invalid positions never chosen.
 constexpr float kWindowScore = INFINITY;
 constexpr float kInvalidScore = -INFINITY;
+
+// The NaN rule every backend shares (docs/cuda-pipeline.md, "Non-finite inputs"): a valid
+// position whose group-summed approximate logit is NaN keeps its place among the valid
+// positions but ranks below every other one: its selection score is the lowest finite float.
+// So it is selected only when k covers every other valid position, and it still counts
+// towards the valid count (k's clamp, v_mean). Its NaN per-head approximate logits still
+// enter the softmax statistics, so alpha (and a reallocated output) is NaN for that group,
+// as in the reference's softmax. The pure-torch reference applies the same substitution.
+constexpr float kNaNScore = -3.402823466e38f;  // -FLT_MAX
+
+SPARQ_HD float selection_score(float group_sum) {
+  return is_nan_bits(group_sum) ? kNaNScore : group_sum;
+}
 
 // Ceil division for grid sizes and tiles.
 SPARQ_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
