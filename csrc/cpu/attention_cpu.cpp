@@ -1,4 +1,9 @@
-// Native CPU kernel of torch.ops.sparq_ext.attention (SparQ Attention, arXiv 2312.04985).
+// Native CPU kernel of torch.ops.sparq_ext.attention and torch.ops.sparq_ext.paged_attention
+// (SparQ Attention, arXiv 2312.04985). One kernel body serves both: the stages reach cache rows
+// through a position policy (StridedPositions, PagedPositions below), so the paged operator
+// computes exactly what attention computes on the same cache laid out contiguously. Paged, with
+// key_t, a block of positions that crosses a page has its r rows copied first (r*kSub*e bytes per
+// thread, L1/L2-resident); the bytes below are otherwise the same.
 //
 // Bytes per (batch b, KV head h), e = element size, L = valid span of row b (<= S, bounded by
 // seq_lens / the first and last True of attn_mask), k' = min(k, valid count), G = Hq / Hkv:
