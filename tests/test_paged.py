@@ -96,16 +96,21 @@ def test_native_matches_reference(native_backend, dtype):
     torch.testing.assert_close(out.float(), ref.float(), **tolerance(dtype, native_backend))
 
 
-@pytest.mark.parametrize("layout", ["tokens_first", "heads_outer"])
+@pytest.mark.parametrize("layout", ["tokens_first", "heads_outer", "D_strided"])
 @pytest.mark.parametrize("key_t_order", [(0, 1, 2, 3), (1, 0, 3, 2)], ids=["key_t_rows_by_D",
                                                                            "key_t_heads_outer"])
 def test_strided_views(backend, layout, key_t_order):
     """Caches as an engine holds them, passed as views: ``(num_blocks, block_size, Hkv, D)`` via
     ``transpose(1, 2)``, heads outermost, ``key_t_cache`` whose positions are not contiguous."""
-    order = {"tokens_first": (0, 2, 1, 3), "heads_outer": (1, 0, 2, 3)}[layout]
+    order = {"tokens_first": (0, 2, 1, 3), "heads_outer": (1, 0, 2, 3), "D_strided": (0, 1, 3, 2)}[layout]
     c = paged_case(block_size=16, seq_lens=(70, 33, 5), storage_order=order,
                    key_t_order=key_t_order, seed=11)
     assert not c["key_cache"].is_contiguous() and not c["key_t_cache"].is_contiguous()
+    # the table and lengths as views into larger tensors (column / element stride 2)
+    table = torch.full((3, 2 * c["table"].shape[1]), UNUSED_BLOCK, dtype=torch.int32)
+    table[:, ::2] = c["table"]
+    lens = torch.stack([c["lens"], torch.zeros_like(c["lens"])], 1).reshape(-1)
+    c["table"], c["lens"] = table[:, ::2], lens[::2]
     value_mean = c["V"].float().mean(2)[..., :].to(c["V"].dtype)  # any (R, Hkv, D) values
     value_mean = value_mean.transpose(0, 1).contiguous().transpose(0, 1)  # a strided view
     paged, contiguous = run_both(backend, c, value_mean=value_mean)
