@@ -158,7 +158,7 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
     and :func:`sparq_attention_reference` with ``seq_lens``. Also the fallback backend wherever
     no native paged kernel exists (CUDA so far). Inputs are assumed validated.
     """
-    R, Hq, D = query.shape
+    R, _, D = query.shape
     Hkv = key_cache.shape[1]
     if block_table.shape[1] == 0:  # no position at all: every row is empty
         return torch.zeros_like(query, memory_format=torch.contiguous_format)

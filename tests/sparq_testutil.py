@@ -236,7 +236,7 @@ def to_pages(x, block_table, seq_lens, num_blocks, block_size, *, storage_order=
     ``block_table``, its storage holding the dims in ``storage_order`` (e.g. ``(0, 2, 1, 3)``:
     an engine's ``(num_blocks, block_size, H, D)`` seen through a transpose). Slots no row
     writes are NaN, so a kernel that reads one is caught."""
-    R, H, S, D = x.shape
+    _, H, S, D = x.shape
     shape = (num_blocks, H, block_size, D)
     storage = torch.full([shape[i] for i in storage_order], float("nan"), dtype=x.dtype)
     cache = storage.permute(*[storage_order.index(i) for i in range(4)])
