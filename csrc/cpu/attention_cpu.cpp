@@ -878,8 +878,6 @@ template <typename Pos>
 Problem<Pos> make_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t r,
                           int64_t k, bool reallocate, std::optional<double> scale,
                           const at::Tensor& query, const at::Tensor& value_mean, at::Tensor& out) {
-  TORCH_CHECK(S < (int64_t{1} << 31), "the cache must hold fewer than 2^31 positions per row for "
-              "the CPU kernel (its top-k histogram counts are 32-bit), got ", S);
   Problem<Pos> P{};
   P.B = B;
   P.Hq = Hq;
@@ -925,6 +923,9 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                            local_window);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
+  // (paged rows are shorter: seq_lens is int32)
+  TORCH_CHECK(d.S < (int64_t{1} << 31), "key must hold fewer than 2^31 positions for the CPU "
+              "kernel (its top-k histogram counts are 32-bit), got S = ", d.S);
   const at::Tensor q = query.contiguous();
   const at::Tensor key_rows = cpu::rows_contiguous(key);
   const at::Tensor value_rows = cpu::rows_contiguous(value);
