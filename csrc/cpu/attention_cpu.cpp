@@ -343,26 +343,27 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
 
   for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
     const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
-    if (P.key_t && kt_row.run(s0) >= n) {  // the r rows read in place
-      const T* base = key_t + kt_row.offset(s0);
-      for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
-      // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
-      // r short interleaved runs (kSub positions each).
-      const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
-          prefetch(row_ptr[j] + kSub + i);
-      approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
-    } else if (P.key_t) {  // the block spans pages: copy its r rows, then the same kernel
-      T* copied = static_cast<T*>(ws.key_t_rows);
-      for (int64_t i = 0; i < n;) {
-        const int64_t len = std::min(kt_row.run(s0 + i), n - i);
-        const T* src = key_t + kt_row.offset(s0 + i);
+    if (P.key_t) {
+      if (kt_row.run(s0) >= n) {  // the r rows read in place
+        const T* base = key_t + kt_row.offset(s0);
+        for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
+        // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
+        // r short interleaved runs (kSub positions each).
+        const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
         for (int64_t j = 0; j < r; ++j)
-          std::memcpy(copied + j * kSub + i, src + i1[j] * P.kt_sd, len * sizeof(T));
-        i += len;
+          for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
+            prefetch(row_ptr[j] + kSub + i);
+      } else {  // the block spans pages: its r rows copied, then the same kernel
+        T* copied = static_cast<T*>(ws.key_t_rows);
+        for (int64_t i = 0; i < n;) {
+          const int64_t len = std::min(kt_row.run(s0 + i), n - i);
+          const T* src = key_t + kt_row.offset(s0 + i);
+          for (int64_t j = 0; j < r; ++j)
+            std::memcpy(copied + j * kSub + i, src + i1[j] * P.kt_sd, len * sizeof(T));
+          i += len;
+        }
+        for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
       }
-      for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
       approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
       for (int64_t i = 0; i < n; ++i) {
@@ -461,7 +462,7 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
 // the NH x D fp32 accumulators live in L1. Row t is value + rows.offset(idx[t]); Buffered: it
 // is value + t * D (the value buffer).
 template <typename T, int NH, bool Buffered, typename Row>
-void accumulate_values(const T* value, const Row& rows, const int64_t* idx, int64_t n_sel,
+void accumulate_values(const T* value, Row rows, const int64_t* idx, int64_t n_sel,
                        const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
   for (int hh = 0; hh < NH; ++hh)
     for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
@@ -492,7 +493,7 @@ void accumulate_values(const T* value, const Row& rows, const int64_t* idx, int6
 // accumulate_values for all G heads; p: G rows of kPartitionLen weights; head g's sum goes to
 // partial + g * pstride + 3.
 template <typename T, bool Buffered, typename Row>
-void accumulate_values_all_heads(const T* value, const Row& rows, const int64_t* idx, int64_t n,
+void accumulate_values_all_heads(const T* value, Row rows, const int64_t* idx, int64_t n,
                                  const float* p, int64_t G, int64_t D, float* partial,
                                  int64_t pstride) {
   for_head_blocks(G, [&](auto nh, int64_t g0) {
