@@ -304,6 +304,15 @@ inline float exp_sum(float* x, int64_t n, float m) {
   return hsum(acc);
 }
 
+// Whether each run of consecutive positions in [s0, s0 + n) after the first starts a whole
+// number of vectors into the block (always, for a contiguous key_t: one run).
+template <typename Row>
+bool runs_vector_aligned(const Row& row, int64_t s0, int64_t n) {
+  for (int64_t i = row.run(s0); i < n; i += row.run(s0 + i))
+    if (i % kVec != 0) return false;
+  return true;
+}
+
 // approx_logits for one (task, tile): selection scores into scores[lo, hi) and the tile's
 // statistics. `scores` is indexed by position.
 template <typename T, typename Pos>
@@ -343,27 +352,42 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
 
   for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
     const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
-    if (P.key_t) {
-      if (kt_row.run(s0) >= n) {  // the r rows read in place
-        const T* base = key_t + kt_row.offset(s0);
-        for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
+    if (P.key_t && runs_vector_aligned(kt_row, s0, n)) {
+      // The r rows read in place, a run of consecutive positions at a time: one run, unless
+      // the block spans pages. A run's whole-vector stores past its end land where the next
+      // run writes (runs start at whole vectors), so each logit is what one call computes.
+      if (kt_row.run(s0) >= n) {
         // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
         // r short interleaved runs (kSub positions each).
+        const T* next = key_t + kt_row.offset(s0) + kSub;
         const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
         for (int64_t j = 0; j < r; ++j)
           for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
-            prefetch(row_ptr[j] + kSub + i);
-      } else {  // the block spans pages: its r rows copied, then the same kernel
-        T* copied = static_cast<T*>(ws.key_t_rows);
-        for (int64_t i = 0; i < n;) {
-          const int64_t len = std::min(kt_row.run(s0 + i), n - i);
-          const T* src = key_t + kt_row.offset(s0 + i);
-          for (int64_t j = 0; j < r; ++j)
-            std::memcpy(copied + j * kSub + i, src + i1[j] * P.kt_sd, len * sizeof(T));
-          i += len;
-        }
-        for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
+            prefetch(next + i1[j] * P.kt_sd + i);
       }
+      for (int64_t i = 0; i < n;) {
+        const int64_t len = std::min(kt_row.run(s0 + i), n - i);
+        const T* base = key_t + kt_row.offset(s0 + i);
+        for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
+        if (len < n && s0 + i + kSub < hi) {  // pages: this run's rows one block ahead, as above
+          const T* next = key_t + kt_row.offset(s0 + i + kSub);
+          for (int64_t j = 0; j < r; ++j)
+            for (int64_t e = 0; e < len; e += kLine / int64_t{sizeof(T)})
+              prefetch(next + i1[j] * P.kt_sd + e);
+        }
+        approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, len, logits + i);
+        i += len;
+      }
+    } else if (P.key_t) {  // other page layouts: the block's r rows copied, then the same kernel
+      T* copied = static_cast<T*>(ws.key_t_rows);
+      for (int64_t i = 0; i < n;) {
+        const int64_t len = std::min(kt_row.run(s0 + i), n - i);
+        const T* src = key_t + kt_row.offset(s0 + i);
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t e = 0; e < len; ++e) copied[j * kSub + i + e] = src[i1[j] * P.kt_sd + e];
+        i += len;
+      }
+      for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
       approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
       for (int64_t i = 0; i < n; ++i) {
