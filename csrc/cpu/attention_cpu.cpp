@@ -369,12 +369,6 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
         const int64_t len = std::min(kt_row.run(s0 + i), n - i);
         const T* base = key_t + kt_row.offset(s0 + i);
         for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
-        if (len < n && s0 + i + kSub < hi) {  // pages: this run's rows one block ahead, as above
-          const T* next = key_t + kt_row.offset(s0 + i + kSub);
-          for (int64_t j = 0; j < r; ++j)
-            for (int64_t e = 0; e < len; e += kLine / int64_t{sizeof(T)})
-              prefetch(next + i1[j] * P.kt_sd + e);
-        }
         approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, len, logits + i);
         i += len;
       }
