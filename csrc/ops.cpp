@@ -19,11 +19,20 @@ TORCH_LIBRARY(sparq_ext, m) {
       "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
       "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
       "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor");
+  // Must match sparq_ext/ops.py:PAGED_SCHEMA.
+  m.def(
+      "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
+      "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
+      "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor");
 }
 
-// Dispatch keys without a native kernel get the pure-torch reference from Python.
+// Dispatch keys without a native kernel get the pure-torch reference from Python (so far
+// paged_attention has no CUDA kernel: CUDA runs its reference).
 #ifdef SPARQ_WITH_CPU
-TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) { m.impl("attention", &sparq::attention_cpu); }
+TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) {
+  m.impl("attention", &sparq::attention_cpu);
+  m.impl("paged_attention", &sparq::paged_attention_cpu);
+}
 #endif
 #ifdef SPARQ_WITH_CUDA
 TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) { m.impl("attention", &sparq::attention_cuda); }
@@ -55,7 +64,8 @@ at::Tensor radix_topk_host(const at::Tensor& scores, int64_t k) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "sparq_ext native kernels (operator registered as torch.ops.sparq_ext.attention)";
+  m.doc() = "sparq_ext native kernels (operators registered as torch.ops.sparq_ext.attention and "
+          "torch.ops.sparq_ext.paged_attention)";
 #ifdef SPARQ_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -22,6 +22,14 @@ inline void check_same(const at::Tensor& t, const at::Tensor& query, const char*
               query.device(), ", got ", t.device());
 }
 
+// The selection budget, shared by both operators.
+inline void check_budget(int64_t D, int64_t r, int64_t k, int64_t local_window) {
+  TORCH_CHECK(r >= 1 && r <= D, "r must be an int in [1, head_dim=", D, "], got ", r);
+  TORCH_CHECK(k >= 1, "k must be an int >= 1, got ", k);
+  TORCH_CHECK(local_window >= 0 && local_window <= k, "local_window must be an int in [0, k=", k,
+              "], got ", local_window);
+}
+
 // Mirrors sparq_ext.ops.check_attention_inputs (which raises first when called from Python);
 // here for direct torch.ops calls. Data-dependent checks (seq_lens values) stay in Python:
 // reading them would synchronise the device.
@@ -61,10 +69,7 @@ inline AttentionDims check_attention_args(
                 "value_mean must have shape (B, Hkv, 1, D), got ", value_mean->sizes());
     check_same(*value_mean, query, "value_mean");
   }
-  TORCH_CHECK(r >= 1 && r <= d.D, "r must be an int in [1, head_dim=", d.D, "], got ", r);
-  TORCH_CHECK(k >= 1, "k must be an int >= 1, got ", k);
-  TORCH_CHECK(local_window >= 0 && local_window <= k, "local_window must be an int in [0, k=", k,
-              "], got ", local_window);
+  check_budget(d.D, r, k, local_window);
   if (seq_lens) {
     TORCH_CHECK(seq_lens->scalar_type() == at::kInt || seq_lens->scalar_type() == at::kLong,
                 "seq_lens must be int32 or int64, got ", seq_lens->scalar_type());
@@ -90,6 +95,69 @@ inline AttentionDims check_attention_args(
   return d;
 }
 
+// Dimensions of one paged call, after the checks.
+struct PagedDims {
+  int64_t R, Hq, Hkv, G, D, num_blocks, block_size, max_blocks;
+};
+
+// Mirrors sparq_ext.ops.check_paged_attention_inputs, shapes and dtypes only (same words).
+// The values of block_table and seq_lens are checked by each backend where reading them costs
+// no device sync (the CPU kernel checks them before reading the cache).
+inline PagedDims check_paged_attention_args(
+    const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t r, int64_t k,
+    const std::optional<at::Tensor>& key_t_cache, const std::optional<at::Tensor>& value_mean,
+    int64_t local_window) {
+  TORCH_CHECK(query.dim() == 3, "query must have 3 dims (R, Hq, D), got ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must have 4 dims (num_blocks, Hkv, block_size, D), got ",
+              key_cache.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "query must be float32, float16 or bfloat16, got ", dtype);
+  PagedDims d{query.size(0), query.size(1), key_cache.size(1), 0, query.size(2),
+              key_cache.size(0), key_cache.size(2), block_table.dim() == 2 ? block_table.size(1) : 0};
+  TORCH_CHECK(d.Hq >= 1 && d.D >= 1, "query must have at least one head and head_dim >= 1");
+  TORCH_CHECK(key_cache.size(3) == d.D, "key_cache must be (num_blocks, Hkv, block_size, D=", d.D,
+              "), got ", key_cache.sizes());
+  TORCH_CHECK(d.num_blocks >= 1 && d.block_size >= 1,
+              "key_cache must hold at least one block of at least one position, got ",
+              key_cache.sizes());
+  TORCH_CHECK(d.Hkv >= 1 && d.Hq % d.Hkv == 0, "key_cache heads (", d.Hkv,
+              ") must divide query heads (", d.Hq, ")");
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have key_cache's shape ",
+              key_cache.sizes(), ", got ", value_cache.sizes());
+  d.G = d.Hq / d.Hkv;
+  check_same(key_cache, query, "key_cache");
+  check_same(value_cache, query, "value_cache");
+  if (key_t_cache) {
+    TORCH_CHECK(key_t_cache->sizes() ==
+                    at::IntArrayRef({d.num_blocks, d.Hkv, d.D, d.block_size}),
+                "key_t_cache must have shape (num_blocks, Hkv, D, block_size) = (", d.num_blocks,
+                ", ", d.Hkv, ", ", d.D, ", ", d.block_size, "), got ", key_t_cache->sizes());
+    check_same(*key_t_cache, query, "key_t_cache");
+  }
+  if (value_mean) {
+    TORCH_CHECK(value_mean->sizes() == at::IntArrayRef({d.R, d.Hkv, d.D}),
+                "value_mean must have shape (R, Hkv, D) = (", d.R, ", ", d.Hkv, ", ", d.D,
+                "), got ", value_mean->sizes());
+    check_same(*value_mean, query, "value_mean");
+  }
+  TORCH_CHECK(block_table.scalar_type() == at::kInt, "block_table must be int32, got ",
+              block_table.scalar_type());
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == d.R,
+              "block_table must have shape (R=", d.R, ", max_blocks), got ", block_table.sizes());
+  TORCH_CHECK(block_table.device() == query.device(), "block_table must be on the query's device ",
+              query.device(), ", got ", block_table.device());
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "seq_lens must be int32, got ",
+              seq_lens.scalar_type());
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == d.R, "seq_lens must have shape (R,) = (",
+              d.R, ",), got ", seq_lens.sizes());
+  TORCH_CHECK(seq_lens.device() == query.device(), "seq_lens must be on the query's device ",
+              query.device(), ", got ", seq_lens.device());
+  check_budget(d.D, r, k, local_window);
+  return d;
+}
+
 // attn_mask as a contiguous (B, S) bool tensor (a view when it already is one).
 inline at::Tensor mask_as_batch_by_seq(const at::Tensor& attn_mask, int64_t B, int64_t S) {
   return attn_mask.expand({B, 1, 1, S}).reshape({B, S}).contiguous();
@@ -108,5 +176,13 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS);   // csrc/cpu/
 // `histogram_only` skips the sampled fast path.
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
 at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
+
+#define SPARQ_PAGED_ATTENTION_ARGS                                                          \
+  const at::Tensor &query, const at::Tensor &key_cache, const at::Tensor &value_cache,      \
+      const at::Tensor &block_table, const at::Tensor &seq_lens, int64_t r, int64_t k,      \
+      const std::optional<at::Tensor>&key_t_cache, const std::optional<at::Tensor>&value_mean, \
+      int64_t local_window, bool reallocate, std::optional<double> scale
+
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS);  // csrc/cpu/
 
 }  // namespace sparq

@@ -1,13 +1,21 @@
 """sparq_ext: SparQ Attention (arXiv 2312.04985) as a PyTorch C++/CUDA extension.
 
 ``sparq_ext.attention(query, key, value, r=..., k=...)`` runs one bandwidth-efficient decode
-step. The compiled kernels are used where built; otherwise a pure-torch implementation runs.
+step; ``sparq_ext.paged_attention`` the same over a paged KV cache (block table, as in vLLM).
+The compiled kernels are used where built; otherwise a pure-torch implementation runs.
 """
 
 from .budget import rk_for_ratio, transfer_bytes
 from .cache import SparQCache, SparQCacheLayer
-from .ops import attention, check_attention_inputs, extension_error, has_native_kernel
-from .reference import sparq_attention_reference
+from .ops import (
+    attention,
+    check_attention_inputs,
+    check_paged_attention_inputs,
+    extension_error,
+    has_native_kernel,
+    paged_attention,
+)
+from .reference import paged_attention_reference, sparq_attention_reference
 from .split import Split, saved_splits
 
 __version__ = "0.1.0"
@@ -18,8 +26,11 @@ __all__ = [
     "Split",
     "attention",
     "check_attention_inputs",
+    "check_paged_attention_inputs",
     "extension_error",
     "has_native_kernel",
+    "paged_attention",
+    "paged_attention_reference",
     "rk_for_ratio",
     "saved_splits",
     "sparq_attention_reference",

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from .reference import sparq_attention_reference
+from .reference import paged_attention_reference, sparq_attention_reference
 
 # Must match the schema in csrc/ops.cpp (tests/test_registration.py checks it).
 SCHEMA = (
@@ -26,6 +26,13 @@ SCHEMA = (
     "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor"
 )
 QUALNAME = "sparq_ext::attention"
+# Must match the paged schema in csrc/ops.cpp.
+PAGED_SCHEMA = (
+    "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
+    "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
+    "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor"
+)
+PAGED_QUALNAME = "sparq_ext::paged_attention"
 
 extension_error: str | None = None  # why the compiled extension is not in use, if it is not
 _C = None
@@ -46,17 +53,27 @@ if _C is None:
     _def_lib = torch.library.Library("sparq_ext", "DEF")
     _def_lib.define(SCHEMA)
     _libraries.append(_def_lib)
+if not hasattr(torch.ops.sparq_ext, "paged_attention"):  # no extension, or one built before it
+    _paged_def_lib = torch.library.Library("sparq_ext", "FRAGMENT")
+    _paged_def_lib.define(PAGED_SCHEMA)
+    _libraries.append(_paged_def_lib)
 
 
-def has_native_kernel(device_type: str) -> bool:
-    """Whether the compiled extension provides the kernel for ``"cpu"`` or ``"cuda"``."""
-    return device_type in _native_device_types
+def has_native_kernel(device_type: str, op: str = "attention") -> bool:
+    """Whether the compiled extension provides ``op``'s kernel (``"attention"`` or
+    ``"paged_attention"``) for ``"cpu"`` or ``"cuda"``; otherwise that device runs the
+    pure-torch reference."""
+    if op not in _native_device_types:
+        raise ValueError(f"op must be one of {sorted(_native_device_types)}, got {op!r}")
+    return device_type in _native_device_types[op]
 
 
+# Read before the references below are registered: only the compiled extension's kernels count.
 _native_device_types = {
-    device_type
-    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, key)
+    op: {device_type
+         for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+         if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)}
+    for op, qualname in (("attention", QUALNAME), ("paged_attention", PAGED_QUALNAME))
 }
 
 
@@ -71,6 +88,26 @@ _libraries.append(_impl_lib)
 for _key in ("CPU", "CUDA"):
     if not torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, _key):
         _impl_lib.impl("attention", _reference_kernel, _key)
+
+
+def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
+                            key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
+                            scale=None):
+    return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
+                                     key_t_cache, value_mean, local_window, reallocate, scale)
+
+
+# No CUDA kernel for the paged operator yet: CUDA runs the reference (correct, not fast).
+for _key in ("CPU", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(PAGED_QUALNAME, _key):
+        _impl_lib.impl("paged_attention", _paged_reference_kernel, _key)
+
+
+@torch.library.register_fake(PAGED_QUALNAME)
+def _paged_attention_fake(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
+                          key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
+                          scale=None):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(QUALNAME)
@@ -220,4 +257,147 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     return torch.ops.sparq_ext.attention(
         query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
         attn_mask=attn_mask, local_window=local_window, reallocate=reallocate,
+        scale=None if scale is None else float(scale))
+
+
+def _check_budget(D, r, k, local_window, reallocate, scale) -> None:
+    """The selection budget and options, as ``check_attention_inputs`` checks them."""
+    if not _is_int(r) or not 1 <= r <= D:
+        raise ValueError(f"r must be an int in [1, head_dim={D}], got {r!r}")
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not _is_int(local_window) or not 0 <= local_window <= k:
+        raise ValueError(f"local_window must be an int in [0, k={k}], got {local_window!r}")
+    if not isinstance(reallocate, bool):
+        raise TypeError(f"reallocate must be a bool, got {type(reallocate).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
+                                 key_t_cache=None, value_mean=None, local_window=0,
+                                 reallocate=True, scale=None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``paged_attention``.
+
+    Shapes, dtypes and devices always; the values of ``seq_lens`` and ``block_table`` (each
+    row's length within the table, the block ids it uses within the cache) where they can be
+    read without a device sync (not under ``torch.compile`` or CUDA-graph capture).
+    """
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() != 3:
+        raise ValueError(f"query must have 3 dims (R, Hq, D), got shape {tuple(query.shape)}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"query must be float32, float16 or bfloat16, got {query.dtype}")
+    R, Hq, D = query.shape
+    if Hq < 1 or D < 1:
+        raise ValueError(f"query must have at least one head and head_dim >= 1, got {tuple(query.shape)}")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (num_blocks, Hkv, block_size, D), "
+                             f"got shape {tuple(t.shape)}")
+    num_blocks, Hkv, block_size, cache_D = key_cache.shape
+    if cache_D != D:
+        raise ValueError(f"key_cache must be (num_blocks, Hkv, block_size, D={D}), "
+                         f"got {tuple(key_cache.shape)}")
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError("key_cache must hold at least one block of at least one position, "
+                         f"got {tuple(key_cache.shape)}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"key_cache heads ({Hkv}) must divide query heads ({Hq})")
+    if value_cache.shape != key_cache.shape:
+        raise ValueError(f"value_cache must have key_cache's shape {tuple(key_cache.shape)}, "
+                         f"got {tuple(value_cache.shape)}")
+    optional = (("key_t_cache", key_t_cache, (num_blocks, Hkv, D, block_size)),
+                ("value_mean", value_mean, (R, Hkv, D)))
+    for name, t, shape in (("key_cache", key_cache, None), ("value_cache", value_cache, None)) + optional:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+
+    for name, t, dims, shape in (("block_table", block_table, 2, "(R, max_blocks)"),
+                                 ("seq_lens", seq_lens, 1, "(R,)")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != dims or t.shape[0] != R:
+            raise ValueError(f"{name} must have shape {shape} with R={R}, got {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+    _check_budget(D, r, k, local_window, reallocate, scale)
+
+    if R > 0 and _values_checkable(seq_lens) and _values_checkable(block_table):
+        capacity = block_table.shape[1] * block_size
+        low, high = int(seq_lens.min()), int(seq_lens.max())
+        if low < 0 or high > capacity:
+            raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = {capacity}], "
+                             f"got values in [{low}, {high}]")
+        blocks_used = (seq_lens.long() + block_size - 1) // block_size  # (R,)
+        in_use = torch.arange(block_table.shape[1], device=block_table.device) < blocks_used[:, None]
+        used = block_table[in_use]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+            raise ValueError(f"block_table must hold block ids in [0, num_blocks={num_blocks}) "
+                             f"for the blocks within seq_lens, got values in "
+                             f"[{int(used.min())}, {int(used.max())}]")
+
+    if torch.is_grad_enabled():
+        tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
+                   ("key_t_cache", key_t_cache), ("value_mean", value_mean))
+        for name, t in tensors:
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but sparq_ext.paged_attention is "
+                                 "inference-only (no backward): call it under torch.no_grad() "
+                                 "or torch.inference_mode()")
+
+
+def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
+                    key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
+                    scale=None):
+    """SparQ Attention for one decode step over a paged KV cache (as in vLLM).
+
+    The same result as :func:`attention` on the cache laid out contiguously with ``seq_lens``
+    (GQA index sharing, local window, step 3, zeros for an empty row); work is bounded by each
+    row's length, not by the table's capacity.
+
+    Args:
+        query: ``(R, Hq, D)``, one decode token per request row; float32 / float16 / bfloat16.
+        key_cache, value_cache: ``(num_blocks, Hkv, block_size, D)``, any strides (an engine's
+            ``(num_blocks, block_size, Hkv, D)`` cache is passed as its ``transpose(1, 2)``,
+            a view, never copied; rows of ``D`` contiguous elements are read in place).
+        block_table: int32 ``(R, max_blocks)``: row ``i``'s position ``p`` lives in block
+            ``block_table[i, p // block_size]`` at offset ``p % block_size``. Entries past a
+            row's last block are never read.
+        seq_lens: int32 ``(R,)``, each row's length, at most ``max_blocks * block_size``.
+        r, k, local_window, reallocate, scale: as :func:`attention`.
+        key_t_cache: optional ``(num_blocks, Hkv, D, block_size)`` transposed copy of the keys,
+            any strides.
+        value_mean: optional ``(R, Hkv, D)`` mean of each row's values; default: computed over
+            the row's positions.
+
+    Returns:
+        ``(R, Hq, D)`` in the query's dtype.
+
+    Backends: a native CPU kernel (the same kernel body as :func:`attention`'s); on CUDA, and
+    wherever the extension is not built, the pure-torch :func:`paged_attention_reference`, which
+    is correct but gathers the whole table into a contiguous cache first (slow; a CUDA paged
+    kernel does not exist yet). ``sparq_ext.has_native_kernel(device, "paged_attention")`` says
+    which runs. Inference-only; ``seq_lens`` and ``block_table`` values are checked eagerly,
+    not under ``torch.compile`` or CUDA-graph capture.
+    """
+    check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
+                                 key_t_cache, value_mean, local_window, reallocate, scale)
+    return torch.ops.sparq_ext.paged_attention(
+        query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
+        value_mean=value_mean, local_window=local_window, reallocate=reallocate,
         scale=None if scale is None else float(scale))

@@ -134,3 +134,45 @@ def sparq_attention_reference(
         y = y * valid.any(-1).to(acc)[:, None, None, None]
     out = y.reshape(B, Hq, 1, D).to(query.dtype)
     return (out, i2) if return_selection else out
+
+
+def gather_pages(cache, block_table, seq_lens):
+    """A paged ``cache`` ``(num_blocks, H, block_size, ...)`` laid out contiguously:
+    ``(R, H, max_blocks * block_size, ...)``, position ``p`` of row ``i`` read from block
+    ``block_table[i, p // block_size]`` at offset ``p % block_size``. Positions at or past
+    ``seq_lens[i]`` are padding, zeros (their table entries need not be valid)."""
+    block_size = cache.shape[2]
+    positions = torch.arange(block_table.shape[1] * block_size, device=cache.device)
+    blocks = block_table.to(device=cache.device, dtype=torch.long)[:, positions // block_size]
+    in_row = positions[None, :] < seq_lens.to(cache.device)[:, None]
+    blocks = torch.where(in_row, blocks, torch.zeros_like(blocks))  # (R, P)
+    # advanced indices on dims 0 and 2 (separated by a slice) come first: (R, P, H, ...)
+    gathered = cache[blocks, :, positions % block_size].transpose(1, 2)
+    # padding as zeros: masked positions get weight 0, and 0 * NaN (an unwritten slot) is NaN
+    in_row = in_row.reshape(*in_row.shape[:1], 1, in_row.shape[1], *([1] * (cache.dim() - 3)))
+    return torch.where(in_row, gathered, torch.zeros((), dtype=cache.dtype, device=cache.device))
+
+
+def paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
+                              key_t_cache=None, value_mean=None, local_window=0,
+                              reallocate=True, scale=None):
+    """SparQ attention over a paged cache; arguments as ``sparq_ext.paged_attention``.
+
+    The definition of the paged operator: the cache gathered into a contiguous one
+    (:func:`gather_pages`, ``max_blocks * block_size`` positions per row, so correct but slow)
+    and :func:`sparq_attention_reference` with ``seq_lens``. Also the fallback backend wherever
+    no native paged kernel exists (CUDA so far). Inputs are assumed validated.
+    """
+    R, _, D = query.shape
+    Hkv = key_cache.shape[1]
+    if block_table.shape[1] == 0:  # no position at all: every row is empty
+        return torch.zeros_like(query, memory_format=torch.contiguous_format)
+    key = gather_pages(key_cache, block_table, seq_lens)
+    value = gather_pages(value_cache, block_table, seq_lens)
+    key_t = None
+    if key_t_cache is not None:  # positions are its last dim
+        key_t = gather_pages(key_t_cache.transpose(2, 3), block_table, seq_lens).transpose(2, 3)
+    v_mean = None if value_mean is None else value_mean.reshape(R, Hkv, 1, D)
+    out = sparq_attention_reference(query[:, :, None, :], key, value, r, k, key_t, v_mean,
+                                    seq_lens, None, local_window, reallocate, scale)
+    return out[:, :, 0, :]

@@ -187,3 +187,60 @@ def separated_query(q, k, r, kk, *, key_t=None, seq_lens=None, attn_mask=None,
         g = torch.Generator(device=q.device).manual_seed(2_000_003 * (seed + 1) + attempt)
         q = torch.randn(q.shape, generator=g, device=q.device).to(q.dtype)
     raise AssertionError("could not draw a query with separated top-r / top-k boundaries")
+
+
+# --- Paged caches (sparq_ext.paged_attention) ---------------------------------------------------
+# A contiguous (R, H, S, D) cache scattered into shuffled blocks, so that the paged operator can
+# be compared with ``attention`` on the cache it came from.
+
+UNUSED_BLOCK = 1 << 30  # table entries past a row's last block: never read, so never valid
+
+
+def paged_attention(backend: str, query, key_cache, value_cache, block_table, seq_lens, **kwargs):
+    """``sparq_ext.paged_attention`` through ``backend`` (as :func:`attention`: inputs moved to
+    its device with their strides, output back on the CPU)."""
+    if backend == "reference":
+        with torch.no_grad():
+            return sparq_ext.paged_attention_reference(query, key_cache, value_cache, block_table,
+                                                       seq_lens, **kwargs)
+    device = device_of(backend)
+    moved = {name: _to(t, device) for name, t in kwargs.items()}
+    with torch.no_grad():
+        out = sparq_ext.paged_attention(*(_to(t, device) for t in (
+            query, key_cache, value_cache, block_table, seq_lens)), **moved)
+    assert out.device.type == device
+    return out.cpu()
+
+
+def page_table(seq_lens, block_size, *, shared_blocks=0, spare_blocks=3, extra_columns=1, seed=0):
+    """``(block_table, num_blocks)``: int32 ``(R, max_blocks)`` of shuffled block ids for rows of
+    ``seq_lens`` positions; rows after the first reuse its first ``shared_blocks`` blocks (a shared
+    prefix: their caches must agree there); entries past a row's last block are UNUSED_BLOCK.
+    ``max_blocks`` covers the longest row plus ``extra_columns``."""
+    gen = torch.Generator().manual_seed(seed)
+    R = len(seq_lens)
+    used = [-(-int(n) // block_size) for n in seq_lens]
+    max_blocks = max(used, default=0) + extra_columns
+    own = [max(0, n - shared_blocks) if i > 0 else n for i, n in enumerate(used)]
+    num_blocks = sum(own) + spare_blocks
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.full((R, max_blocks), UNUSED_BLOCK, dtype=torch.int32)
+    for i, n in enumerate(used):
+        for j in range(n):
+            table[i, j] = table[0, j] if i > 0 and j < shared_blocks else ids.pop()
+    return table, num_blocks
+
+
+def to_pages(x, block_table, seq_lens, num_blocks, block_size, *, storage_order=(0, 1, 2, 3)):
+    """``x`` ``(R, H, S, D)`` written into a paged cache ``(num_blocks, H, block_size, D)`` by
+    ``block_table``, its storage holding the dims in ``storage_order`` (e.g. ``(0, 2, 1, 3)``:
+    an engine's ``(num_blocks, block_size, H, D)`` seen through a transpose). Slots no row
+    writes are NaN, so a kernel that reads one is caught."""
+    _, H, S, D = x.shape
+    shape = (num_blocks, H, block_size, D)
+    storage = torch.full([shape[i] for i in storage_order], float("nan"), dtype=x.dtype)
+    cache = storage.permute(*[storage_order.index(i) for i in range(4)])
+    rows, positions = (torch.arange(S)[None, :] < seq_lens[:, None].long()).nonzero(as_tuple=True)
+    blocks = block_table[rows, positions // block_size].long()
+    cache[blocks, :, positions % block_size] = x.transpose(1, 2)[rows, positions]
+    return cache

@@ -1,10 +1,11 @@
-"""The operator is registered the way PyTorch intends: one schema, fake impl, opcheck, compile."""
+"""The operators are registered the way PyTorch intends: one schema each, fake impl, opcheck,
+compile (the paged operator's opcheck and compile tests: tests/test_paged.py)."""
 
 import pytest
 import torch
 
 import sparq_ext
-from sparq_ext.ops import SCHEMA
+from sparq_ext.ops import PAGED_SCHEMA, SCHEMA
 from sparq_testutil import NATIVE_BACKENDS, make_inputs, required_native_backends, tolerance
 
 
@@ -13,9 +14,23 @@ def test_schema_is_the_documented_one():
     assert schema == "sparq_ext::" + SCHEMA
 
 
-def test_every_device_has_a_kernel():
+def test_paged_schema_is_the_documented_one():
+    schema = str(torch.ops.sparq_ext.paged_attention.default._schema)
+    assert schema == "sparq_ext::" + PAGED_SCHEMA
+
+
+@pytest.mark.parametrize("op", ["attention", "paged_attention"])
+def test_every_device_has_a_kernel(op):
     for key in ("CPU", "CUDA"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key("sparq_ext::attention", key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparq_ext::{op}", key)
+
+
+def test_has_native_kernel_per_op():
+    """The CPU kernel serves both operators; CUDA has no paged kernel yet (its reference runs)."""
+    assert sparq_ext.has_native_kernel("cpu", "paged_attention") == sparq_ext.has_native_kernel("cpu")
+    assert not sparq_ext.has_native_kernel("cuda", "paged_attention")
+    with pytest.raises(ValueError, match="op must be one of"):
+        sparq_ext.has_native_kernel("cpu", "paged")
 
 
 def test_required_native_kernels_are_loaded():
@@ -24,6 +39,8 @@ def test_required_native_kernels_are_loaded():
     for name in required_native_backends():
         assert sparq_ext.extension_error is None, sparq_ext.extension_error
         assert sparq_ext.has_native_kernel(name), f"the native {name} kernel is not registered"
+        if name == "cpu":
+            assert sparq_ext.has_native_kernel(name, "paged_attention")
     assert set(required_native_backends()) <= set(NATIVE_BACKENDS)
 
 
@@ -95,10 +112,15 @@ def test_pure_torch_path_without_the_extension():
         "import torch, sparq_ext\n"
         "assert sparq_ext.extension_error == 'disabled by SPARQ_EXT_DISABLE'\n"
         "assert not sparq_ext.has_native_kernel('cpu')\n"
+        "assert not sparq_ext.has_native_kernel('cpu', 'paged_attention')\n"
         "q, K = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16)\n"
         "out = sparq_ext.attention(q, K, K, r=4, k=40)\n"
         "dense = torch.nn.functional.scaled_dot_product_attention(q, K, K, enable_gqa=True)\n"
         "torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)\n"
+        "table, lens = torch.tensor([[1, 0]], dtype=torch.int32), torch.tensor([40], dtype=torch.int32)\n"
+        "cache = torch.cat([K[:, :, 20:], K[:, :, :20]])  # (2 blocks, 2, 20, 16)\n"
+        "paged = sparq_ext.paged_attention(q[:, :, 0], cache, cache, table, lens, r=4, k=40)\n"
+        "torch.testing.assert_close(paged, dense[:, :, 0], rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "SPARQ_EXT_DISABLE": "1"}

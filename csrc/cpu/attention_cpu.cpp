@@ -1,4 +1,9 @@
-// Native CPU kernel of torch.ops.sparq_ext.attention (SparQ Attention, arXiv 2312.04985).
+// Native CPU kernel of torch.ops.sparq_ext.attention and torch.ops.sparq_ext.paged_attention
+// (SparQ Attention, arXiv 2312.04985). One kernel body serves both: the stages reach cache rows
+// through a position policy (StridedPositions, PagedPositions below), so the paged operator
+// computes exactly what attention computes on the same cache laid out contiguously. Paged, with
+// key_t, a block of positions that crosses a page has its r rows copied first (r*kSub*e bytes per
+// thread, L1/L2-resident); the bytes below are otherwise the same.
 //
 // Bytes per (batch b, KV head h), e = element size, L = valid span of row b (<= S, bounded by
 // seq_lens / the first and last True of attn_mask), k' = min(k, valid count), G = Hq / Hkv:
@@ -86,17 +91,56 @@ struct RowInfo {
   int64_t n_valid;     // valid positions in [begin, end)
 };
 
+// Where the cache rows of a position are: the policy every stage is templated on, so one kernel
+// body serves the contiguous cache (attention) and the paged one (paged_attention). A policy
+// gives, per task (b, h), a Row whose offset(s) is the element offset of position s (a key or
+// value row, or position s of component 0 of key_t), and run(s), how many positions from s on
+// are consecutive in memory (stride 1).
+//
+// The contiguous cache (B, H, S, ...): position s at b * sb + h * sh + s * ss.
+struct StridedPositions {
+  int64_t sb, sh, ss;
+  struct Row {
+    int64_t base, ss;
+    int64_t offset(int64_t s) const { return base + s * ss; }
+    int64_t run(int64_t) const { return ss == 1 ? std::numeric_limits<int64_t>::max() : 1; }
+  };
+  Row row(int64_t b, int64_t h) const { return {b * sb + h * sh, ss}; }
+};
+
+// The paged cache (num_blocks, H, block_size, ...), any strides: position s of batch row b in
+// block block_table[b, s / block_size] at offset s % block_size.
+struct PagedPositions {
+  const int32_t* block_table;
+  int64_t bt_sr, bt_sc;  // block_table strides (row, column)
+  int64_t block_size, s_block, s_head, s_pos;
+  struct Row {
+    const int32_t* blocks;  // the batch row's entries of block_table
+    int64_t bt_sc, block_size, head_offset, s_block, s_pos;
+    int64_t offset(int64_t s) const {
+      return int64_t{blocks[s / block_size * bt_sc]} * s_block + head_offset +
+             s % block_size * s_pos;
+    }
+    int64_t run(int64_t s) const { return s_pos == 1 ? block_size - s % block_size : 1; }
+  };
+  Row row(int64_t b, int64_t h) const {
+    return {block_table + b * bt_sr, bt_sc, block_size, h * s_head, s_block, s_pos};
+  }
+};
+
+template <typename Pos>
 struct Problem {
   int64_t B, Hq, Hkv, G, S, D, r, k, rpad, kpad, n_tiles;
   float scale;
   bool reallocate;
   const void* query;  // contiguous (B, Hq, D)
-  const void* key;
-  int64_t k_sb, k_sh, k_ss;
-  const void* value;
-  int64_t v_sb, v_sh, v_ss;
+  const void* key;    // rows of D contiguous elements
+  Pos key_pos;
+  const void* value;  // rows of D contiguous elements
+  Pos value_pos;
   const void* key_t;  // nullptr when absent
-  int64_t kt_sb, kt_sh, kt_sd;
+  Pos key_t_pos;      // position s of component 0; component d is kt_sd further
+  int64_t kt_sd;
   const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
   const bool* mask;        // contiguous (B, S) or nullptr
   const RowInfo* rows;
@@ -125,13 +169,15 @@ struct Scratch {
   float* v_mean;                    // D
   float* partials;                  // n_partitions * G * (D + 3) (per-task mode)
   void* value_buffer;                // kPartitionLen value rows (when D * e <= kBufferedValueRowBytes)
+  void* key_t_rows;  // r * kSub elements: key_t rows copied where a block of positions is not
+                     // consecutive in memory (paged caches)
 };
 
 // ---------------------------------------------------------------------------------------
 // prep for one task.
 // ---------------------------------------------------------------------------------------
-template <typename T>
-void prep_query(const Problem& P, int64_t task) {
+template <typename T, typename Pos>
+void prep_query(const Problem<Pos>& P, int64_t task) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
   const T* q = static_cast<const T*>(P.query) + (b * P.Hq + h * G) * D;
   float* qf = P.q_f32 + task * G * D;
@@ -258,10 +304,19 @@ inline float exp_sum(float* x, int64_t n, float m) {
   return hsum(acc);
 }
 
+// Whether each run of consecutive positions in [s0, s0 + n) after the first starts a whole
+// number of vectors into the block (always, for a contiguous key_t: one run).
+template <typename Row>
+bool runs_vector_aligned(const Row& row, int64_t s0, int64_t n) {
+  for (int64_t i = row.run(s0); i < n; i += row.run(s0 + i))
+    if (i % kVec != 0) return false;
+  return true;
+}
+
 // approx_logits for one (task, tile): selection scores into scores[lo, hi) and the tile's
 // statistics. `scores` is indexed by position.
-template <typename T>
-void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* scores,
+template <typename T, typename Pos>
+void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float* scores,
                   const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, r = P.r;
   const RowInfo ri = P.rows[b];
@@ -290,23 +345,47 @@ void approx_logits_tile(const Problem& P, int64_t task, int64_t tile, float* sco
     for (int64_t j = 0; j < r; ++j) gathered_rows[j] = ws.gathered + j * kSub;
   }
   float* logits = ws.logits;
+  const T* key = static_cast<const T*>(P.key);
+  const T* key_t = static_cast<const T*>(P.key_t);
+  const auto key_row = P.key_pos.row(b, h);
+  const auto kt_row = P.key_t_pos.row(b, h);
 
   for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
     const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
-    if (P.key_t) {
-      const T* base = static_cast<const T*>(P.key_t) + b * P.kt_sb + h * P.kt_sh + s0;
-      for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
-      // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
-      // r short interleaved runs (kSub positions each).
-      const int64_t ahead = std::min(kSub, hi - s0 - kSub);
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
-          prefetch(row_ptr[j] + kSub + i);
+    if (P.key_t && runs_vector_aligned(kt_row, s0, n)) {
+      // The r rows read in place, a run of consecutive positions at a time: one run, unless
+      // the block spans pages. A run's whole-vector stores past its end land where the next
+      // run writes (runs start at whole vectors), so each logit is what one call computes.
+      if (kt_row.run(s0) >= n) {
+        // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
+        // r short interleaved runs (kSub positions each).
+        const T* next = key_t + kt_row.offset(s0) + kSub;
+        const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
+            prefetch(next + i1[j] * P.kt_sd + i);
+      }
+      for (int64_t i = 0; i < n;) {
+        const int64_t len = std::min(kt_row.run(s0 + i), n - i);
+        const T* base = key_t + kt_row.offset(s0 + i);
+        for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
+        approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, len, logits + i);
+        i += len;
+      }
+    } else if (P.key_t) {  // other page layouts: the block's r rows copied, then the same kernel
+      T* copied = static_cast<T*>(ws.key_t_rows);
+      for (int64_t i = 0; i < n;) {
+        const int64_t len = std::min(kt_row.run(s0 + i), n - i);
+        const T* src = key_t + kt_row.offset(s0 + i);
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t e = 0; e < len; ++e) copied[j * kSub + i + e] = src[i1[j] * P.kt_sd + e];
+        i += len;
+      }
+      for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
       approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
-      const T* base = static_cast<const T*>(P.key) + b * P.k_sb + h * P.k_sh;
       for (int64_t i = 0; i < n; ++i) {
-        const T* row = base + (s0 + i) * P.k_ss;
+        const T* row = key + key_row.offset(s0 + i);
         for (int64_t j = 0; j < r; ++j) ws.gathered[j * kSub + i] = static_cast<float>(row[i1[j]]);
       }
       approx_logits_all_heads<float>(gathered_rows.data(), r, qh, P.rpad, G, n, logits);
@@ -410,16 +489,17 @@ inline void exact_logits_row(const T* row, const float* qf, int64_t D, float sca
 
 // y[hh][:] = sum_t p[hh][t] * V[idx[t]][:] for NH heads. Each value row is read once, whole
 // (the gather is latency-bound: touching a row in several passes costs a miss per pass), and
-// the NH x D fp32 accumulators live in L1. Buffered: row t is vbase + t * D (the value buffer).
-template <typename T, int NH, bool Buffered>
-void accumulate_values(const T* vbase, int64_t v_ss, const int64_t* idx, int64_t n_sel,
+// the NH x D fp32 accumulators live in L1. Row t is value + rows.offset(idx[t]); Buffered: it
+// is value + t * D (the value buffer).
+template <typename T, int NH, bool Buffered, typename Row>
+void accumulate_values(const T* value, Row rows, const int64_t* idx, int64_t n_sel,
                        const float* p, int64_t kpad, int64_t D, float* y, int64_t y_stride) {
   for (int hh = 0; hh < NH; ++hh)
     for (int64_t d = 0; d < D; ++d) y[hh * y_stride + d] = 0.0f;
   const int64_t d_full = D / kVec * kVec;
   for (int64_t t = 0; t < n_sel; ++t) {
-    if (!Buffered && t + kPrefetch < n_sel) prefetch(vbase + idx[t + kPrefetch] * v_ss);
-    const T* row = Buffered ? vbase + t * D : vbase + idx[t] * v_ss;
+    if (!Buffered && t + kPrefetch < n_sel) prefetch(value + rows.offset(idx[t + kPrefetch]));
+    const T* row = Buffered ? value + t * D : value + rows.offset(idx[t]);
     fVec pb[NH];
     for (int hh = 0; hh < NH; ++hh) pb[hh] = fVec(p[hh * kpad + t]);
     for (int64_t d = 0; d < d_full; d += kVec) {
@@ -442,19 +522,19 @@ void accumulate_values(const T* vbase, int64_t v_ss, const int64_t* idx, int64_t
 
 // accumulate_values for all G heads; p: G rows of kPartitionLen weights; head g's sum goes to
 // partial + g * pstride + 3.
-template <typename T, bool Buffered>
-void accumulate_values_all_heads(const T* vbase, int64_t v_ss, const int64_t* idx, int64_t n,
+template <typename T, bool Buffered, typename Row>
+void accumulate_values_all_heads(const T* value, Row rows, const int64_t* idx, int64_t n,
                                  const float* p, int64_t G, int64_t D, float* partial,
                                  int64_t pstride) {
   for_head_blocks(G, [&](auto nh, int64_t g0) {
-    accumulate_values<T, decltype(nh)::value, Buffered>(vbase, v_ss, idx, n, p + g0 * kPartitionLen, kPartitionLen, D,
+    accumulate_values<T, decltype(nh)::value, Buffered>(value, rows, idx, n, p + g0 * kPartitionLen, kPartitionLen, D,
                                                       partial + g0 * pstride + 3, pstride);
   });
 }
 
 // topk for one task: merge its approx_logits statistics and select its rows.
-template <typename T>
-void topk_task(const Problem& P, int64_t task, const float* scores, const Scratch& ws) {
+template <typename T, typename Pos>
+void topk_task(const Problem<Pos>& P, int64_t task, const float* scores, const Scratch& ws) {
   const int64_t b = task / P.Hkv, G = P.G;
   const RowInfo ri = P.rows[b];
   float* head_stats = P.head_stats + task * G * 2;
@@ -484,8 +564,8 @@ void topk_task(const Problem& P, int64_t task, const float* scores, const Scratc
 // attend: one partition of the selected rows -> per head (max, sum p, sum of approx softmax
 // numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats). `scores`: the task's
 // approx_logits selection scores, indexed by position.
-template <typename T>
-void attend_partition(const Problem& P, int64_t task, int64_t partition, const float* scores,
+template <typename T, typename Pos>
+void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, const float* scores,
                   float* partial, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
   const int64_t t0 = partition * kPartitionLen, n = std::min(P.n_sel[task] - t0, kPartitionLen);
@@ -499,7 +579,8 @@ void attend_partition(const Problem& P, int64_t task, int64_t partition, const f
     return;
   }
   const int64_t* idx = P.sel_idx + task * P.kpad + t0;
-  const T* kbase = static_cast<const T*>(P.key) + b * P.k_sb + h * P.k_sh;
+  const T* key = static_cast<const T*>(P.key);
+  const auto key_row = P.key_pos.row(b, h);
   const float* qf = P.q_f32 + task * G * D;
   const float* qh = P.q_hat + task * G * P.rpad;
   const int64_t* i1 = P.i1 + task * r;
@@ -508,17 +589,18 @@ void attend_partition(const Problem& P, int64_t task, int64_t partition, const f
   float* ap = ws.sel_approx;
   float* cols = ws.key_cols;
   for (int64_t j = r; j < rpad; ++j) cols[j] = 0.0f;
-  const T* vbase = static_cast<const T*>(P.value) + b * P.v_sb + h * P.v_sh;
+  const T* value = static_cast<const T*>(P.value);
+  const auto value_row = P.value_pos.row(b, h);
   T* buffer = static_cast<T*>(ws.value_buffer);  // nullptr: value rows are not buffered
 
   // Exact logits of the selected rows, all heads per key row read (and the value row buffered).
   for (int64_t t = 0; t < n; ++t) {
     if (t + kPrefetch < n) {
-      prefetch(kbase + idx[t + kPrefetch] * P.k_ss);
-      if (buffer) prefetch(vbase + idx[t + kPrefetch] * P.v_ss);
+      prefetch(key + key_row.offset(idx[t + kPrefetch]));
+      if (buffer) prefetch(value + value_row.offset(idx[t + kPrefetch]));
     }
-    if (buffer) std::memcpy(buffer + t * D, vbase + idx[t] * P.v_ss, D * sizeof(T));
-    const T* row = kbase + idx[t] * P.k_ss;
+    if (buffer) std::memcpy(buffer + t * D, value + value_row.offset(idx[t]), D * sizeof(T));
+    const T* row = key + key_row.offset(idx[t]);
     for_head_blocks(G, [&](auto nh, int64_t g0) {
       exact_logits_row<T, decltype(nh)::value>(row, qf + g0 * D, D, P.scale, ex + g0 * kPartitionLen + t, kPartitionLen);
     });
@@ -536,7 +618,7 @@ void attend_partition(const Problem& P, int64_t task, int64_t partition, const f
         ap[t] = scores[idx[t]];
         continue;
       }
-      const T* row = kbase + idx[t] * P.k_ss;
+      const T* row = key + key_row.offset(idx[t]);
       for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
       for (int64_t g = 0; g < G; ++g) {
         fVec acc(0.0f);
@@ -560,14 +642,14 @@ void attend_partition(const Problem& P, int64_t task, int64_t partition, const f
   }
 
   if (buffer)
-    accumulate_values_all_heads<T, true>(buffer, D, idx, n, ex, G, D, partial, pstride);
+    accumulate_values_all_heads<T, true>(buffer, value_row, idx, n, ex, G, D, partial, pstride);
   else
-    accumulate_values_all_heads<T, false>(vbase, P.v_ss, idx, n, ex, G, D, partial, pstride);
+    accumulate_values_all_heads<T, false>(value, value_row, idx, n, ex, G, D, partial, pstride);
 }
 
 // merge: combine the partitions (in order) and write alpha * y + (1 - alpha) * v_mean.
-template <typename T>
-void merge_task(const Problem& P, int64_t task, const float* partials, const Scratch& ws) {
+template <typename T, typename Pos>
+void merge_task(const Problem<Pos>& P, int64_t task, const float* partials, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D;
   const RowInfo ri = P.rows[b];
   T* out = static_cast<T*>(P.out) + (b * P.Hq + h * G) * D;
@@ -583,12 +665,13 @@ void merge_task(const Problem& P, int64_t task, const float* partials, const Scr
       const T* src = static_cast<const T*>(P.value_mean) + task * D;
       for (int64_t d = 0; d < D; ++d) vm[d] = static_cast<float>(src[d]);
     } else {  // mean of value over the valid positions
-      const T* vbase = static_cast<const T*>(P.value) + b * P.v_sb + h * P.v_sh;
+      const T* value = static_cast<const T*>(P.value);
+      const auto value_row = P.value_pos.row(b, h);
       for (int64_t d = 0; d < D; ++d) vm[d] = 0.0f;
       const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
       for (int64_t s = ri.begin; s < ri.end; ++s) {
         if (mask && !mask[s]) continue;
-        const T* row = vbase + s * P.v_ss;
+        const T* row = value + value_row.offset(s);
         int64_t d = 0;
         for (; d + kVec <= D; d += kVec) (fVec::loadu(vm + d) + load_f(row + d)).store(vm + d);
         if (d < D) (fVec::loadu(vm + d, D - d) + load_f(row + d, D - d)).store(vm + d, D - d);
@@ -644,8 +727,8 @@ void dynamic_for(int64_t n, const F& f) {
 // ---------------------------------------------------------------------------------------
 // Driver.
 // ---------------------------------------------------------------------------------------
-template <typename T>
-void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
+template <typename T, typename Pos>
+void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
          const at::TensorOptions& byte_opts) {
   const int64_t B = P.B, S = P.S, G = P.G, D = P.D, r = P.r;
   const int64_t tasks = B * P.Hkv;
@@ -714,6 +797,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
       D * 4,                                         // v_mean
       per_task ? part_floats * 4 : 0,                // partials
       buffer_values ? kPartitionLen * D * int64_t{sizeof(T)} : 0,  // value_buffer
+      P.key_t && std::is_same_v<Pos, PagedPositions> ? r * kSub * int64_t{sizeof(T)} : 0,  // key_t_rows
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
@@ -750,6 +834,7 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.v_mean = reinterpret_cast<float*>(piece[6]);
     ws.partials = reinterpret_cast<float*>(piece[7]);
     ws.value_buffer = buffer_values ? piece[8] : nullptr;
+    ws.key_t_rows = piece[9];
     return ws;
   };
   const int64_t partition_floats = G * (D + 3);
@@ -757,29 +842,29 @@ void run(Problem& P, int64_t local_window, const at::Tensor& seq_lens,
   if (per_task) {
     dynamic_for(tasks, [&](int64_t task, int tid) {
       const Scratch ws = scratch_for(tid);
-      prep_query<T>(P, task);
-      for (int64_t c = 0; c < P.n_tiles; ++c) approx_logits_tile<T>(P, task, c, ws.scores, ws);
-      topk_task<T>(P, task, ws.scores, ws);
+      prep_query<T, Pos>(P, task);
+      for (int64_t c = 0; c < P.n_tiles; ++c) approx_logits_tile<T, Pos>(P, task, c, ws.scores, ws);
+      topk_task<T, Pos>(P, task, ws.scores, ws);
       for (int64_t sp = 0; sp < P.n_partitions; ++sp)
-        attend_partition<T>(P, task, sp, ws.scores, ws.partials + sp * partition_floats, ws);
-      merge_task<T>(P, task, ws.partials, ws);
+        attend_partition<T, Pos>(P, task, sp, ws.scores, ws.partials + sp * partition_floats, ws);
+      merge_task<T, Pos>(P, task, ws.partials, ws);
     });
   } else {  // few (b, h): tiles of the sequence and partitions of the selected rows too
-    dynamic_for(tasks, [&](int64_t task, int) { prep_query<T>(P, task); });
+    dynamic_for(tasks, [&](int64_t task, int) { prep_query<T, Pos>(P, task); });
     dynamic_for(tasks * P.n_tiles, [&](int64_t w, int tid) {
       const int64_t task = w / P.n_tiles;
-      approx_logits_tile<T>(P, task, w % P.n_tiles, global_scores + task * S, scratch_for(tid));
+      approx_logits_tile<T, Pos>(P, task, w % P.n_tiles, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
-      topk_task<T>(P, task, global_scores + task * S, scratch_for(tid));
+      topk_task<T, Pos>(P, task, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks * P.n_partitions, [&](int64_t w, int tid) {
       const int64_t task = w / P.n_partitions;
-      attend_partition<T>(P, task, w % P.n_partitions, global_scores + task * S,
+      attend_partition<T, Pos>(P, task, w % P.n_partitions, global_scores + task * S,
                       P.partials + w * partition_floats, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
-      merge_task<T>(P, task, P.partials + task * P.n_partitions * partition_floats, scratch_for(tid));
+      merge_task<T, Pos>(P, task, P.partials + task * P.n_partitions * partition_floats, scratch_for(tid));
     });
   }
 }
@@ -814,11 +899,62 @@ at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogra
   return out.narrow(0, 0, taken);
 }
 
+namespace cpu {
+namespace {
+
+// The fields both operators fill alike: shapes, budget and the query, value_mean and output.
+// `S`: positions addressable per batch row (the contiguous cache's length; the paged cache's
+// longest row).
+template <typename Pos>
+Problem<Pos> make_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t r,
+                          int64_t k, bool reallocate, std::optional<double> scale,
+                          const at::Tensor& query, const at::Tensor& value_mean, at::Tensor& out) {
+  Problem<Pos> P{};
+  P.B = B;
+  P.Hq = Hq;
+  P.Hkv = Hkv;
+  P.G = Hq / Hkv;
+  P.S = S;
+  P.D = D;
+  P.r = r;
+  P.k = k;
+  P.rpad = round_up(r, kVec);
+  P.kpad = round_up(std::min(k, S), kVec);
+  P.n_tiles = ceil_div(S, kTileLen);
+  P.n_partitions = ceil_div(std::min(k, S), kPartitionLen);
+  P.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D)));
+  P.reallocate = reallocate;
+  P.query = query.data_ptr();
+  P.value_mean = value_mean.defined() ? value_mean.data_ptr() : nullptr;
+  P.out = out.data_ptr();
+  return P;
+}
+
+// fp32 accumulation for every dtype; one template, no per-dtype copies.
+template <typename Pos>
+void dispatch_run(Problem<Pos>& P, int64_t local_window, const at::Tensor& lens,
+                  const at::Tensor& query) {
+  const auto byte_opts = query.options().dtype(at::kByte);
+  AT_DISPATCH_SWITCH(query.scalar_type(), "sparq_attention_cpu",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(P, local_window, lens, byte_opts); }));
+}
+
+// Strides of a (blocks or batch, heads, positions, ...) tensor as a position policy.
+StridedPositions strided_positions(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+}  // namespace
+}  // namespace cpu
+
 at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
   const AttentionDims d =
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                            local_window);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
+  // (paged rows are shorter: seq_lens is int32)
   TORCH_CHECK(d.S < (int64_t{1} << 31), "key must hold fewer than 2^31 positions for the CPU "
               "kernel (its top-k histogram counts are 32-bit), got S = ", d.S);
   const at::Tensor q = query.contiguous();
@@ -830,46 +966,71 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, d.B, d.S) : at::Tensor();
   at::Tensor out = at::empty({d.B, d.Hq, 1, d.D}, query.options());
 
-  cpu::Problem P{};
-  P.B = d.B;
-  P.Hq = d.Hq;
-  P.Hkv = d.Hkv;
-  P.G = d.G;
-  P.S = d.S;
-  P.D = d.D;
-  P.r = r;
-  P.k = k;
-  P.rpad = cpu::round_up(r, cpu::kVec);
-  P.kpad = cpu::round_up(std::min(k, d.S), cpu::kVec);
-  P.n_tiles = ceil_div(d.S, cpu::kTileLen);
-  P.n_partitions = ceil_div(std::min(k, d.S), cpu::kPartitionLen);
-  P.scale = static_cast<float>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D)));
-  P.reallocate = reallocate;
-  P.query = q.data_ptr();
+  auto P = cpu::make_problem<cpu::StridedPositions>(d.B, d.Hq, d.Hkv, d.S, d.D, r, k, reallocate,
+                                                     scale, q, v_mean, out);
   P.key = key_rows.data_ptr();
-  P.k_sb = key_rows.stride(0);
-  P.k_sh = key_rows.stride(1);
-  P.k_ss = key_rows.stride(2);
+  P.key_pos = cpu::strided_positions(key_rows);
   P.value = value_rows.data_ptr();
-  P.v_sb = value_rows.stride(0);
-  P.v_sh = value_rows.stride(1);
-  P.v_ss = value_rows.stride(2);
-  if (key_t_rows.defined()) {
+  P.value_pos = cpu::strided_positions(value_rows);
+  if (key_t_rows.defined()) {  // (B, Hkv, D, S): position s of component 0 at b, h, 0, s
     P.key_t = key_t_rows.data_ptr();
-    P.kt_sb = key_t_rows.stride(0);
-    P.kt_sh = key_t_rows.stride(1);
+    P.key_t_pos = {key_t_rows.stride(0), key_t_rows.stride(1), 1};
     P.kt_sd = key_t_rows.stride(2);
   }
-  P.value_mean = v_mean.defined() ? v_mean.data_ptr() : nullptr;
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  P.out = out.data_ptr();
-  const auto byte_opts = query.options().dtype(at::kByte);
+  cpu::dispatch_run(P, local_window, lens, query);
+  return out;
+}
 
-  // fp32 accumulation for every dtype; one template, no per-dtype copies.
-  AT_DISPATCH_SWITCH(query.scalar_type(), "sparq_attention_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { cpu::run<scalar_t>(P, local_window, lens, byte_opts); }));
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS) {
+  const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
+                                                 seq_lens, r, k, key_t_cache, value_mean,
+                                                 local_window);
+  TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  const int64_t bt_sr = block_table.stride(0), bt_sc = block_table.stride(1);
+  // The table entries a row uses must name real blocks: checked here, before any is followed
+  // (R * max_blocks reads at most, against the cache rows the step reads).
+  const int64_t capacity = d.max_blocks * d.block_size;
+  int64_t longest = 0;
+  for (int64_t i = 0; i < d.R; ++i) {
+    TORCH_CHECK(len[i] >= 0 && len[i] <= capacity,
+                "seq_lens must lie in [0, max_blocks * block_size = ", capacity, "], got ", len[i],
+                " in row ", i);
+    for (int64_t j = 0; j < ceil_div(len[i], d.block_size); ++j) {
+      const int32_t id = table[i * bt_sr + j * bt_sc];
+      TORCH_CHECK(id >= 0 && id < d.num_blocks, "block_table must hold block ids in [0, "
+                  "num_blocks=", d.num_blocks, ") for the blocks within seq_lens, got ", id,
+                  " at [", i, ", ", j, "]");
+    }
+    longest = std::max(longest, len[i]);
+  }
+  const at::Tensor q = query.contiguous();
+  // Rows of D contiguous elements are read in place (any other strides); otherwise a copy.
+  const at::Tensor key_rows = cpu::rows_contiguous(key_cache);
+  const at::Tensor value_rows = cpu::rows_contiguous(value_cache);
+  const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({d.R, d.Hq, d.D}, query.options());
+
+  // Work is bounded by the longest row, not by the table's capacity; an all-empty batch still
+  // runs (on one position no row reads) so that every row gets its zeros the usual way.
+  auto P = cpu::make_problem<cpu::PagedPositions>(d.R, d.Hq, d.Hkv, std::max<int64_t>(longest, 1),
+                                                   d.D, r, k, reallocate, scale, q, v_mean, out);
+  auto paged = [&](const at::Tensor& t, int64_t s_pos) {
+    return cpu::PagedPositions{table, bt_sr, bt_sc, d.block_size, t.stride(0), t.stride(1), s_pos};
+  };
+  P.key = key_rows.data_ptr();
+  P.key_pos = paged(key_rows, key_rows.stride(2));
+  P.value = value_rows.data_ptr();
+  P.value_pos = paged(value_rows, value_rows.stride(2));
+  if (key_t_cache) {  // (num_blocks, Hkv, D, block_size), read in place whatever its strides
+    P.key_t = key_t_cache->data_ptr();
+    P.key_t_pos = paged(*key_t_cache, key_t_cache->stride(3));
+    P.kt_sd = key_t_cache->stride(2);
+  }
+  cpu::dispatch_run(P, local_window, lens, query);
   return out;
 }
 
