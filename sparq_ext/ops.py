@@ -170,17 +170,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
         if t.device != query.device:
             raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
 
-    if not _is_int(r) or not 1 <= r <= D:
-        raise ValueError(f"r must be an int in [1, head_dim={D}], got {r!r}")
-    if not _is_int(k) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not _is_int(local_window) or not 0 <= local_window <= k:
-        raise ValueError(f"local_window must be an int in [0, k={k}], got {local_window!r}")
-    if not isinstance(reallocate, bool):
-        raise TypeError(f"reallocate must be a bool, got {type(reallocate).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    _check_budget(D, r, k, local_window, reallocate, scale)
 
     if seq_lens is not None:
         if not isinstance(seq_lens, torch.Tensor):
