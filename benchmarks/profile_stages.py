@@ -26,6 +26,31 @@ from sparq_ext.evaluation import timing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# The estimated time per stage (us) that docs/cuda-pipeline.md holds the first GPU run against:
+# B = 1, Hq = 32, Hkv = 8, D = 128, bf16, ratio 8, key_t and value_mean given. Stage -> (low, high)
+# per (GPU, S). A kernel is matched to a stage by its name ("<stage>_kernel").
+STANDARD_SHAPE = dict(B=1, Hq=32, Hkv=8, D=128, dtype="bf16", ratio=8.0)
+EXPECTED_US = {
+    ("H100", 4096): {"prep": (2, 2), "approx_logits": (2.4, 2.4), "topk": (5, 6), "attend": (3.4, 3.4)},
+    ("H200", 4096): {"prep": (2, 2), "approx_logits": (2.3, 2.3), "topk": (5, 6), "attend": (3.3, 3.3)},
+    ("H100", 32768): {"prep": (2, 2), "approx_logits": (5.5, 5.5), "topk": (6, 8), "attend": (6.1, 6.1)},
+    ("H200", 32768): {"prep": (2, 2), "approx_logits": (4.5, 4.5), "topk": (6, 8), "attend": (5.2, 5.2)},
+    ("H100", 131072): {"prep": (2, 2), "approx_logits": (16.0, 16.0), "topk": (9, 15), "attend": (15.5, 15.5)},
+    ("H200", 131072): {"prep": (2, 2), "approx_logits": (11.9, 11.9), "topk": (9, 15), "attend": (11.9, 11.9)},
+}
+
+
+def expected_stage_us(device_name: str, shape: dict, seq_len: int) -> dict[str, tuple[float, float]] | None:
+    """docs/cuda-pipeline.md's estimate for this GPU and shape, or None where it has none."""
+    if shape != STANDARD_SHAPE:
+        return None
+    gpu = next((g for g in ("H100", "H200") if g in device_name), None)
+    return EXPECTED_US.get((gpu, seq_len))
+
+
+def stage_of(kernel_name: str, expected: dict) -> str | None:
+    return next((stage for stage in expected if f"{stage}_kernel" in kernel_name), None)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,15 +93,21 @@ def kernel_times(fn, device: torch.device, iters: int) -> dict[str, tuple[float,
     return {name: (total_us[name] / iters, launches[name] / iters) for name in total_us}
 
 
-def report(title: str, times: dict[str, tuple[float, float]], nbytes: int, copy_GBps: float) -> float:
+def report(title: str, times: dict[str, tuple[float, float]], nbytes: int, copy_GBps: float,
+           expected: dict | None = None) -> float:
     total = sum(us for us, _ in times.values())
     launches = sum(n for _, n in times.values())
     gbps = nbytes / (total * 1e-6) / 1e9 if total > 0 else float("nan")
     print(f"--- {title}: {total:.1f} us per call, {launches:g} launches per call, "
           f"{nbytes / 1e6:.1f} MB read -> {gbps:.0f} GB/s ({100 * gbps / copy_GBps:.0f}% of copy)")
-    print(f"{'us/call':>9} {'share':>6} {'launches':>8}  name")
+    print(f"{'us/call':>9} {'share':>6} {'launches':>8} {'estimate':>9}  name")
     for name, (us, n) in sorted(times.items(), key=lambda item: -item[1][0]):
-        print(f"{us:9.1f} {100 * us / total if total else 0:5.1f}% {n:8g}  {name[:110]}")
+        stage = stage_of(name, expected) if expected else None
+        est = f"{expected[stage][0]:g}-{expected[stage][1]:g}" if stage else "-"
+        print(f"{us:9.1f} {100 * us / total if total else 0:5.1f}% {n:8g} {est:>9}  {name[:110]}")
+    if expected:
+        low, high = (sum(v[i] for v in expected.values()) for i in (0, 1))
+        print(f"    estimated total (docs/cuda-pipeline.md): {low:g}-{high:g} us per call")
     return total
 
 
@@ -108,7 +139,10 @@ def main(argv=None) -> None:
                                                        key_t=key_t, value_mean=v_mean), device, args.iters)
                 sdpa = kernel_times(functools.partial(F.scaled_dot_product_attention, q, key, value,
                                                       enable_gqa=Hq != Hkv), device, args.iters)
-            t_sparq = report("sparq_ext.attention", sparq, nbytes["sparq"], copy_GBps)
+            shape = dict(B=B, Hq=Hq, Hkv=Hkv, D=D, dtype=args.dtype, ratio=args.ratio)
+            expected = (expected_stage_us(timing.device_name(device), shape, S)
+                        if device.type == "cuda" else None)
+            t_sparq = report("sparq_ext.attention", sparq, nbytes["sparq"], copy_GBps, expected)
             t_sdpa = report("SDPA (default backend)", sdpa, nbytes["dense"], copy_GBps)
             if t_sparq > 0:
                 print(f"device-time ratio SDPA / SparQ: {t_sdpa / t_sparq:.2f}x "

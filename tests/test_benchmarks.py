@@ -131,3 +131,18 @@ def test_gpu_session_dry_run(tmp_path):
     assert "tests/test_cuda.py::test_cuda_graph_capture_and_replay" in (tmp_path / "pytest.log").read_text()
     assert "would run:" in (tmp_path / "sanitizer.log").read_text()
     assert "us/call" in (tmp_path / "profile.log").read_text()
+
+
+def test_profile_stages_matches_kernels_to_the_documented_estimates(capsys):
+    ps = load_script("profile_stages")
+
+    expected = ps.expected_stage_us("NVIDIA H200", dict(ps.STANDARD_SHAPE), 32768)
+    assert expected == ps.EXPECTED_US[("H200", 32768)]
+    assert ps.expected_stage_us("NVIDIA H200", dict(ps.STANDARD_SHAPE, B=8), 32768) is None
+    assert ps.expected_stage_us("NVIDIA A100", dict(ps.STANDARD_SHAPE), 32768) is None
+    assert ps.stage_of("void sparq::topk_kernel<1>(sparq::TopkParams)", expected) == "topk"
+    assert ps.stage_of("void at::native::elementwise_kernel", expected) is None
+    ps.report("t", {"void approx_logits_kernel<bf16>": (4.0, 1.0), "memcpy": (1.0, 1.0)}, 10**6, 100.0,
+              expected)
+    out = capsys.readouterr().out
+    assert "4.5-4.5" in out and "estimated total (docs/cuda-pipeline.md): 17.7-19.7 us" in out
