@@ -158,17 +158,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
         raise ValueError("key must hold at least one position (S >= 1)")
 
     optional = (("key_t", key_t, (B, Hkv, D, S)), ("value_mean", value_mean, (B, Hkv, 1, D)))
-    for name, t, shape in (("key", key, None), ("value", value, None)) + optional:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+    _check_like_query(query, (("key", key, None), ("value", value, None)) + optional)
 
     _check_budget(D, r, k, local_window, reallocate, scale)
 
@@ -250,6 +240,21 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
         scale=None if scale is None else float(scale))
 
 
+def _check_like_query(query, tensors) -> None:
+    """Each (name, tensor or None, expected shape or None): a tensor with the query's dtype and device."""
+    for name, t, shape in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+
+
 def _check_budget(D, r, k, local_window, reallocate, scale) -> None:
     """The selection budget and options, as ``check_attention_inputs`` checks them."""
     if not _is_int(r) or not 1 <= r <= D:
@@ -303,17 +308,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
                          f"got {tuple(value_cache.shape)}")
     optional = (("key_t_cache", key_t_cache, (num_blocks, Hkv, D, block_size)),
                 ("value_mean", value_mean, (R, Hkv, D)))
-    for name, t, shape in (("key_cache", key_cache, None), ("value_cache", value_cache, None)) + optional:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+    _check_like_query(query, (("key_cache", key_cache, None), ("value_cache", value_cache, None)) + optional)
 
     for name, t, dims, shape in (("block_table", block_table, 2, "(R, max_blocks)"),
                                  ("seq_lens", seq_lens, 1, "(R,)")):
