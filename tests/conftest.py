@@ -5,12 +5,16 @@ pure-torch reference is visible — and fails where ``SPARQ_EXT_REQUIRE_NATIVE``
 from __future__ import annotations
 
 import collections
+import importlib.util
 
 import pytest
 import torch
 
 import sparq_ext
 from sparq_testutil import (BACKENDS, NATIVE_BACKENDS, backend_unavailable, required_native_backends)
+
+# tests/vllm_engine run in vLLM's own venv (`make test-vllm`, part of `make test`); this venv has no vLLM.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_engine"]
 
 _tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _item_backend: dict[str, str] = {}

@@ -9,6 +9,7 @@ do not install). No hub download happens at run time.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -52,3 +53,28 @@ def load_smollm2(dtype=None, device="cpu"):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=dtype or torch.float32)
     return model.to(device).eval(), tokenizer
+
+
+def export_smollm2(path: str | os.PathLike, dtype=None) -> Path:
+    """Write SmolLM2-135M-Instruct as a plain safetensors folder (for engines without a GGUF
+    loader, such as vLLM); returns ``path``. Does nothing when ``path`` already holds it.
+
+    A model loaded from GGUF refuses ``save_pretrained``, so its weights are copied into a fresh
+    model of the same config first (same values: the dequantised GGUF weights).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the GGUF's: the saved weights are plain tensors
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    path.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

