@@ -336,9 +336,9 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike | None = None,
                     attention_mask=None, lengths=None, positions: int | None = None,
                     criterion: str | None = None) -> Split:
-    """Calibrate an auto split of ``model`` at ``ratio`` from prefills of ``input_ids``; returns it
-    (and writes it to ``path`` when given) for ``enable_sparq(model, ratio, split="auto",
-    split_file=...)``.
+    """Calibrate an auto split of ``model``'s SparQ layers (:func:`sparq_layers`: the full-attention
+    ones) at ``ratio`` from prefills of ``input_ids``; returns it (and writes it to ``path`` when
+    given) for ``enable_sparq(model, ratio, split="auto", split_file=...)``.
 
     ``lengths``: calibrate once per context length ``L`` (a prefill of the first ``L`` tokens each,
     all ``<= input_ids.shape[-1]``; default: one prefill of all of them); decoding uses the entry of
