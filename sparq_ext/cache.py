@@ -306,18 +306,21 @@ class SparQCache(_HFCache):
 
     ``SparQCache()`` adds layers lazily as ``update(key, value, layer_idx)`` reaches them;
     ``SparQCache(num_layers=n)`` or ``SparQCache(config=model.config)`` creates them up front.
+    With a ``config`` only the full-attention layers are :class:`SparQCacheLayer`; every other layer
+    (a sliding window, ...) is the layer ``transformers``' own ``DynamicCache`` makes for it, since
+    SparQ does not run there (:func:`attention_layer_types`).
     ``capacity`` preallocates that many positions per layer (it still grows past it).
     """
 
     def __init__(self, num_layers: int | None = None, config=None, capacity: int = 0):
-        if config is not None and num_layers is None:
-            text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            num_layers = text_config.num_hidden_layers
-            layer_types = getattr(text_config, "layer_types", None)
-            if layer_types and any(t != "full_attention" for t in layer_types):
-                raise ValueError(f"SparQCache supports full-attention layers only, got layer_types {set(layer_types)}")
         self._capacity = capacity
-        layers = [SparQCacheLayer(capacity) for _ in range(num_layers)] if num_layers is not None else None
+        if config is not None and num_layers is None and _HFCache is not object:
+            layers = _layers_for_config(config, capacity)
+        elif config is not None and num_layers is None:
+            text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            layers = [SparQCacheLayer(capacity) for _ in range(text_config.num_hidden_layers)]
+        else:
+            layers = [SparQCacheLayer(capacity) for _ in range(num_layers)] if num_layers is not None else None
         if _HFCache is object:
             self.layers = layers or []
         else:
@@ -327,7 +330,11 @@ class SparQCache(_HFCache):
     def _layer(self, layer_idx: int) -> SparQCacheLayer:
         while len(self.layers) <= layer_idx:
             self.layers.append(SparQCacheLayer(self._capacity))
-        return self.layers[layer_idx]
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, SparQCacheLayer):
+            raise TypeError(f"layer {layer_idx} of this cache is a {type(layer).__name__} (not a full-attention "
+                            "layer): SparQ runs on full-attention layers only")
+        return layer
 
     if _HFCache is object:  # minimal Cache surface without transformers
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -351,7 +358,38 @@ class SparQCache(_HFCache):
 
     def attention(self, query, layer_idx: int, **kwargs):
         """SparQ attention over layer ``layer_idx``; see :meth:`SparQCacheLayer.attention`."""
-        return self.layers[layer_idx].attention(query, **kwargs)
+        return self._layer(layer_idx).attention(query, **kwargs)
+
+
+SPARQ_LAYER_TYPE = "full_attention"  # the one layer type whose cache is a SparQCacheLayer
+
+
+def attention_layer_types(config) -> list[str]:
+    """Each decoder layer's attention type as ``transformers``' caches see it: ``"full_attention"``,
+    ``"sliding_attention"``, ``"chunked_attention"``, ``"linear_attention"``, ..."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # transformers without it: its layer_types, else a window set means every layer slides
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types:
+            return list(layer_types)
+        sliding = getattr(text_config, "sliding_window", None) is not None
+        return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
+    return list(get_layer_types_and_kwargs(text_config)[0])
+
+
+def _layers_for_config(config, capacity):
+    """``DynamicCache(config=config)``'s layers with the full-attention ones replaced by ours."""
+    from transformers.cache_utils import DynamicCache
+
+    layer_types = attention_layer_types(config)
+    theirs = DynamicCache(config=config).layers
+    if len(theirs) != len(layer_types):
+        raise ValueError(f"cannot map the {len(layer_types)} layer types of {type(config).__name__} onto "
+                         f"the {len(theirs)} layers of its DynamicCache")
+    return [SparQCacheLayer(capacity) if layer_type == SPARQ_LAYER_TYPE else layer
+            for layer_type, layer in zip(layer_types, theirs)]
 
 
 class _LayerFactory:

@@ -198,6 +198,8 @@ def choose_layer_split(queries, keys, values, ratio, scale=None, positions: int 
     prefix = exact_prefix_attention(queries[:, pos], keys, values, pos, scale)
     options = {}
     for share in budget_shares(ratio):
+        if not candidate_rs(layer_ratio(ratio, share), D):  # small head dims: not even r = 1 fits the share
+            continue
         scores = split_scores(queries[:, pos], keys, values, pos, layer_ratio(ratio, share),
                               local_window_frac=local_window_frac, prefix=prefix,
                               criteria=CRITERIA if record and share == 1.0 else (criterion,))

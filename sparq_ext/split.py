@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from importlib import resources
 
 from .budget import MAX_LAYER_FRACTION, candidate_rs, k_on_budget
@@ -49,26 +50,37 @@ class Split:
         r, rho = entry
         return r, k_on_budget(rho, seq_len, head_dim, r)
 
-    def check(self, head_dim: int, n_layers: int, source: str = "split") -> None:
+    def check(self, head_dim: int, n_layers: int | None = None, source: str = "split", *,
+              layers: Iterable[int] | None = None) -> None:
         """Raise ``ValueError`` unless every length's entry reads at most the ratio's budget:
         every ``r`` on its layer's budget line, no layer above :data:`MAX_LAYER_FRACTION` of dense
-        (unless at the model's ratio), and ``sum_l 1/rho_l <= n_layers/ratio``."""
-        for length, layers in sorted(self.lengths.items()):
+        (unless at the model's ratio), and ``sum_l 1/rho_l <= len(layers)/ratio``.
+
+        The layers that run SparQ: ``n_layers`` (layers ``0 .. n_layers-1``) or their indices
+        ``layers`` (a hybrid model's full-attention layers); a split naming any other layer is refused.
+        """
+        if (n_layers is None) == (layers is None):
+            raise ValueError("give n_layers or layers, not both")
+        sparq_layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+        for length, entry in sorted(self.lengths.items()):
             where = f"{source} (length {length})"
-            for layer, (r, rho) in layers.items():
-                if not 0 <= layer < n_layers:
-                    raise ValueError(f"{where}: layer {layer} out of range (the model has {n_layers})")
+            for layer, (r, rho) in entry.items():
+                if layer not in sparq_layers:
+                    if layers is None:
+                        raise ValueError(f"{where}: layer {layer} out of range (the model has {n_layers})")
+                    raise ValueError(f"{where}: layer {layer} does not run SparQ (the layers that do: "
+                                     f"{sparq_layers})")
                 if not (rho == self.ratio or 1.0 / rho <= MAX_LAYER_FRACTION + 1e-9):
                     raise ValueError(f"{where}: layer {layer} ratio {rho:g} reads more than "
                                      f"{MAX_LAYER_FRACTION:g} of dense attention")
                 if r not in candidate_rs(rho, head_dim):
                     raise ValueError(f"{where}: layer {layer} r={r} is not on the budget line of "
                                      f"its ratio {rho:g} (head_dim {head_dim})")
-            spent = sum(1.0 / layers[layer][1] if layer in layers else 1.0 / self.ratio
-                        for layer in range(n_layers))
-            if spent > n_layers / self.ratio * (1 + 1e-9):
+            spent = sum(1.0 / entry[layer][1] if layer in entry else 1.0 / self.ratio for layer in sparq_layers)
+            allowed = len(sparq_layers) / self.ratio
+            if spent > allowed * (1 + 1e-9):
                 raise ValueError(f"{where}: the layers' ratios spend {spent:.4g} layer budgets, more "
-                                 f"than ratio {self.ratio:g} allows ({n_layers / self.ratio:.4g})")
+                                 f"than ratio {self.ratio:g} allows ({allowed:.4g})")
 
     # ------------------------------------------------------------------------------- files
     def to_json(self) -> dict:

@@ -253,6 +253,18 @@ def test_check_rejects_splits_that_overspend_the_budget():
         Split(8, {1024: {0: (4, 8.0)}, 4096: {0: (16, 8.0)}}).check(D, n_layers=2)
 
 
+def test_check_on_the_sparq_layers_of_a_hybrid_model():
+    """Only the listed layers run SparQ (a hybrid model's full-attention layers): the budget is theirs."""
+    D = 64
+    Split(8, {1: {5: (4, 8 / 1.5), 11: (4, 16.0)}}).check(D, layers=[5, 11])  # 3/16 + 1/16 <= 2/8
+    with pytest.raises(ValueError, match="spend"):
+        Split(8, {1: {5: (4, 4.0)}}).check(D, layers=[5, 11])  # 1/4 + 1/8 > 2/8
+    with pytest.raises(ValueError, match=r"layer 0 does not run SparQ \(the layers that do: \[5, 11\]\)"):
+        Split(8, {1: {0: (4, 8.0)}}).check(D, layers=[5, 11])
+    with pytest.raises(ValueError, match="not both"):
+        Split(8, {1: {5: (4, 8.0)}}).check(D, n_layers=12, layers=[5, 11])
+
+
 def test_split_file_round_trips_and_reads_single_length_files(tmp_path):
     path = tmp_path / "split.json"
     split = Split(8.0, {1024: {0: (8, 4.0), 1: (4, 16.0)}, 4096: {0: (2, 8.0), 1: (2, 8.0)}}, {"model": "m"})

@@ -1,9 +1,12 @@
 """One-call SparQ decoding for Hugging Face ``transformers`` models: :func:`enable_sparq`.
 
 Supported: ``transformers >= 5.0, < 6`` (developed on 5.23, tested on 5.23 and 5.24), decoder models whose
-attention goes through the library's attention-function interface (Llama, Mistral, Qwen2,
-SmolLM, ... — anything calling ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)``)
-with full (not sliding-window) attention layers.
+attention goes through the library's attention-function interface (Llama, Mistral, Qwen2/3, Gemma,
+Gemma 3, Cohere 2, ... — anything calling ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)``).
+Full-attention layers run SparQ; sliding-window layers of hybrid models stay on the library's SDPA
+attention and cache layers (their cost is bounded by the window). Attention that SparQ does not
+reproduce (logit softcapping, attention sinks, latent or chunked attention, non-softmax layers) is
+refused by :func:`enable_sparq`, naming the feature and the layer (:data:`UNSUPPORTED_ATTENTION`).
 
 How it plugs in, without patching model code:
 
@@ -11,14 +14,16 @@ How it plugs in, without patching model code:
   ``AttentionMaskInterface.register("sparq", sdpa_mask)`` (so the model builds SDPA-style boolean
   masks for us), then ``model.set_attn_implementation("sparq")``.
 * Prefill (more than one query position) runs the library's SDPA function unchanged. A decode
-  step (one query position) asks the layer's :class:`SparQSettings` for ``(r, k, local_window)``
-  at the current length and runs :func:`sparq_ext.attention`.
+  step (one query position) of a full-attention layer asks the layer's :class:`SparQSettings` for
+  ``(r, k, local_window)`` at the current length and runs :func:`sparq_ext.attention`; every step
+  of a sliding-window layer runs SDPA.
 * The auto split is calibrated in one explicit place: :func:`calibrate_split` (or, when
   ``enable_sparq(split="auto")`` gets no split, the first long enough prefill, through the one
   hook :meth:`SparQSettings.observe_prefill`).
 * ``generate`` creates its cache in ``_prepare_cache_for_generation``; :func:`enable_sparq`
   wraps that method on this model instance (the one place where the library offers no hook) to
-  hand out a :class:`sparq_ext.SparQCache` instead of a ``DynamicCache``. A cache passed by the
+  hand out a :class:`sparq_ext.SparQCache` (``SparQCacheLayer`` for the full-attention layers, the
+  library's own layers for the others) instead of a ``DynamicCache``. A cache passed by the
   caller is used as given: with a ``SparQCache`` the decode step reads its ``key_t`` and running
   value sum; with any other cache it still runs SparQ, computing those from ``K`` and ``V``.
 """
@@ -29,11 +34,12 @@ import dataclasses
 import os
 import time
 import types
+import warnings
 
 import torch
 
 from ..budget import rk_for_ratio
-from ..cache import SparQCache
+from ..cache import SPARQ_LAYER_TYPE, SparQCache, attention_layer_types
 from ..calibrate import CRITERIA, MIN_CALIBRATION_POSITIONS, PrefillCalibrator, default_position_count
 from ..ops import attention as sparq_attention
 from ..split import Split
@@ -103,6 +109,76 @@ class SparQSettings:
 
 _DEFAULT_SETTINGS = SparQSettings()
 
+# Layers that stay on the library's attention and cache: their cost is bounded by the window.
+DENSE_LAYER_TYPES = ("sliding_attention",)
+
+
+def _softcapping(module, config):  # Gemma 2: logits -> c * tanh(logits / c)
+    cap = getattr(module, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None))
+    return None if cap is None else f"attn_logit_softcapping={cap:g}"
+
+
+def _sinks(module, config):  # gpt-oss: a learned logit per query head joins the softmax's denominator
+    sinks = getattr(module, "sinks", None)
+    if not isinstance(sinks, torch.Tensor):
+        return None
+    return f"attention sinks (a learned `sinks` logit for each of its {sinks.numel()} heads)"
+
+
+def _latent(module, config):  # DeepSeek V2/V3: keys and values decompressed from a shared latent
+    rank = getattr(config, "kv_lora_rank", None)
+    return None if rank is None else f"multi-head latent attention (kv_lora_rank={rank})"
+
+
+# What a layer's attention may do beyond softmax(q·Kᵀ·scale)·V that SparQ does not reproduce yet:
+# (probe of the layer's module and text config -> a description of what the layer uses, or None;
+# the attention-interface keyword that carries it at run time, or None). enable_sparq refuses a model
+# on which any probe finds something, and sparq_attention_forward refuses the keyword. Supporting a
+# feature is one change here: delete its row and pass its value to sparq_ext.attention.
+UNSUPPORTED_ATTENTION = (
+    (_softcapping, "softcap"),
+    (_sinks, "s_aux"),
+    (_latent, None),
+)
+
+# Layer types other than full and sliding-window softmax attention over the layer's own cache.
+_UNSUPPORTED_LAYER_TYPES = {
+    "chunked_attention": "chunked attention (attention_chunk_size)",
+    "linear_attention": "linear attention (no softmax; a recurrent state, not a KV cache)",
+    "dummy": "no KV cache of its own (KV sharing across layers, or no attention)",
+}
+
+
+def _refusal(layer_idx, what):
+    return ValueError(f"enable_sparq: layer {layer_idx} uses {what}, which sparq_ext does not reproduce yet "
+                      "(full-attention layers run SparQ, sliding-window layers SDPA)")
+
+
+def sparq_layers(model) -> list[int]:
+    """The layers of ``model`` whose decode steps :func:`enable_sparq` runs with SparQ: its
+    full-attention layers. Raises ``ValueError`` naming the layer and the feature when any attention
+    layer does something SparQ does not reproduce (:data:`UNSUPPORTED_ATTENTION`, layer types other
+    than full and sliding-window attention)."""
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
+    config = model.config.get_text_config(decoder=True)
+    layer_types = attention_layer_types(config)
+    for layer_idx, layer_type in enumerate(layer_types):
+        if layer_type != SPARQ_LAYER_TYPE and layer_type not in DENSE_LAYER_TYPES:
+            raise _refusal(layer_idx, _UNSUPPORTED_LAYER_TYPES.get(layer_type, f"layer type {layer_type!r}"))
+    for module in modules:
+        if not 0 <= module.layer_idx < len(layer_types):
+            raise ValueError(f"attention module {type(module).__name__} has layer_idx {module.layer_idx}, the "
+                             f"config describes {len(layer_types)} layers")
+    # the layers that would run SparQ first: their refusal is the one that matters most
+    for module in sorted(modules, key=lambda m: (layer_types[m.layer_idx] != SPARQ_LAYER_TYPE, m.layer_idx)):
+        for probe, _ in UNSUPPORTED_ATTENTION:
+            what = probe(module, config)
+            if what is not None:
+                raise _refusal(module.layer_idx, what)
+    return sorted({m.layer_idx for m in modules if layer_types[m.layer_idx] == SPARQ_LAYER_TYPE})
+
 
 def hf_mask_to_bool(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
     """A 4D HF mask ``(B, 1, Q, S')`` (bool, or float additive) -> bool ``(B, 1, 1, S)`` of the last query."""
@@ -125,8 +201,16 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
     ``query`` ``(B, Hq, Q, D)``, ``key``/``value`` ``(B, Hkv, S, D)`` as returned by the cache;
     returns ``((B, Q, Hq, D), None)`` like the library's SDPA function.
     """
+    for _, keyword in UNSUPPORTED_ATTENTION:  # SDPA would drop some of them silently
+        if keyword is not None and kwargs.get(keyword) is not None:
+            raise ValueError(f"sparq_attention_forward: layer {getattr(module, 'layer_idx', '?')} passes "
+                             f"{keyword}=..., which sparq_ext does not reproduce yet")
+    settings = getattr(module, "_sparq_settings", _DEFAULT_SETTINGS)
+    if settings is None or kwargs.get("sliding_window") is not None:
+        # a layer enable_sparq keeps dense (a sliding window: its cost is bounded by the window)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     layer = getattr(key, "_sparq_layer", None)  # set by SparQCacheLayer.update on the view it returns
-    settings = getattr(module, "_sparq_settings", None) or _DEFAULT_SETTINGS
     layer_idx = getattr(module, "layer_idx", None)
     if query.shape[2] != 1 or module.training:
         if layer is not None and attention_mask is not None:
@@ -207,8 +291,11 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         attn_name, attn_fn: register a different decode function under another name (the accuracy
             benchmark's baselines use this); the default is SparQ.
 
-    Prefill stays on SDPA. ``model.generate`` uses a :class:`sparq_ext.SparQCache` (unless a cache
-    is passed in). :func:`disable_sparq` restores the previous attention implementation.
+    Prefill stays on SDPA, and so do sliding-window layers (:func:`sparq_layers` lists the layers that
+    run SparQ; the ratio's budget and an auto split cover those). Models whose attention SparQ does
+    not reproduce raise ``ValueError`` naming the feature and the layer. ``model.generate`` uses a
+    :class:`sparq_ext.SparQCache` (unless a cache is passed in). :func:`disable_sparq` restores the
+    previous attention implementation.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
         raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
@@ -220,13 +307,11 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         raise ValueError(f"split must be 'even' or 'auto', got {split!r}")
     if split_file is not None and split != "auto":
         raise ValueError("split_file needs split='auto'")
+    layers = sparq_layers(model)
     modules = _attention_modules(model)
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention modules using the attention interface")
-    config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"enable_sparq supports full-attention layers only, got layer_types {set(layer_types)}")
+    if not layers:
+        warnings.warn(f"{type(model).__name__} has no full-attention layer (all its layers use a sliding "
+                      "window): enable_sparq changes nothing", stacklevel=2)
     settings = SparQSettings(ratio=float(ratio), r=r, k=k, local_window=local_window, min_k=min_k)
     if split == "auto" and split_file is not None:
         settings.split = split_file if isinstance(split_file, Split) else Split.load(split_file, ratio=ratio)
@@ -235,15 +320,15 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
             raise ValueError(f"{where} was calibrated for ratio {settings.split.ratio:g}, not {ratio:g}")
         head_dim = getattr(modules[0], "head_dim", None)
         if head_dim is not None:
-            settings.split.check(head_dim, len(modules), where)
-    elif split == "auto" and r is None:
-        settings.calibrator = PrefillCalibrator(ratio, len(modules))
+            settings.split.check(head_dim, source=where, layers=layers)
+    elif split == "auto" and r is None and layers:
+        settings.calibrator = PrefillCalibrator(ratio, len(layers))  # scores the SparQ layers only
     register(attn_name, attn_fn or sparq_attention_forward)
     if not hasattr(model, "_sparq_previous_attn"):
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
-    for module in modules:
-        module._sparq_settings = settings
+    for module in modules:  # None: the layer stays on SDPA
+        module._sparq_settings = settings if module.layer_idx in layers else None
     model.set_attn_implementation(attn_name)
     return model
 
@@ -251,9 +336,9 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
 def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike | None = None,
                     attention_mask=None, lengths=None, positions: int | None = None,
                     criterion: str | None = None) -> Split:
-    """Calibrate an auto split of ``model`` at ``ratio`` from prefills of ``input_ids``; returns it
-    (and writes it to ``path`` when given) for ``enable_sparq(model, ratio, split="auto",
-    split_file=...)``.
+    """Calibrate an auto split of ``model``'s SparQ layers (:func:`sparq_layers`: the full-attention
+    ones) at ``ratio`` from prefills of ``input_ids``; returns it (and writes it to ``path`` when
+    given) for ``enable_sparq(model, ratio, split="auto", split_file=...)``.
 
     ``lengths``: calibrate once per context length ``L`` (a prefill of the first ``L`` tokens each,
     all ``<= input_ids.shape[-1]``; default: one prefill of all of them); decoding uses the entry of
@@ -271,6 +356,9 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike 
     if not lengths or lengths[0] < MIN_CALIBRATION_POSITIONS or lengths[-1] > n_tokens:
         raise ValueError(f"lengths must lie in [{MIN_CALIBRATION_POSITIONS}, {n_tokens}] (the tokens of "
                          f"input_ids), got {lengths}")
+    layers = sparq_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no full-attention layer to calibrate")
     modules = _attention_modules(model)
     previous = [getattr(m, "_sparq_settings", None) for m in modules]
     was_enabled = hasattr(model, "_sparq_previous_attn")
@@ -279,8 +367,8 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike 
     try:
         for length in lengths:
             enable_sparq(model, ratio=ratio, split="auto")
-            calibrator = PrefillCalibrator(ratio, len(modules), positions=positions, criterion=criterion)
-            modules[0]._sparq_settings.calibrator = calibrator  # the settings object all layers share
+            calibrator = PrefillCalibrator(ratio, len(layers), positions=positions, criterion=criterion)
+            sparq_settings(model).calibrator = calibrator  # the settings object all SparQ layers share
             t0 = time.perf_counter()
             with torch.no_grad():
                 model(input_ids=input_ids[..., :length], use_cache=False,
@@ -297,7 +385,7 @@ def calibrate_split(model, input_ids, ratio: float = 8, path: str | os.PathLike 
             disable_sparq(model)
     missing = [length for length, layers in entries.items() if layers is None]
     if missing:
-        raise RuntimeError(f"calibration did not reach every attention layer at lengths {missing}")
+        raise RuntimeError(f"calibration did not reach every full-attention layer at lengths {missing}")
     meta = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
             "criterion": criterion or "mass",
             "positions": {str(length): positions or default_position_count(length) for length in entries},
@@ -324,10 +412,11 @@ def disable_sparq(model):
 
 
 def sparq_settings(model) -> SparQSettings | None:
-    """The settings :func:`enable_sparq` installed on ``model`` (shared by all layers), or ``None``."""
-    modules = _attention_modules(model)
-    return getattr(modules[0], "_sparq_settings", None) if modules else None
+    """The settings :func:`enable_sparq` installed on ``model`` (shared by all its SparQ layers), or ``None``."""
+    return next((m._sparq_settings for m in _attention_modules(model)
+                 if getattr(m, "_sparq_settings", None) is not None), None)
 
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "SparQSettings", "calibrate_split", "disable_sparq", "enable_sparq",
-           "hf_mask_to_bool", "register", "sparq_attention_forward", "sparq_settings"]
+__all__ = ["DENSE_LAYER_TYPES", "SUPPORTED_TRANSFORMERS", "UNSUPPORTED_ATTENTION", "SparQSettings", "calibrate_split",
+           "disable_sparq", "enable_sparq", "hf_mask_to_bool", "register", "sparq_attention_forward", "sparq_layers",
+           "sparq_settings"]
