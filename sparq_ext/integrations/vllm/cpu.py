@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
 from vllm.logger import init_logger
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -21,18 +22,21 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from . import CONFIG_KEY, SUPPORTED_ISAS, current_settings, describe_settings, layer_index, settings_from_config, \
     sparq_page_extra_bytes
 
-logger = init_logger(__name__)
+# Under vLLM's logger namespace so vLLM's log configuration (level, format) applies.
+logger = init_logger("vllm.plugins.sparq_ext")
 
 
 @dataclasses.dataclass
 class SparQDecodeMetadata:
-    """The decode rows of a batch (the first ``num_decodes`` rows, one token each)."""
+    """The decode rows of a batch (the first ``num_decodes`` rows, one token each), shared by
+    every layer of a step."""
 
     num_decodes: int
     seq_lens: torch.Tensor  # int32 (num_decodes,)
-    block_table: torch.Tensor  # int32 (num_decodes, max_blocks)
+    block_table: torch.Tensor  # int32 (num_decodes, blocks of the longest row)
+    block_ids: torch.Tensor  # the same as int64, for indexing the value sums
+    mean_weights: torch.Tensor  # fp32 (num_decodes, blocks): 1/seq_len on a row's blocks, else 0
     max_seq_len: int
-    value_block_count: torch.Tensor  # int64 (num_decodes,): blocks holding each row's positions
 
 
 @dataclasses.dataclass
@@ -72,11 +76,14 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if num_decodes:
             seq_lens = common.seq_lens[:num_decodes]
             max_seq_len = int(seq_lens.max())
+            blocks = (max_seq_len + self.block_size - 1) // self.block_size
+            table = common.block_table_tensor[:num_decodes, :blocks]
+            row_blocks = (seq_lens.long() + self.block_size - 1) // self.block_size
+            in_row = torch.arange(blocks, device=table.device) < row_blocks[:, None]
             decode = SparQDecodeMetadata(
-                num_decodes=num_decodes, seq_lens=seq_lens,
-                block_table=common.block_table_tensor[:num_decodes],
-                max_seq_len=max_seq_len,
-                value_block_count=(seq_lens.long() + self.block_size - 1) // self.block_size)
+                num_decodes=num_decodes, seq_lens=seq_lens, block_table=table,
+                block_ids=table.long(), max_seq_len=max_seq_len,
+                mean_weights=in_row.float() / seq_lens.clamp(min=1)[:, None].float())
         if num_prefills:
             prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
                                                                    num_decode_tokens), fast_build)
@@ -175,22 +182,18 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         return output
 
     def _decode(self, layer, query, kv_cache, decode: SparQDecodeMetadata) -> torch.Tensor:
-        from ...ops import paged_attention
-
         key_t, key_rows, values, value_sums = self._regions(kv_cache)
-        block_size = kv_cache.shape[2]
-        max_blocks = (decode.max_seq_len + block_size - 1) // block_size
-        table = decode.block_table[:, :max_blocks]
-        sums = value_sums[table.long()]  # (R, max_blocks, H, D)
-        in_row = torch.arange(max_blocks, device=table.device) < decode.value_block_count[:, None]
-        value_mean = (sums * in_row[:, :, None, None]).sum(1)
-        value_mean /= decode.seq_lens.clamp(min=1)[:, None, None].to(value_mean.dtype)
-        layer_idx = layer_index(getattr(layer, "layer_name", ""))
-        r, k, window = self.sparq_settings.resolve(decode.max_seq_len, self.head_size, layer_idx)
+        # v̄: the row's blocks' value sums, weighted 1/seq_len (ceil(S/block_size)·D reads per head)
+        value_mean = torch.einsum("rb,rbhd->rhd", decode.mean_weights, value_sums[decode.block_ids])
+        r, k, window = self.sparq_settings.resolve(decode.max_seq_len, self.head_size,
+                                                   layer_index(getattr(layer, "layer_name", "")))
         query = query.reshape(-1, self.num_heads, self.head_size)
-        return paged_attention(query, key_rows, values, table, decode.seq_lens, r=r, k=k,
-                               key_t_cache=key_t, value_mean=value_mean.to(query.dtype),
-                               local_window=window, scale=self.scale)
+        # The operator's own (C++) checks still run; the Python ones (sparq_ext.paged_attention)
+        # would re-check block ids vLLM produced, on every layer of every step.
+        return torch.ops.sparq_ext.paged_attention(
+            query, key_rows, values, decode.block_table, decode.seq_lens, r=r, k=k,
+            key_t_cache=key_t, value_mean=value_mean.to(query.dtype), local_window=window,
+            reallocate=True, scale=self.scale)
 
 
 class SparQCPUBackend(CPUAttentionBackend):
