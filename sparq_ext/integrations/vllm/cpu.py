@@ -36,7 +36,9 @@ class SparQDecodeMetadata:
     block_table: torch.Tensor  # int32 (num_decodes, blocks of the longest row)
     block_ids: torch.Tensor  # the same as int64, for indexing the value sums
     mean_weights: torch.Tensor  # fp32 (num_decodes, blocks): 1/seq_len on a row's blocks, else 0
-    max_seq_len: int
+    # Rows by the length their r and k are chosen at (their own, rounded up to whole blocks, so
+    # a row's result never depends on the other rows of the batch): [(length, rows or None = all)]
+    groups: list[tuple[int, torch.Tensor | None]]
 
 
 @dataclasses.dataclass
@@ -75,14 +77,16 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         decode = prefill = None
         if num_decodes:
             seq_lens = common.seq_lens[:num_decodes]
-            max_seq_len = int(seq_lens.max())
-            blocks = (max_seq_len + self.block_size - 1) // self.block_size
-            table = common.block_table_tensor[:num_decodes, :blocks]
             row_blocks = (seq_lens.long() + self.block_size - 1) // self.block_size
+            blocks = int(row_blocks.max())
+            table = common.block_table_tensor[:num_decodes, :blocks]
             in_row = torch.arange(blocks, device=table.device) < row_blocks[:, None]
+            lengths = sorted(set(row_blocks.tolist()))
+            groups = [(lengths[0] * self.block_size, None)] if len(lengths) == 1 else [
+                (n * self.block_size, torch.nonzero(row_blocks == n).flatten()) for n in lengths]
             decode = SparQDecodeMetadata(
                 num_decodes=num_decodes, seq_lens=seq_lens, block_table=table,
-                block_ids=table.long(), max_seq_len=max_seq_len,
+                block_ids=table.long(), groups=groups,
                 mean_weights=in_row.float() / seq_lens.clamp(min=1)[:, None].float())
         if num_prefills:
             prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
@@ -185,15 +189,26 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         key_t, key_rows, values, value_sums = self._regions(kv_cache)
         # v̄: the row's blocks' value sums, weighted 1/seq_len (ceil(S/block_size)·D reads per head)
         value_mean = torch.einsum("rb,rbhd->rhd", decode.mean_weights, value_sums[decode.block_ids])
-        r, k, window = self.sparq_settings.resolve(decode.max_seq_len, self.head_size,
-                                                   layer_index(getattr(layer, "layer_name", "")))
+        value_mean = value_mean.to(query.dtype)
         query = query.reshape(-1, self.num_heads, self.head_size)
-        # The operator's own (C++) checks still run; the Python ones (sparq_ext.paged_attention)
-        # would re-check block ids vLLM produced, on every layer of every step.
-        return torch.ops.sparq_ext.paged_attention(
-            query, key_rows, values, decode.block_table, decode.seq_lens, r=r, k=k,
-            key_t_cache=key_t, value_mean=value_mean.to(query.dtype), local_window=window,
-            reallocate=True, scale=self.scale)
+        index = layer_index(getattr(layer, "layer_name", ""))
+
+        def run(length, rows):
+            r, k, window = self.sparq_settings.resolve(length, self.head_size, index)
+            pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+            # The operator's own (C++) checks run; sparq_ext.paged_attention's Python checks would
+            # re-read the block ids vLLM produced on every layer of every step.
+            return torch.ops.sparq_ext.paged_attention(
+                pick(query), key_rows, values, pick(decode.block_table), pick(decode.seq_lens),
+                r=r, k=k, key_t_cache=key_t, value_mean=pick(value_mean), local_window=window,
+                reallocate=True, scale=self.scale)
+
+        if len(decode.groups) == 1:
+            return run(*decode.groups[0])
+        result = torch.empty_like(query)
+        for length, rows in decode.groups:
+            result.index_copy_(0, rows, run(length, rows))
+        return result
 
 
 class SparQCPUBackend(CPUAttentionBackend):
