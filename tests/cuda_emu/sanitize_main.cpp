@@ -128,6 +128,7 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
     a.kt_sb = Hkv * D * S;
     a.kt_sh = D * S;
     a.kt_sd = S;
+    a.kt_ss = 1;
     a.kt_vec = rows_aligned16(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd);
   }
   a.value_mean = with_mean ? mean.data() : nullptr;
