@@ -32,23 +32,26 @@ namespace {
 
 constexpr uint32_t kNegInfKey = 0x007fffffu;  // float_to_ordered(-inf)
 
-// Element offsets of a thread's run of N positions s0 .. s0 + N - 1 (those below len), relative
-// to the row's base pointer: the run's start and the step to each next position when the run
-// is consecutive in the policy's address space (contiguous caches: no per-position state).
+// Element offsets of a thread's run of N positions s0 .. s0 + N - 1 (those below len): start,
+// added to the row's base pointer once, and at(v), position s0 + v relative to it. Contiguous:
+// start = s0 * s_pos and at(v) = v * s_pos, no per-position state (the base pointer and loads
+// are the ones a kernel without policies would form); paged: each position looked up.
 template <typename Pos, int N>
 struct PositionRun;
 
 template <int N>
 struct PositionRun<StridedPositions, N> {
-  int64_t first, s_pos;
+  int64_t start;
+  const int64_t& s_pos;  // the stride where it lives (kernel parameter space), not a copy
   __device__ __forceinline__ PositionRun(const StridedPositions&, int64_t s0, int64_t,
-                                         int64_t, int64_t s_pos_)
-      : first(s0 * s_pos_), s_pos(s_pos_) {}
-  __device__ __forceinline__ int64_t at(int v) const { return first + v * s_pos; }
+                                         int64_t, const int64_t& s_pos_)
+      : start(s0 * s_pos_), s_pos(s_pos_) {}
+  __device__ __forceinline__ int64_t at(int v) const { return v * s_pos; }
 };
 
 template <int N>
 struct PositionRun<PagedPositions, N> {
+  static constexpr int64_t start = 0;
   int64_t off[N];
   __device__ __forceinline__ PositionRun(const PagedPositions& pos, int64_t s0, int64_t len,
                                          int64_t s_outer, int64_t s_pos) {
@@ -113,17 +116,17 @@ __global__ void __launch_bounds__(kApproxThreads)
 
   if (s0 < len) {
     const Pos pos = Pos::of(p.pages, b);
-    const T* base;
-    if constexpr (kKeyT) {
-      base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh;
-    } else {
-      base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh;
-    }
     // A contiguous key_t has unit position stride (the host makes it so): a constant here, so
     // the contiguous instantiation addresses key_t with no stride arithmetic at all.
     const int64_t kt_ss = std::is_same_v<Pos, StridedPositions> ? 1 : p.kt_ss;
     const PositionRun<Pos, VEC> run(pos, s0, len, kKeyT ? p.kt_sb : p.k_sb,
                                     kKeyT ? kt_ss : p.k_ss);
+    const T* base;
+    if constexpr (kKeyT) {
+      base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh + run.start;
+    } else {
+      base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + run.start;
+    }
 #pragma unroll 4
     for (int64_t j = 0; j < r; ++j) {
       float x[VEC];

@@ -143,12 +143,13 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   return out;
 }
 
-void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows) {
+// `rows`: the (batch or request row, KV head) pairs, named by `rows_name` in the error.
+void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows, const char* rows_name) {
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor for the CUDA kernel, got ",
               query.device());
   TORCH_CHECK(D <= cuda::kMaxHeadDim, "the CUDA kernels support head_dim <= ",
               cuda::kMaxHeadDim, ", got ", D);
-  TORCH_CHECK(rows <= 65535, "the CUDA kernels support B * Hkv <= 65535, got ", rows);
+  TORCH_CHECK(rows <= 65535, "the CUDA kernels support ", rows_name, " <= 65535, got ", rows);
 }
 
 }  // namespace
@@ -156,7 +157,7 @@ void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows) {
 at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
   const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
                                                seq_lens, attn_mask, local_window);
-  check_cuda_limits(query, d.D, d.B * d.Hkv);
+  check_cuda_limits(query, d.D, d.B * d.Hkv, "B * Hkv");
   TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
               "the CUDA kernels support S < 2^30 positions, got ", d.S);
   if (scale) TORCH_CHECK(std::isfinite(*scale), "scale must be a finite float or None");
@@ -192,7 +193,7 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
                                                  local_window);
-  check_cuda_limits(query, d.D, d.R * d.Hkv);
+  check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
   // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
   TORCH_CHECK(d.D % 8 == 0, "paged_attention on CUDA needs head_dim (D) a multiple of 8 (the "
               "kernels read cache rows in 16-byte vectors), got ", d.D);
