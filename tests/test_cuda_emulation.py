@@ -572,7 +572,6 @@ def test_paged_replay_on_a_dirty_workspace(emu):
                 topk_blocks=3, repeats=3, seed=23)
 
 
-@pytest.mark.slow
 def test_paged_long_row_multi_block_topk(emu):
     # 40000 positions in blocks of 128: approx_logits over many tiles and topk over several
     # blocks per row (from the SM count), one row beside a short one.
