@@ -4,9 +4,11 @@
 # repository root:
 #   1. ninja present? then the in-place build for sm_90 with every core
 #   2. the CUDA tests: tests/test_cuda.py and the cuda entries of the backend-parametrised tests
+#      (tests/test_paged.py's included: the paged kernel's first run)
 #   3. benchmarks/profile_stages.py: kernel time per call at B=1, S=32K and 128K
 #   4. benchmarks/bench_attention.py: B 1/8, Hq 32, Hkv 8, D 128, S 4K/32K/128K, bf16, against
-#      the best SDPA backend, eager and then with CUDA graphs (JSON written after every shape)
+#      the best SDPA backend, eager and then with CUDA graphs (JSON written after every shape);
+#      benchmarks/bench_paged.py: paged_attention against attention at B 8, S 32K (into bench.log)
 #   5. compute-sanitizer memcheck on benchmarks/sanitizer_case.py; synccheck, initcheck and
 #      racecheck while time remains
 # Each step has its own time limit, and none runs past the session's budget (SESSION_BUDGET_S,
@@ -78,7 +80,7 @@ if ! run_step import "$OUT/build.log" 60 "$PY" -c "import sparq_ext; assert spar
 fi
 
 # 2. The CUDA tests (the slow long-cache ones too); a per-test limit where pytest-timeout is there.
-TESTS=(tests/test_cuda.py tests/test_backends.py tests/test_semantics.py -k cuda)
+TESTS=(tests/test_cuda.py tests/test_backends.py tests/test_semantics.py tests/test_paged.py -k cuda)
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=90)
 if (( DRY )); then
@@ -98,6 +100,9 @@ else GRID=(--batch 1 8 --query-heads 32 --kv-heads 8 --head-dim 128 --seq-lens 4
 BENCH=("$PY" benchmarks/bench_attention.py --device "$DEVICE" "${GRID[@]}" --ratios 8 --no-seed --no-plot --out "$OUT")
 run_step bench_eager "$OUT/bench.log" 110 "${BENCH[@]}" --tag "${TAG}_eager"
 run_step bench_graphs "$OUT/bench.log" 110 "${BENCH[@]}" --cuda-graphs --tag "${TAG}_graphs"
+if (( DRY )); then PAGED=(--device cpu --batch 1 --query-heads 4 --kv-heads 2 --head-dim 32 --seq 1024 --dtype fp32 --iters 2)
+else PAGED=(--device cuda); fi
+run_step bench_paged "$OUT/bench.log" 20 "$PY" benchmarks/bench_paged.py "${PAGED[@]}"
 
 # 5. compute-sanitizer last: memcheck, then the other tools while time remains. No caching
 #    allocator, so every workspace is its own allocation and overruns hit its edge.

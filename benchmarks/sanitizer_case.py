@@ -1,7 +1,8 @@
 """A small case for compute-sanitizer (memcheck, synccheck, initcheck, racecheck): every kernel of
 torch.ops.sparq_ext.attention once or twice, on shapes that exercise partial tiles, ragged
 seq_lens, a masked row, the local window, GQA group chunks, an odd head dim and both value-mean
-paths. Exits non-zero when an output differs from the pure-torch reference.
+paths, and torch.ops.sparq_ext.paged_attention on a shuffled engine-layout cache. Exits non-zero
+when an output differs from the pure-torch reference.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py [--quick]
     python benchmarks/sanitizer_case.py --device cpu      # the same cases on the CPU kernel
@@ -40,10 +41,53 @@ def case(device, B, Hq, Hkv, S, D, r, k, dtype, seed, with_key_t=True, **kwargs)
     return ok
 
 
+def paged_case(device, block_size, dtype, seed, with_key_t=True) -> bool:
+    """paged_attention on (num_blocks, block_size, Hkv, D) caches seen through transpose(1, 2),
+    blocks shuffled, rows of 1000, 0 and 333 positions, against the reference on the same rows
+    laid out contiguously. Only the blocks the rows use exist: a read past them is out of bounds."""
+    R, Hq, Hkv, D, r, k = 3, 8, 2, 128, 16, 100
+    lens = [1000, 0, 333]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    S = max(lens)
+    q = torch.randn(R, Hq, D, generator=gen, device=device).to(dtype)
+    key = torch.randn(R, Hkv, S, D, generator=gen, device=device).to(dtype)
+    value = torch.randn(R, Hkv, S, D, generator=gen, device=device).to(dtype)
+    used = [-(-n // block_size) for n in lens]
+    ids = torch.randperm(sum(used), generator=gen, device=device).to(torch.int32)
+    table = torch.full((R, max(used) + 1), 1 << 30, dtype=torch.int32, device=device)
+    taken = 0
+    for i, n in enumerate(used):
+        table[i, :n] = ids[taken:taken + n]
+        taken += n
+
+    def to_pages(x):  # (R, Hkv, S, D) -> (num_blocks, Hkv, block_size, D), an engine's layout
+        storage = torch.zeros(sum(used), block_size, Hkv, D, dtype=dtype, device=device)
+        for i, n in enumerate(used):
+            for j in range(n):
+                rows = x[i, :, j * block_size:(j + 1) * block_size].transpose(0, 1)
+                storage[table[i, j].long(), :rows.shape[0]] = rows
+        return storage.transpose(1, 2)
+
+    key_cache, value_cache = to_pages(key), to_pages(value)
+    key_t_cache = key_cache.transpose(2, 3).contiguous() if with_key_t else None
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    with torch.no_grad():
+        got = sparq_ext.paged_attention(q, key_cache, value_cache, table, seq_lens, r=r, k=k,
+                                        key_t_cache=key_t_cache, local_window=8)
+        ref = sparq_attention_reference(q[:, :, None], key, value, r=r, k=k, seq_lens=seq_lens,
+                                        local_window=8)[:, :, 0]
+    err = (got.float() - ref.float()).abs().max().item()
+    ok = bool(torch.isfinite(got).all()) and err <= TOLERANCE[dtype]
+    print(f"paged R={R} Hq={Hq} Hkv={Hkv} block_size={block_size} D={D} r={r} k={k} {dtype}: "
+          f"max |err| = {err:.2e}" + ("" if ok else "  MISMATCH"))
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--quick", action="store_true", help="the first two cases (racecheck is slow)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the first two cases and the first paged one (racecheck is slow)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -56,7 +100,9 @@ def main(argv=None) -> int:
     ok = case(device, 3, 8, 2, 1000, 128, 128, 100, torch.bfloat16, 1, seq_lens=seq_lens,
               attn_mask=mask, local_window=20)
     ok &= case(device, 2, 12, 1, 777, 64, 8, 64, torch.float32, 2, with_key_t=False)
+    ok &= paged_case(device, 16, torch.float32, 7)
     if not args.quick:
+        ok &= paged_case(device, 48, torch.float32, 8, with_key_t=False)
         ok &= case(device, 1, 4, 4, 5000, 256, 32, 600, torch.float32, 3, reallocate=False)
         ok &= case(device, 2, 4, 2, 300, 80, 10, 500, torch.float32, 4, local_window=3,
                    value_mean=torch.zeros(2, 2, 1, 80, device=device))

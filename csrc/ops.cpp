@@ -26,8 +26,7 @@ TORCH_LIBRARY(sparq_ext, m) {
       "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor");
 }
 
-// Dispatch keys without a native kernel get the pure-torch reference from Python (so far
-// paged_attention has no CUDA kernel: CUDA runs its reference).
+// Dispatch keys without a native kernel get the pure-torch reference from Python.
 #ifdef SPARQ_WITH_CPU
 TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) {
   m.impl("attention", &sparq::attention_cpu);
@@ -35,7 +34,10 @@ TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) {
 }
 #endif
 #ifdef SPARQ_WITH_CUDA
-TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) { m.impl("attention", &sparq::attention_cuda); }
+TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) {
+  m.impl("attention", &sparq::attention_cuda);
+  m.impl("paged_attention", &sparq::paged_attention_cuda);
+}
 #endif
 
 #ifndef SPARQ_NO_PYTHON

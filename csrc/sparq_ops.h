@@ -183,6 +183,7 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPAR
       const std::optional<at::Tensor>&key_t_cache, const std::optional<at::Tensor>&value_mean, \
       int64_t local_window, bool reallocate, std::optional<double> scale
 
-at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS);  // csrc/cpu/
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS);   // csrc/cpu/
+at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

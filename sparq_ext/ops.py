@@ -97,7 +97,8 @@ def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens
                                      key_t_cache, value_mean, local_window, reallocate, scale)
 
 
-# No CUDA kernel for the paged operator yet: CUDA runs the reference (correct, not fast).
+# Where the extension has no paged kernel for a key (not built, built without CUDA, or built
+# before the paged operator existed), that key runs the reference (correct, not fast).
 for _key in ("CPU", "CUDA"):
     if not torch._C._dispatch_has_kernel_for_dispatch_key(PAGED_QUALNAME, _key):
         _impl_lib.impl("paged_attention", _paged_reference_kernel, _key)
@@ -373,12 +374,16 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     Returns:
         ``(R, Hq, D)`` in the query's dtype.
 
-    Backends: a native CPU kernel (the same kernel body as :func:`attention`'s); on CUDA, and
-    wherever the extension is not built, the pure-torch :func:`paged_attention_reference`, which
-    is correct but gathers the whole table into a contiguous cache first (slow; a CUDA paged
-    kernel does not exist yet). ``sparq_ext.has_native_kernel(device, "paged_attention")`` says
-    which runs. Inference-only; ``seq_lens`` and ``block_table`` values are checked eagerly,
-    not under ``torch.compile`` or CUDA-graph capture.
+    Backends: native CPU and CUDA kernels, each the same kernels as :func:`attention`'s with
+    the block table as their addressing (the CUDA kernels are tested on a CPU emulation of
+    the CUDA execution model and have never run on a GPU; on CUDA, ``D`` must be a multiple
+    of 8); wherever the extension is not built (or built without CUDA), the pure-torch
+    :func:`paged_attention_reference`, which is correct but gathers the whole table into a
+    contiguous cache first (slow). ``sparq_ext.has_native_kernel(device, "paged_attention")``
+    says which runs. Inference-only; ``seq_lens`` and ``block_table`` values are checked
+    eagerly for CPU tensors, not under ``torch.compile`` or CUDA-graph capture; the CUDA
+    kernel never reads them on the host (CUDA graphs work): it clamps each length to
+    ``[0, max_blocks * block_size]`` and each block id it follows into ``[0, num_blocks)``.
     """
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache, value_mean, local_window, reallocate, scale)

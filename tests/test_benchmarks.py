@@ -25,7 +25,7 @@ SESSION = BENCHMARKS / "gpu_session.sh"
 # The GPU session's steps, most valuable first: the build, the tests, the profile, the benchmark,
 # and the sanitizer tools last (memcheck before the optional ones).
 SESSION_STEPS = ["ninja", "build", "import", "tests", "profile", "bench_eager", "bench_graphs",
-                 "memcheck", "synccheck", "initcheck", "racecheck"]
+                 "bench_paged", "memcheck", "synccheck", "initcheck", "racecheck"]
 # What a session brings back (the device tool returns at most 8 files).
 SESSION_FILES = {"session.log", "build.log", "pytest.log", "profile.log", "bench.log",
                  "bench_attention_{tag}_eager.json", "bench_attention_{tag}_graphs.json",
@@ -131,6 +131,7 @@ def test_gpu_session_dry_run(tmp_path):
     assert "tests/test_cuda.py::test_cuda_graph_capture_and_replay" in (tmp_path / "pytest.log").read_text()
     assert "would run:" in (tmp_path / "sanitizer.log").read_text()
     assert "us/call" in (tmp_path / "profile.log").read_text()
+    assert "paged / contiguous" in (tmp_path / "bench.log").read_text()
 
 
 def test_profile_stages_matches_kernels_to_the_documented_estimates(capsys):

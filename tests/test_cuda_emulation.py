@@ -29,7 +29,7 @@ import torch
 
 from sparq_ext import sparq_attention_reference
 from sparq_ext.reference import valid_positions
-from sparq_testutil import separated_query
+from sparq_testutil import page_table, separated_query, to_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["prep.cu", "approx_logits.cu", "topk.cu", "attend.cu"]
@@ -111,6 +111,9 @@ def emu():
     lib.sparq_emu_attention.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, i64, i32,
                                         ctypes.c_float, i64, i64, vp, vp, vp, vp, vp, vp, vp,
                                         vp, vp, vp, vp, vp, i32]
+    lib.sparq_emu_paged_attention.restype = i32
+    lib.sparq_emu_paged_attention.argtypes = [i32] + [i64] * 10 + [i32, ctypes.c_float, i64, i64] \
+        + [vp] * 11 + [i64, vp, vp, i32]
     lib.sparq_emu_plan.restype = None
     lib.sparq_emu_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, vp, vp]
     lib.sparq_emu_set_smem_optin.argtypes = [i32]
@@ -420,3 +423,161 @@ def test_nan_rule(emu):
     assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()
     got = run_emulated(emu, q, k, v, 4, 10)  # alpha of the NaN group is NaN
     assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()
+
+
+# ---- paged_attention: the same kernels with the block table as their position policy ----
+
+def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r, kk,
+                       key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
+                       scale=None, sm_count=132, topk_blocks=0, repeats=1):
+    """The emulated pipeline on a paged cache, as paged_attention_cuda calls it: ``q``
+    ``(R, Hq, D)`` contiguous; caches, table and lengths keep their strides. Returns the output
+    and the selected positions ``(R, Hkv, min(k, max_blocks * block_size))`` (-1 past each
+    row's min(k, length))."""
+    R, Hq, D = q.shape
+    num_blocks, Hkv, block_size, _ = key_cache.shape
+    max_blocks = block_table.shape[1]
+    assert q.is_contiguous() and block_table.dtype == seq_lens.dtype == torch.int32
+    out = torch.full_like(q, float("nan"))
+    topk = torch.full((R, Hkv, min(kk, max_blocks * block_size)), -1, dtype=torch.int32)
+    strides = [_strides(t) for t in (key_cache, value_cache, key_t_cache, block_table)]
+    vm = None if value_mean is None else value_mean.contiguous()
+    err = lib.sparq_emu_paged_attention(
+        DTYPE_CODE[q.dtype], R, Hq, Hkv, num_blocks, block_size, max_blocks, D, r, kk,
+        local_window, int(reallocate), D**-0.5 if scale is None else scale, sm_count,
+        topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]), _ptr(value_cache),
+        _ptr(strides[1]), _ptr(key_t_cache), _ptr(strides[2]), _ptr(vm), _ptr(block_table),
+        _ptr(strides[3]), _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats)
+    assert err == 0, f"launch error {err}"
+    return out, topk
+
+
+ENGINE_LAYOUT = (0, 2, 1, 3)  # (num_blocks, block_size, Hkv, D) storage seen through transpose(1, 2)
+
+
+def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(None, 4, 2, 64),
+                r=8, kk=40, local_window=8, key_t="contiguous", storage_order=(0, 1, 2, 3),
+                shared_blocks=2, value_mean=False, reallocate=True, scale=None, topk_blocks=0,
+                repeats=1, seed=0):
+    """paged_attention on the emulator against attention on the de-paged contiguous cache:
+    the emulated contiguous pipeline (same selection exactly, outputs up to summation order)
+    and the reference (same selection exactly, outputs within the dtype's tolerance).
+    ``key_t``: None, "contiguous" (a contiguous (num_blocks, Hkv, D, block_size) cache) or a
+    storage order of the keys whose transpose(2, 3) view is passed (any strides)."""
+    _, G, Hkv, D = R_G_Hkv_D
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    R = len(seq_lens)
+    table, num_blocks = page_table(lens, block_size, shared_blocks=shared_blocks, seed=seed)
+    S = table.shape[1] * block_size
+    q, K, V = inputs(R, G * Hkv, Hkv, S, D, dtype, seed)
+    shared = min(shared_blocks * block_size, S)
+    K[1:, :, :shared] = K[:1, :, :shared]  # rows sharing blocks share those positions
+    V[1:, :, :shared] = V[:1, :, :shared]
+    K_t = K.transpose(-1, -2).contiguous()
+    q = separated_query(q, K, r, kk, key_t=K_t, seq_lens=lens, local_window=local_window,
+                        scale=scale, seed=seed)
+    key_cache = to_pages(K, table, lens, num_blocks, block_size, storage_order=storage_order)
+    value_cache = to_pages(V, table, lens, num_blocks, block_size, storage_order=storage_order)
+    key_t_cache = None
+    if key_t == "contiguous":
+        key_t_cache = to_pages(K, table, lens, num_blocks, block_size).transpose(2, 3).contiguous()
+    elif key_t is not None:
+        key_t_cache = to_pages(K, table, lens, num_blocks, block_size,
+                               storage_order=key_t).transpose(2, 3)
+    vm = None
+    if value_mean:  # any (R, Hkv, D) values
+        vm = torch.randn(R, Hkv, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    kw = dict(local_window=local_window, reallocate=reallocate, scale=scale,
+              topk_blocks=topk_blocks)
+    got, topk = run_emulated_paged(lib, q[:, :, 0].contiguous(), key_cache, value_cache, table,
+                                   lens, r, kk, key_t_cache=key_t_cache, value_mean=vm,
+                                   repeats=repeats, **kw)
+    vm4 = None if vm is None else vm[:, :, None]
+    contiguous, topk_c = run_emulated(lib, q, K, V, r, kk, key_t=K_t if key_t else None,
+                                      value_mean=vm4, seq_lens=lens, return_topk=True, **kw)
+    ref, i2 = sparq_attention_reference(q, K, V, r, kk, K_t if key_t else None, vm4, lens, None,
+                                        local_window, reallocate, scale, return_selection=True)
+    assert torch.isfinite(got).all(), "NaN/inf in the paged output (an unowned slot read?)"
+    assert_same_selection(topk, i2, lens)
+    assert_same_selection(topk, topk_c.long(), lens)
+    tight = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got, contiguous[:, :, 0], atol=tight, rtol=tight)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), ref[:, :, 0].float(), atol=tol, rtol=tol)
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            assert not got[i].any(), f"row {i} has no positions: zeros"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [16, 48, 128, 20])
+@pytest.mark.parametrize("key_t", [None, "contiguous"], ids=["no_key_t", "key_t"])
+def test_paged_matches_contiguous(emu, dtype, block_size, key_t):
+    # Shuffled blocks, two shared between rows, partial last blocks, an empty row; block
+    # size 48 (a multiple of the vector width, not a power of two) and 20 (not a multiple of
+    # bf16's 8 positions per 16-byte load: runs straddle blocks, key_t read elementwise).
+    check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=block_size, dtype=dtype,
+                key_t=key_t, seed=block_size)
+
+
+@pytest.mark.parametrize("key_t", [ENGINE_LAYOUT, (1, 0, 3, 2)], ids=["key_t_engine_layout",
+                                                                      "key_t_heads_outer"])
+def test_paged_strided_views(emu, key_t, topk_blocks):
+    # An engine's (num_blocks, block_size, Hkv, D) caches through transpose(1, 2), read in
+    # place; key_t_cache as a transposed view whose positions are not consecutive in memory.
+    check_paged(emu, seq_lens=(200, 77, 16, 1), block_size=16, storage_order=ENGINE_LAYOUT,
+                key_t=key_t, kk=24, local_window=4, topk_blocks=topk_blocks, seed=5)
+
+
+def test_paged_copied_rows_and_strided_table(emu):
+    # K / V rows that are not contiguous in D (copied by the host glue), a block table and
+    # lengths that are strided views of larger tensors.
+    check_paged(emu, seq_lens=(70, 33, 5), block_size=16, storage_order=(0, 1, 3, 2),
+                key_t=None, kk=12, local_window=2, seed=11)
+    lens = torch.tensor([70, 0, 33, 0, 5, 0], dtype=torch.int32)[::2]
+    table, num_blocks = page_table(lens, 16, seed=11)
+    wide = torch.full((3, 2 * table.shape[1]), 1 << 30, dtype=torch.int32)
+    wide[:, ::2] = table
+    q, K, V = inputs(3, 4, 2, table.shape[1] * 16, 64, torch.float32, 11)
+    q = separated_query(q, K, 8, 12, seq_lens=lens, local_window=2)
+    caches = [to_pages(x, table, lens, num_blocks, 16) for x in (K, V)]
+    got, topk = run_emulated_paged(emu, q[:, :, 0].contiguous(), *caches, wide[:, ::2], lens,
+                                   8, 12, local_window=2)
+    ref, i2 = sparq_attention_reference(q, K, V, 8, 12, seq_lens=lens, local_window=2,
+                                        return_selection=True)
+    assert_same_selection(topk, i2, lens)
+    torch.testing.assert_close(got, ref[:, :, 0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("value_mean", [True, False], ids=["value_mean", "mean_none"])
+@pytest.mark.parametrize("reallocate", [True, False])
+def test_paged_options(emu, value_mean, reallocate):
+    check_paged(emu, seq_lens=(37, 12, 64), block_size=16, R_G_Hkv_D=(None, 2, 2, 128),
+                kk=9, local_window=3, shared_blocks=1, value_mean=value_mean,
+                reallocate=reallocate, scale=0.3, dtype=torch.float16, seed=3)
+
+
+def test_paged_every_row_empty(emu):
+    q = torch.randn(2, 4, 64)
+    cache = torch.full((3, 2, 16, 64), float("nan"))
+    table = torch.full((2, 2), 1 << 30, dtype=torch.int32)
+    got, topk = run_emulated_paged(emu, q, cache, cache, table,
+                                   torch.zeros(2, dtype=torch.int32), 8, 10)
+    assert torch.equal(got, torch.zeros_like(got)) and (topk == -1).all()
+
+
+def test_paged_replay_on_a_dirty_workspace(emu):
+    check_paged(emu, seq_lens=(1000, 333), block_size=16, dtype=torch.bfloat16, kk=100,
+                topk_blocks=3, repeats=3, seed=23)
+
+
+def test_paged_long_row_multi_block_topk(emu):
+    # 40000 positions in blocks of 128: approx_logits over many tiles and topk over several
+    # blocks per row (from the SM count), one row beside a short one.
+    S, block_size = 40000, 128
+    assert plan(emu, torch.bfloat16, 2, 8, 2, -(-S // block_size + 1) * block_size, 64,
+                S // 16)[1] > 1
+    check_paged(emu, seq_lens=(S, 1000), block_size=block_size, dtype=torch.bfloat16,
+                R_G_Hkv_D=(None, 4, 2, 64), r=16, kk=S // 16, local_window=S // 64, seed=40)
+

@@ -341,3 +341,95 @@ def test_requires_grad_is_refused():
     with pytest.raises(ValueError, match="query requires grad"):
         sparq_ext.paged_attention(q, c["key_cache"], c["value_cache"], c["table"], c["lens"],
                                   r=8, k=12)
+
+
+# --- The CUDA kernel (skipped without a CUDA device; the emulator tests cover it on the CPU) ---
+
+_CUDA_ONLY = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+              pytest.mark.skipif(not sparq_ext.has_native_kernel("cuda", "paged_attention"),
+                                 reason="sparq_ext was built without the CUDA kernels")]
+
+
+def cuda_only(test):
+    """Skipped without a CUDA device or without the compiled CUDA kernels."""
+    for mark in _CUDA_ONLY:
+        test = mark(test)
+    return test
+
+
+def _on_cuda(c):
+    """paged_case's tensors on the GPU, views kept as views (sparq_testutil's ``_to``)."""
+    from sparq_testutil import _to
+    return {name: _to(t, "cuda") if isinstance(t, torch.Tensor) else t for name, t in c.items()}
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,block_size,layout", [
+    (torch.float32, 16, "contiguous"), (torch.bfloat16, 16, "engine"),
+    (torch.bfloat16, 48, "engine"), (torch.bfloat16, 128, "contiguous")], ids=str)
+def test_cuda_long_rows_match_contiguous(dtype, block_size, layout):
+    """Rows long enough for many approx_logits tiles, several topk blocks per row and several
+    attend partitions; an engine's (num_blocks, block_size, Hkv, D) caches via transpose(1, 2)
+    and a key_t_cache view whose positions are strided."""
+    order = (0, 2, 1, 3) if layout == "engine" else (0, 1, 2, 3)
+    c = paged_case(R=3, G=4, Hkv=2, D=128, block_size=block_size, seq_lens=(40000, 9000, 0),
+                   dtype=dtype, shared_blocks=4, storage_order=order,
+                   key_t_order=order if layout == "engine" else "contiguous", r=16, k=2500,
+                   local_window=64, seed=block_size)
+    paged, contiguous = run_both("cuda", c)
+    torch.testing.assert_close(paged, contiguous, **tolerance(dtype, "cuda"))
+    assert not paged[2].any()
+
+
+@cuda_only
+def test_cuda_graph_capture_and_replay():
+    """Captured once, replayed with new query, lengths and table contents: the kernels read
+    seq_lens and block_table on the device only, so the replay follows them."""
+    kwargs = dict(r=16, k=256, local_window=32)
+    first = _on_cuda(paged_case(R=2, G=4, Hkv=2, D=128, block_size=16, seq_lens=(3000, 1700),
+                                dtype=torch.bfloat16, key_t_order="contiguous", r=16, k=256,
+                                local_window=32, seed=31))
+    q, kc, vc, kt = first["q"], first["key_cache"], first["value_cache"], first["key_t_cache"]
+    table, lens = first["table"], first["lens"]
+
+    def step():
+        return sparq_ext.paged_attention(q, kc, vc, table, lens, key_t_cache=kt, **kwargs)
+
+    with torch.no_grad():
+        eager = step()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up the allocator on the side stream
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, eager, **tolerance(torch.bfloat16, "cuda"))
+        # Same shapes, other rows: lengths swapped, another shuffle of the blocks, new values.
+        second = _on_cuda(paged_case(R=2, G=4, Hkv=2, D=128, block_size=16,
+                                     seq_lens=(1700, 3000), dtype=torch.bfloat16,
+                                     key_t_order="contiguous", r=16, k=256, local_window=32,
+                                     seed=32))
+        assert second["key_cache"].shape == kc.shape and second["table"].shape == table.shape
+        for buffer, name in ((q, "q"), (kc, "key_cache"), (vc, "value_cache"),
+                             (kt, "key_t_cache"), (table, "table"), (lens, "lens")):
+            buffer.copy_(second[name])
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = sparq_attention_reference(second["q"][:, :, None], second["K"], second["V"], 16,
+                                        256, seq_lens=second["lens"], local_window=32)[:, :, 0]
+    torch.testing.assert_close(static_out.float(), ref.float(),
+                               **tolerance(torch.bfloat16, "cuda"))
+
+
+@cuda_only
+def test_cuda_refuses_head_dims_it_cannot_read_in_place():
+    c = _on_cuda(paged_case(D=20, seq_lens=(20, 5, 1), r=4, k=8, seed=33))
+    with pytest.raises(RuntimeError, match=r"head_dim \(D\) a multiple of 8"):
+        sparq_ext.paged_attention(c["q"], c["key_cache"], c["value_cache"], c["table"],
+                                  c["lens"], r=4, k=8)

@@ -26,9 +26,10 @@ def test_every_device_has_a_kernel(op):
 
 
 def test_has_native_kernel_per_op():
-    """The CPU kernel serves both operators; CUDA has no paged kernel yet (its reference runs)."""
-    assert sparq_ext.has_native_kernel("cpu", "paged_attention") == sparq_ext.has_native_kernel("cpu")
-    assert not sparq_ext.has_native_kernel("cuda", "paged_attention")
+    """Each native backend serves both operators (one set of kernels per backend)."""
+    for device in ("cpu", "cuda"):
+        assert (sparq_ext.has_native_kernel(device, "paged_attention")
+                == sparq_ext.has_native_kernel(device))
     with pytest.raises(ValueError, match="op must be one of"):
         sparq_ext.has_native_kernel("cpu", "paged")
 
@@ -39,8 +40,7 @@ def test_required_native_kernels_are_loaded():
     for name in required_native_backends():
         assert sparq_ext.extension_error is None, sparq_ext.extension_error
         assert sparq_ext.has_native_kernel(name), f"the native {name} kernel is not registered"
-        if name == "cpu":
-            assert sparq_ext.has_native_kernel(name, "paged_attention")
+        assert sparq_ext.has_native_kernel(name, "paged_attention")
     assert set(required_native_backends()) <= set(NATIVE_BACKENDS)
 
 

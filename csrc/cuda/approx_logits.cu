@@ -14,9 +14,16 @@
 // v_mean's count need no pass over the mask. Positions at or beyond the row's length are
 // neither read nor written.
 //
+// Paged caches (PagedPositions): the same, with each run's positions looked up in the block
+// table (VEC table reads per thread, L1 hits: a run lies in one block but for odd block
+// sizes). key_t is read with 16-byte loads where a run is VEC consecutive elements (unit
+// position stride, block_size a multiple of VEC; the host's kt_vec), elementwise otherwise.
+//
 // All G query heads of a group are formed in registers from the same loads (GC at a time;
 // with G > 8 the further chunks re-read the tile through L2, never DRAM twice in practice).
 // The group sum uses the summed coefficients, so it costs one FMA per component and position.
+#include <type_traits>
+
 #include "sparq/cuda_common.cuh"
 
 namespace sparq {
@@ -25,7 +32,37 @@ namespace {
 
 constexpr uint32_t kNegInfKey = 0x007fffffu;  // float_to_ordered(-inf)
 
-template <typename T, int GC, bool kKeyT>
+// Element offsets of a thread's run of N positions s0 .. s0 + N - 1 (those below len): start,
+// added to the row's base pointer once, and at(v), position s0 + v relative to it. Contiguous:
+// start = s0 * s_pos and at(v) = v * s_pos, no per-position state (the base pointer and loads
+// are the ones a kernel without policies would form); paged: each position looked up.
+template <typename Pos, int N>
+struct PositionRun;
+
+template <int N>
+struct PositionRun<StridedPositions, N> {
+  int64_t start;
+  const int64_t& s_pos;  // the stride where it lives (kernel parameter space), not a copy
+  __device__ __forceinline__ PositionRun(const StridedPositions&, int64_t s0, int64_t,
+                                         int64_t, const int64_t& s_pos_)
+      : start(s0 * s_pos_), s_pos(s_pos_) {}
+  __device__ __forceinline__ int64_t at(int v) const { return v * s_pos; }
+};
+
+template <int N>
+struct PositionRun<PagedPositions, N> {
+  static constexpr int64_t start = 0;
+  int64_t off[N];
+  __device__ __forceinline__ PositionRun(const PagedPositions& pos, int64_t s0, int64_t len,
+                                         int64_t s_outer, int64_t s_pos) {
+#pragma unroll
+    for (int v = 0; v < N; ++v)
+      off[v] = s0 + v < len ? PagedPositions::slot_offset(pos.slot(s0 + v), s_outer, s_pos) : 0;
+  }
+  __device__ __forceinline__ int64_t at(int v) const { return off[v]; }
+};
+
+template <typename T, int GC, bool kKeyT, typename Pos>
 __global__ void __launch_bounds__(kApproxThreads)
     approx_logits_kernel(const ApproxParams p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
@@ -78,11 +115,17 @@ __global__ void __launch_bounds__(kApproxThreads)
   }
 
   if (s0 < len) {
+    const Pos pos = Pos::of(p.pages, b);
+    // A contiguous key_t has unit position stride (the host makes it so): a constant here, so
+    // the contiguous instantiation addresses key_t with no stride arithmetic at all.
+    const int64_t kt_ss = std::is_same_v<Pos, StridedPositions> ? 1 : p.kt_ss;
+    const PositionRun<Pos, VEC> run(pos, s0, len, kKeyT ? p.kt_sb : p.k_sb,
+                                    kKeyT ? kt_ss : p.k_ss);
     const T* base;
     if constexpr (kKeyT) {
-      base = static_cast<const T*>(p.key_t) + b * p.kt_sb + h * p.kt_sh + s0;
+      base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh + run.start;
     } else {
-      base = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + s0 * p.k_ss;
+      base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + run.start;
     }
 #pragma unroll 4
     for (int64_t j = 0; j < r; ++j) {
@@ -90,15 +133,15 @@ __global__ void __launch_bounds__(kApproxThreads)
       if constexpr (kKeyT) {
         const T* src = base + comp[j] * p.kt_sd;
         if (full_run && p.kt_vec) {
-          load_as_float<T, VEC>(src, x);
+          load_as_float<T, VEC>(src + run.at(0), x);
         } else {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[v]) : 0.f;
+          for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
         }
       } else {
         const T* src = base + comp[j];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[v * p.k_ss]) : 0.f;
+        for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
       }
       const float cs = coef_sum[j];
 #pragma unroll
@@ -187,11 +230,15 @@ cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_
                   static_cast<unsigned>(group_chunks(p.G)));
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
-      if (p.key_t != nullptr) {
-        SPARQ_LAUNCH((approx_logits_kernel<T, GC, true>), grid, kApproxThreads, stream, p);
-      } else {
-        SPARQ_LAUNCH((approx_logits_kernel<T, GC, false>), grid, kApproxThreads, stream, p);
-      }
+      SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {
+        if (p.key_t != nullptr) {
+          SPARQ_LAUNCH((approx_logits_kernel<T, GC, true, Pos>), grid, kApproxThreads, stream,
+                       p);
+        } else {
+          SPARQ_LAUNCH((approx_logits_kernel<T, GC, false, Pos>), grid, kApproxThreads, stream,
+                       p);
+        }
+      });
     });
   });
   return cudaGetLastError();

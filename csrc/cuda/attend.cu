@@ -20,6 +20,10 @@
 //   reads the partials ((D + 4) * 4 B per partition and head), the approx_logits tile
 //   statistics (8 B per tile and head) and v_mean (D values), and writes the output (D*e B
 //   per head): no separate merge launch.
+// Paged caches (PagedPositions): each selected position's block is looked up with its index,
+// two pipeline steps ahead of the rows (one 4-byte table read per position, shared by K and
+// V), so the extra dependency costs no latency on the critical path; value_sum looks up each
+// valid position it reads.
 #include "sparq/cuda_common.cuh"
 
 namespace sparq {
@@ -67,7 +71,7 @@ __device__ SoftmaxState block_merge(SoftmaxState s) {
   return all;
 }
 
-template <typename T, int KD>
+template <typename T, int KD, typename Pos>
 __global__ void __launch_bounds__(kAttendThreads) value_sum_kernel(const ValueSumParams p) {
   using Layout = RowLayout<T, KD>;
   constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
@@ -83,7 +87,8 @@ __global__ void __launch_bounds__(kAttendThreads) value_sum_kernel(const ValueSu
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane / LPR, d0 = (lane % LPR) * EPL;
   const bool has_d = d0 < p.D;
-  const T* v_base = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + d0;
+  const Pos pos = Pos::of(p.pages, b);
+  const T* v_base = static_cast<const T*>(p.value) + pos.row_offset(p.v_sb) + h * p.v_sh + d0;
   float acc[EPL];
 #pragma unroll
   for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
@@ -91,7 +96,7 @@ __global__ void __launch_bounds__(kAttendThreads) value_sum_kernel(const ValueSu
   for (int64_t s = start + warp * RPW + sub; s < len; s += kAttendWarps * RPW) {
     if (has_d && (p.mask == nullptr || p.mask[b * p.S + s] != 0)) {
       float v[EPL];
-      load_as_float<T, EPL>(v_base + s * p.v_ss, v);
+      load_as_float<T, EPL>(v_base + pos.slot_offset(pos.slot(s), p.v_sb, p.v_ss), v);
 #pragma unroll
       for (int e = 0; e < EPL; ++e) acc[e] += v[e];
     }
@@ -153,7 +158,7 @@ __device__ void merge_chunk(const AttendParams& p, int64_t row, int64_t g0, int6
   }
 }
 
-template <typename T, int KD, int GC>
+template <typename T, int KD, int GC, typename Pos>
 __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendParams p) {
   using Layout = RowLayout<T, KD>;
   constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
@@ -207,8 +212,9 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     }
   }
 
-  const T* k_base = static_cast<const T*>(p.key) + b * p.k_sb + h * p.k_sh + d0;
-  const T* v_base = static_cast<const T*>(p.value) + b * p.v_sb + h * p.v_sh + d0;
+  const Pos pos = Pos::of(p.pages, b);
+  const T* k_base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + d0;
+  const T* v_base = static_cast<const T*>(p.value) + pos.row_offset(p.v_sb) + h * p.v_sh + d0;
   const int32_t* idx = p.topk_idx + row * p.k_eff;
 
   float acc[GC][EPL];
@@ -221,21 +227,22 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     for (int e = 0; e < EPL; ++e) acc[g][e] = 0.f;
   }
 
-  // The pipeline: position indices two steps ahead, K/V rows one step ahead.
-  // Indices are clamped although topk writes only positions below the row's length: an
-  // index must never address outside the cache.
+  // The pipeline: position indices (as the policy's slots, -1 for none) two steps ahead,
+  // K/V rows one step ahead. Indices are clamped although topk writes only positions below
+  // the row's length: an index must never address outside the cache.
   auto load_index = [&](int64_t base, int u) -> int64_t {
     const int64_t i = base + u * kRowsPerStep + sub;
     if (i >= end) return -1;
-    return min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1);
+    return pos.slot(min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1));
   };
-  auto load_rows = [&](const int64_t (&pos)[kAttendUnroll], RawSlice<T, EPL> (&kr)[kAttendUnroll],
+  auto load_rows = [&](const int64_t (&slot)[kAttendUnroll],
+                       RawSlice<T, EPL> (&kr)[kAttendUnroll],
                        RawSlice<T, EPL> (&vr)[kAttendUnroll]) {
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) {
-      if (pos[u] >= 0 && has_d) {
-        load_raw<T, EPL>(k_base + pos[u] * p.k_ss, kr[u]);
-        load_raw<T, EPL>(v_base + pos[u] * p.v_ss, vr[u]);
+      if (slot[u] >= 0 && has_d) {
+        load_raw<T, EPL>(k_base + pos.slot_offset(slot[u], p.k_sb, p.k_ss), kr[u]);
+        load_raw<T, EPL>(v_base + pos.slot_offset(slot[u], p.v_sb, p.v_ss), vr[u]);
       } else {
 #pragma unroll
         for (int c = 0; c < RawSlice<T, EPL>::kChunks; ++c) kr[u].v[c] = vr[u].v[c] = uint4{};
@@ -243,25 +250,25 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     }
   };
   const int64_t first = begin + warp * RPW;
-  int64_t pos_cur[kAttendUnroll], pos_next[kAttendUnroll];
+  int64_t slot_cur[kAttendUnroll], slot_next[kAttendUnroll];
   RawSlice<T, EPL> k_cur[kAttendUnroll], v_cur[kAttendUnroll];
 #pragma unroll
   for (int u = 0; u < kAttendUnroll; ++u) {
-    pos_cur[u] = load_index(first, u);
-    pos_next[u] = load_index(first + kStep, u);
+    slot_cur[u] = load_index(first, u);
+    slot_next[u] = load_index(first + kStep, u);
   }
-  load_rows(pos_cur, k_cur, v_cur);
+  load_rows(slot_cur, k_cur, v_cur);
 
   // The trip count depends on the warp only, so whole warps run the shuffles together.
   for (int64_t base = first; base < end; base += kStep) {
     RawSlice<T, EPL> k_next[kAttendUnroll], v_next[kAttendUnroll];
-    int64_t pos_after[kAttendUnroll];
-    load_rows(pos_next, k_next, v_next);  // in flight while this step is reduced
+    int64_t slot_after[kAttendUnroll];
+    load_rows(slot_next, k_next, v_next);  // in flight while this step is reduced
 #pragma unroll
-    for (int u = 0; u < kAttendUnroll; ++u) pos_after[u] = load_index(base + 2 * kStep, u);
+    for (int u = 0; u < kAttendUnroll; ++u) slot_after[u] = load_index(base + 2 * kStep, u);
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) {
-      const bool active = pos_cur[u] >= 0;
+      const bool active = slot_cur[u] >= 0;
       float kv[EPL], vv[EPL];
       raw_to_float<T, EPL>(k_cur[u], kv);
       raw_to_float<T, EPL>(v_cur[u], vv);
@@ -304,8 +311,8 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     for (int u = 0; u < kAttendUnroll; ++u) {
       k_cur[u] = k_next[u];
       v_cur[u] = v_next[u];
-      pos_cur[u] = pos_next[u];
-      pos_next[u] = pos_after[u];
+      slot_cur[u] = slot_next[u];
+      slot_next[u] = slot_after[u];
     }
   }
 
@@ -389,7 +396,9 @@ cudaError_t launch_value_sum(const ValueSumParams& p, DType dtype, int head_dim_
   const dim3 grid(static_cast<unsigned>(p.n_chunks), static_cast<unsigned>(p.rows));
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
-      SPARQ_LAUNCH((value_sum_kernel<T, KD>), grid, kAttendThreads, stream, p);
+      SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {
+        SPARQ_LAUNCH((value_sum_kernel<T, KD, Pos>), grid, kAttendThreads, stream, p);
+      });
     });
   });
   return cudaGetLastError();
@@ -404,7 +413,9 @@ cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucke
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
       SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
-        SPARQ_LAUNCH((attend_kernel<T, KD, GC>), grid, kAttendThreads, stream, p);
+        SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {
+          SPARQ_LAUNCH((attend_kernel<T, KD, GC, Pos>), grid, kAttendThreads, stream, p);
+        });
       });
     });
   });

@@ -1,4 +1,6 @@
-// sparq::attention_cuda: the CUDA backend of torch.ops.sparq_ext.attention.
+// sparq::attention_cuda and sparq::paged_attention_cuda: the CUDA backend of
+// torch.ops.sparq_ext.attention and torch.ops.sparq_ext.paged_attention (the same kernels, with
+// the paged cache's block table as their position policy: docs/design.md section 3a).
 //
 // Host side only (g++, ATen): checks the arguments, brings the inputs into the layouts the
 // kernels read (only where they are not already: last dim contiguous, rows 16-byte aligned),
@@ -121,6 +123,7 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
     prob.kt_sb = kt.stride(0);
     prob.kt_sh = kt.stride(1);
     prob.kt_sd = kt.stride(2);
+    prob.kt_ss = 1;  // unit S-stride (made so above; with S = 1 no stride is ever used)
     prob.kt_vec = kt_vec;
   }
   prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
@@ -140,17 +143,21 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   return out;
 }
 
+// `rows`: the (batch or request row, KV head) pairs, named by `rows_name` in the error.
+void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows, const char* rows_name) {
+  TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor for the CUDA kernel, got ",
+              query.device());
+  TORCH_CHECK(D <= cuda::kMaxHeadDim, "the CUDA kernels support head_dim <= ",
+              cuda::kMaxHeadDim, ", got ", D);
+  TORCH_CHECK(rows <= 65535, "the CUDA kernels support ", rows_name, " <= 65535, got ", rows);
+}
+
 }  // namespace
 
 at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
   const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
                                                seq_lens, attn_mask, local_window);
-  TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor for the CUDA kernel, got ",
-              query.device());
-  TORCH_CHECK(d.D <= cuda::kMaxHeadDim, "the CUDA kernels support head_dim <= ",
-              cuda::kMaxHeadDim, ", got ", d.D);
-  TORCH_CHECK(d.B * d.Hkv <= 65535, "the CUDA kernels support B * Hkv <= 65535, got ",
-              d.B * d.Hkv);
+  check_cuda_limits(query, d.D, d.B * d.Hkv, "B * Hkv");
   TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
               "the CUDA kernels support S < 2^30 positions, got ", d.S);
   if (scale) TORCH_CHECK(std::isfinite(*scale), "scale must be a finite float or None");
@@ -173,6 +180,90 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
   }
   return attention_cuda_impl(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                              local_window, reallocate, logit_scale);
+}
+
+// The paged cache is read in place: K / V rows with unit D-stride and 16-byte aligned rows
+// (an engine's (num_blocks, block_size, Hkv, D) cache passed as transpose(1, 2) is), key_t_cache
+// with any strides (16-byte loads where they allow, sparq/cuda_pipeline.h:paged_key_t_vec);
+// block_table and seq_lens as given (int32, any strides), read only on the device. Every size
+// comes from the shapes (S = max_blocks * block_size, the table's capacity), so the call is
+// CUDA-graph capturable; each row's work is bounded by its seq_lens on the device (blocks of
+// approx_logits, topk and value_sum past a row's length return at once).
+at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS) {
+  const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
+                                                 seq_lens, r, k, key_t_cache, value_mean,
+                                                 local_window);
+  check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
+  // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
+  TORCH_CHECK(d.D % 8 == 0, "paged_attention on CUDA needs head_dim (D) a multiple of 8 (the "
+              "kernels read cache rows in 16-byte vectors), got ", d.D);
+  const int64_t capacity = d.max_blocks * d.block_size;
+  TORCH_CHECK(capacity < std::numeric_limits<int32_t>::max() / 2,
+              "the CUDA kernels support max_blocks * block_size < 2^30 positions, got "
+              "max_blocks = ", d.max_blocks, " and block_size = ", d.block_size);
+  TORCH_CHECK(d.num_blocks <= std::numeric_limits<int32_t>::max(),
+              "the CUDA kernels support num_blocks < 2^31, got ", d.num_blocks);
+  if (scale) TORCH_CHECK(std::isfinite(*scale), "scale must be a finite float or None");
+  const double logit_scale = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
+  c10::cuda::CUDAGuard guard(query.device());
+  if (d.R == 0 || capacity == 0) return at::zeros({d.R, d.Hq, d.D}, query.options());
+
+  const DType dtype = kernel_dtype(query.scalar_type());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out = at::empty({d.R, d.Hq, d.D}, query.options());
+  const at::Tensor q = query.contiguous();
+  const at::Tensor key_rows = with_aligned_rows(key_cache);
+  const at::Tensor value_rows = with_aligned_rows(value_cache);
+  const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+
+  cuda::AttentionProblem prob{};
+  prob.dtype = dtype;
+  prob.B = d.R;
+  prob.Hq = d.Hq;
+  prob.Hkv = d.Hkv;
+  prob.S = capacity;
+  prob.D = d.D;
+  prob.r = r;
+  prob.k = k;
+  prob.window = local_window;
+  prob.reallocate = reallocate;
+  prob.scale = static_cast<float>(logit_scale);
+  prob.sm_count = sm_count(query.get_device());
+  prob.pages = {block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.stride(1),
+                static_cast<int32_t>(d.block_size), static_cast<int32_t>(d.num_blocks)};
+  prob.query = q.data_ptr();
+  prob.key = key_rows.data_ptr();
+  prob.k_sb = key_rows.stride(0);
+  prob.k_sh = key_rows.stride(1);
+  prob.k_ss = key_rows.stride(2);
+  prob.value = value_rows.data_ptr();
+  prob.v_sb = value_rows.stride(0);
+  prob.v_sh = value_rows.stride(1);
+  prob.v_ss = value_rows.stride(2);
+  if (key_t_cache) {
+    const at::Tensor& kt = *key_t_cache;
+    prob.key_t = kt.data_ptr();
+    prob.kt_sb = kt.stride(0);
+    prob.kt_sh = kt.stride(1);
+    prob.kt_sd = kt.stride(2);
+    prob.kt_ss = kt.stride(3);
+    prob.kt_vec = cuda::paged_key_t_vec(kt.data_ptr(), kt.element_size(), prob.kt_sb,
+                                        prob.kt_sh, prob.kt_sd, prob.kt_ss, d.block_size);
+  }
+  prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
+  prob.seq_lens_i32 = seq_lens.data_ptr<int32_t>();
+  prob.seq_lens_i32_stride = seq_lens.stride(0);
+  prob.out = out.data_ptr();
+
+  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)},
+                                   query.options().dtype(at::kByte));
+  const char* stage = "";
+  const cudaError_t err =
+      cuda::enqueue_attention(prob, plan, workspace.data_ptr(), stream, &stage);
+  TORCH_CHECK(err == cudaSuccess, "sparq_ext.paged_attention (CUDA): launching ", stage,
+              " failed: ", cudaGetErrorString(err));
+  return out;
 }
 
 }  // namespace sparq

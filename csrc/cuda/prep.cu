@@ -4,10 +4,11 @@
 //   - zeroes the row's first-digit histogram (16 KiB), counters and, without value_mean,
 //     its V sum (4D B): the workspace the later kernels accumulate into, cleared on the
 //     stream so CUDA-graph replays start from zero as well;
-//   - the block of KV head 0 of each batch row: the valid length (seq_lens, 8 B) and the
-//     local-window start (with attn_mask: a backward scan of the mask bytes that stops after
-//     the window, so at most a few blocks of bytes; the valid count itself comes from
-//     approx_logits, never from a byte-wise pass over the mask);
+//   - the block of KV head 0 of each batch row: the valid length (seq_lens, 8 B; the paged
+//     operator's int32 seq_lens is read in place, 4 B) and the local-window start (with
+//     attn_mask: a backward scan of the mask bytes that stops after the window, so at most
+//     a few blocks of bytes; the valid count itself comes from approx_logits, never from a
+//     byte-wise pass over the mask);
 //   - reads the group's query (G*D*e B, with scalar loads: the caller's query may start at
 //     any address), writes i1 (4r B), coefficients (4(G+1)r B), per-head scales (4G B) and
 //     the fp32 query copy attend reads with 16-byte loads (4GD B, aligned workspace).
@@ -22,8 +23,9 @@ __device__ void row_prep(const PrepParams& p, int64_t b) {
   __shared__ uint32_t scratch[32];
   __shared__ int32_t window_start;
   int64_t len = p.S;
-  if (p.seq_lens != nullptr) {
-    const int64_t l = p.seq_lens[b];
+  if (p.seq_lens != nullptr || p.seq_lens_i32 != nullptr) {
+    const int64_t l = p.seq_lens != nullptr ? p.seq_lens[b]
+                                            : p.seq_lens_i32[b * p.seq_lens_i32_stride];
     len = l < 0 ? 0 : (l > p.S ? p.S : l);
   }
   if (p.mask == nullptr) {

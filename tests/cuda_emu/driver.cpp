@@ -86,11 +86,92 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
     a.kt_sb = kt_strides[0];
     a.kt_sh = kt_strides[1];
     a.kt_sd = kt_strides[2];
+    a.kt_ss = 1;  // unit S-stride (the tests pass it so)
     a.kt_vec = rows_aligned16(key_t, e, a.kt_sb, a.kt_sh, a.kt_sd);
   }
   a.value_mean = value_mean;
   a.seq_lens = seq_lens;
   a.mask = mask;
+  a.out = out;
+  const AttentionPlan plan = plan_attention(a);
+  void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);
+  std::memset(workspace, 0xFF, plan.workspace_bytes + 256);
+  const char* stage = "";
+  cudaError_t err = cudaSuccess;
+  for (int i = 0; i < repeats && err == cudaSuccess; ++i)
+    err = enqueue_attention(a, plan, workspace, nullptr, &stage);
+  if (topk_idx_out != nullptr && err == cudaSuccess)
+    std::memcpy(topk_idx_out, static_cast<char*>(workspace) + plan.topk_off,
+                sizeof(int32_t) * plan.rows * plan.k_eff);
+  std::free(workspace);
+  delete k_copy;
+  delete v_copy;
+  return static_cast<int>(err);
+}
+
+// paged_attention on the emulated pipeline, with the host glue of attention_cuda.cpp: caches
+// (num_blocks, Hkv, block_size, D) and key_t_cache (num_blocks, Hkv, D, block_size) with
+// element strides (4 each); K / V rows failing the 16-byte rule are copied, key_t_cache is read
+// in place whatever its strides. block_table int32 with strides (2), seq_lens int32 with an
+// element stride. topk_idx_out: (R*Hkv, min(k, max_blocks * block_size)) or nullptr.
+extern "C" int sparq_emu_paged_attention(
+    int dtype, int64_t R, int64_t Hq, int64_t Hkv, int64_t num_blocks, int64_t block_size,
+    int64_t max_blocks, int64_t D, int64_t r, int64_t k, int64_t window, int reallocate,
+    float scale, int64_t sm_count, int64_t topk_blocks, const void* query, const void* key,
+    const int64_t* k_strides, const void* value, const int64_t* v_strides, const void* key_t,
+    const int64_t* kt_strides, const void* value_mean, const int32_t* block_table,
+    const int64_t* bt_strides, const int32_t* seq_lens, int64_t seq_lens_stride, void* out,
+    int32_t* topk_idx_out, int repeats) {
+  using namespace sparq::cuda;
+  AttentionProblem a{};
+  a.dtype = static_cast<DType>(dtype);
+  const int64_t e = dtype == 0 ? 4 : 2;
+  a.B = R;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.S = max_blocks * block_size;
+  a.D = D;
+  a.r = r;
+  a.k = k;
+  a.window = window;
+  a.reallocate = reallocate != 0;
+  a.scale = scale;
+  a.sm_count = sm_count;
+  a.topk_blocks = topk_blocks;
+  a.pages = {block_table, bt_strides[0], bt_strides[1], static_cast<int32_t>(block_size),
+             static_cast<int32_t>(num_blocks)};
+  a.query = query;
+  std::vector<unsigned char>* k_copy = nullptr;
+  std::vector<unsigned char>* v_copy = nullptr;
+  const int64_t* ks = k_strides;
+  const int64_t* vs = v_strides;
+  if ((D > 1 && ks[3] != 1) || !rows_aligned16(key, e, ks[0], ks[1], ks[2])) {
+    k_copy = contiguous_copy(key, e, num_blocks, Hkv, block_size, D, ks[0], ks[1], ks[2], ks[3]);
+    key = k_copy->data();
+  }
+  if ((D > 1 && vs[3] != 1) || !rows_aligned16(value, e, vs[0], vs[1], vs[2])) {
+    v_copy = contiguous_copy(value, e, num_blocks, Hkv, block_size, D, vs[0], vs[1], vs[2], vs[3]);
+    value = v_copy->data();
+  }
+  a.key = key;
+  a.k_sb = k_copy ? Hkv * block_size * D : ks[0];
+  a.k_sh = k_copy ? block_size * D : ks[1];
+  a.k_ss = k_copy ? D : ks[2];
+  a.value = value;
+  a.v_sb = v_copy ? Hkv * block_size * D : vs[0];
+  a.v_sh = v_copy ? block_size * D : vs[1];
+  a.v_ss = v_copy ? D : vs[2];
+  if (key_t != nullptr) {
+    a.key_t = key_t;
+    a.kt_sb = kt_strides[0];
+    a.kt_sh = kt_strides[1];
+    a.kt_sd = kt_strides[2];
+    a.kt_ss = kt_strides[3];
+    a.kt_vec = paged_key_t_vec(key_t, e, a.kt_sb, a.kt_sh, a.kt_sd, a.kt_ss, block_size);
+  }
+  a.value_mean = value_mean;
+  a.seq_lens_i32 = seq_lens;
+  a.seq_lens_i32_stride = seq_lens_stride;
   a.out = out;
   const AttentionPlan plan = plan_attention(a);
   void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -128,6 +129,7 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
     a.kt_sb = Hkv * D * S;
     a.kt_sh = D * S;
     a.kt_sd = S;
+    a.kt_ss = 1;
     a.kt_vec = rows_aligned16(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd);
   }
   a.value_mean = with_mean ? mean.data() : nullptr;
@@ -148,6 +150,90 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   return finite;
 }
 
+// paged_attention: exact-size caches (num_blocks, Hkv, block_size, D) in an engine's layout
+// (positions outer to heads, as passed through transpose(1, 2)), key_t_cache contiguous
+// (num_blocks, Hkv, D, block_size) or absent, a shuffled block table whose unused entries hold
+// an out-of-range id (never followed), lengths with an empty row and partial last blocks.
+template <typename T>
+static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with_key_t) {
+  const int64_t R = 3, Hq = 4, Hkv = 2, r = 8, k = 60;
+  const int32_t lens[R] = {700, 0, 229};
+  const int64_t max_blocks = (700 + block_size - 1) / block_size + 1;
+  int64_t num_blocks = 0;
+  for (int32_t n : lens) num_blocks += (n + block_size - 1) / block_size;
+  std::mt19937 gen(static_cast<unsigned>(block_size * 7 + D));
+  std::normal_distribution<float> normal;
+  std::vector<int32_t> ids(num_blocks);
+  for (int64_t i = 0; i < num_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+  std::shuffle(ids.begin(), ids.end(), gen);
+  std::vector<int32_t> table(R * max_blocks, 1 << 30);
+  int64_t next = 0;
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < (lens[i] + block_size - 1) / block_size; ++j)
+      table[i * max_blocks + j] = ids[next++];
+  const int64_t cache_elems = num_blocks * block_size * Hkv * D;
+  std::vector<T> q(R * Hq * D), key(cache_elems), value(cache_elems), key_t(cache_elems);
+  std::vector<T> out(R * Hq * D, cast<T>(NAN));
+  for (auto& x : q) x = cast<T>(normal(gen));
+  for (auto& x : key) x = cast<T>(normal(gen));
+  for (auto& x : value) x = cast<T>(normal(gen));
+  // key_t_cache[blk, h, d, s] = key_cache[blk, h, s, d], key_cache stored (blk, s, h, d)
+  for (int64_t blk = 0; blk < num_blocks; ++blk)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t s = 0; s < block_size; ++s)
+          key_t[((blk * Hkv + h) * D + d) * block_size + s] =
+              key[((blk * block_size + s) * Hkv + h) * D + d];
+
+  AttentionProblem a{};
+  a.dtype = dtype;
+  a.B = R;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.S = max_blocks * block_size;
+  a.D = D;
+  a.r = r;
+  a.k = k;
+  a.window = 5;
+  a.reallocate = true;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.sm_count = 132;
+  a.topk_blocks = g_topk_blocks;
+  a.pages = {table.data(), max_blocks, 1, static_cast<int32_t>(block_size),
+             static_cast<int32_t>(num_blocks)};
+  a.query = q.data();
+  a.key = key.data();
+  a.k_sb = block_size * Hkv * D;
+  a.k_sh = D;
+  a.k_ss = Hkv * D;
+  a.value = value.data();
+  a.v_sb = a.k_sb;
+  a.v_sh = a.k_sh;
+  a.v_ss = a.k_ss;
+  if (with_key_t) {
+    a.key_t = key_t.data();
+    a.kt_sb = Hkv * D * block_size;
+    a.kt_sh = D * block_size;
+    a.kt_sd = block_size;
+    a.kt_ss = 1;
+    a.kt_vec = paged_key_t_vec(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd, a.kt_ss,
+                               block_size);
+  }
+  a.seq_lens_i32 = lens;
+  a.seq_lens_i32_stride = 1;
+  a.out = out.data();
+  const AttentionPlan plan = plan_attention(a);
+  Workspace workspace(plan);
+  const char* stage = "";
+  const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
+  bool finite = err == cudaSuccess;
+  for (T x : out) finite = finite && std::isfinite(to_f(x));
+  std::printf("paged dtype=%d block_size=%ld D=%ld key_t=%d: %s\n", static_cast<int>(dtype),
+              static_cast<long>(block_size), static_cast<long>(D), with_key_t,
+              finite ? "ok" : "NOT FINITE");
+  return finite;
+}
+
 int main() {
   bool ok = true;
   ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
@@ -163,5 +249,8 @@ int main() {
   ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false);
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 80, 10, 1000, 5, true, true,
                                 true, false);
+  ok &= run_paged_case<float>(DType::kFloat32, 48, 64, true);
+  ok &= run_paged_case<__nv_bfloat16>(DType::kBFloat16, 20, 128, true);
+  ok &= run_paged_case<__half>(DType::kFloat16, 16, 64, false);
   return ok ? 0 : 1;
 }

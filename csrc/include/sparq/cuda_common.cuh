@@ -147,6 +147,49 @@ __device__ __forceinline__ void warp_hist_add(uint32_t* hist, uint32_t bucket, b
     atomicAdd(&hist[bucket], static_cast<uint32_t>(__popc(peers)));
 }
 
+// ---- positions ------------------------------------------------------------------------
+// Where position s of batch row b lies in a cache of element strides (outer, head, position)
+// (sparq/cuda_launchers.h, PageTable): the policy the kernels that read K, V or key_t are
+// templated on, so attention and paged_attention run the same kernels and the contiguous
+// cache pays nothing for the paged one. A position's location is a `slot` (one int64, so
+// attend can look it up two pipeline steps ahead of the rows it addresses); the caller adds
+// row_offset(s_outer) + h * s_head once and slot_offset(slot, s_outer, s_pos) per position.
+struct StridedPositions {
+  int64_t b;
+  __device__ __forceinline__ static StridedPositions of(const PageTable&, int64_t b) {
+    return {b};
+  }
+  __device__ __forceinline__ int64_t slot(int64_t s) const { return s; }
+  __device__ __forceinline__ int64_t row_offset(int64_t s_outer) const { return b * s_outer; }
+  __device__ __forceinline__ static int64_t slot_offset(int64_t slot, int64_t, int64_t s_pos) {
+    return slot * s_pos;
+  }
+};
+
+// Paged: the slot packs (block id << 32) | offset in the block. Positions are below 2^31
+// (seq_lens is int32), so 32-bit division; block ids are clamped into the cache (a bad
+// table entry, which the host cannot check without a device sync, reads a wrong block,
+// never outside the allocation). Slots are never negative, so -1 stays free for "none".
+struct PagedPositions {
+  const int32_t* blocks;  // the batch row's entries of the block table
+  int64_t bt_col;
+  int32_t block_size, last_block;
+  __device__ __forceinline__ static PagedPositions of(const PageTable& t, int64_t b) {
+    return {t.block_table + b * t.bt_row, t.bt_col, t.block_size, t.num_blocks - 1};
+  }
+  __device__ __forceinline__ int64_t slot(int64_t s) const {
+    const int32_t p = static_cast<int32_t>(s);
+    const int32_t entry = blocks[static_cast<int64_t>(p / block_size) * bt_col];
+    const int32_t block = min(max(entry, 0), last_block);
+    return (static_cast<int64_t>(block) << 32) | static_cast<uint32_t>(p % block_size);
+  }
+  __device__ __forceinline__ int64_t row_offset(int64_t) const { return 0; }
+  __device__ __forceinline__ static int64_t slot_offset(int64_t slot, int64_t s_outer,
+                                                        int64_t s_pos) {
+    return (slot >> 32) * s_outer + (slot & 0xffffffffll) * s_pos;
+  }
+};
+
 // ---- launch ----------------------------------------------------------------------------
 // kernel<<<grid, block, 0, stream>>>(args...), or, when the kernels are compiled as host
 // code for the CPU emulation tests (tests/cuda_emu), the emulator's launch.
@@ -184,6 +227,16 @@ __device__ __forceinline__ void warp_hist_add(uint32_t* hist, uint32_t bucket, b
     } break;                                                     \
     default:                                                     \
       return cudaErrorInvalidValue;                              \
+  }
+
+// Pos: the position policy of the call (a block table or not).
+#define SPARQ_DISPATCH_POSITIONS(pages, Pos, ...)               \
+  if ((pages).block_table != nullptr) {                          \
+    using Pos = ::sparq::cuda::PagedPositions;                   \
+    __VA_ARGS__;                                                 \
+  } else {                                                       \
+    using Pos = ::sparq::cuda::StridedPositions;                 \
+    __VA_ARGS__;                                                 \
   }
 
 #define SPARQ_DISPATCH_HEAD_DIM(bucket, KD, ...)                 \

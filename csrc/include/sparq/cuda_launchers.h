@@ -66,9 +66,24 @@ inline int approx_tile(DType dtype) {
 inline int group_chunk(int64_t G) { return G <= 1 ? 1 : G <= 4 ? 4 : kMaxGroupChunk; }
 inline int64_t group_chunks(int64_t G) { return (G + group_chunk(G) - 1) / group_chunk(G); }
 
+// How a batch row's position maps to memory. block_table == nullptr: a contiguous cache
+// (attention), position s of batch row b at b * s_outer + s * s_pos; otherwise a paged one
+// (paged_attention, docs/design.md section 3a), position s of row b in block
+// block_table[b * bt_row + (s / block_size) * bt_col] at offset s % block_size, that is at
+// block * s_outer + (s % block_size) * s_pos. The kernels that read the cache are templated on
+// which (StridedPositions, PagedPositions in sparq/cuda_common.cuh), never branch on it.
+struct PageTable {
+  const int32_t* block_table;  // (B, max_blocks), any strides, or nullptr
+  int64_t bt_row, bt_col;
+  int32_t block_size;
+  int32_t num_blocks;          // block ids are clamped to [0, num_blocks): never outside the cache
+};
+
 struct PrepParams {
   const void* query;        // (B, Hq, 1, D) contiguous, query dtype; any alignment
   const int64_t* seq_lens;  // (B,) or nullptr
+  const int32_t* seq_lens_i32;  // (B,) int32 with element stride seq_lens_i32_stride, or nullptr
+  int64_t seq_lens_i32_stride;
   const uint8_t* mask;      // (B, S) bool or nullptr
   int64_t B, Hkv, rows, G, D, r, S, window;
   float scale;
@@ -86,10 +101,14 @@ struct PrepParams {
   float* q32;               // (rows, G, D) fp32 query, 16-byte aligned rows
 };
 
+// Caches are (B or blocks, Hkv, positions, D) (key_t: (B or blocks, Hkv, D, positions)) with
+// element strides (outer, head, position); `pages` says what the outer index is.
 struct ApproxParams {
-  const void* key_t;        // (B, Hkv, D, S), S-stride 1, or nullptr (then gather from key)
-  int64_t kt_sb, kt_sh, kt_sd;
-  bool kt_vec;              // every key_t row is 16-byte aligned (vector loads allowed)
+  PageTable pages;
+  const void* key_t;        // (B, Hkv, D, S), or nullptr (then gather from key)
+  int64_t kt_sb, kt_sh, kt_sd, kt_ss;  // kt_ss: read for paged caches only (contiguous: 1)
+  bool kt_vec;              // 16-byte loads of VEC positions: unit kt_ss, 16-byte aligned rows
+                            // and (paged) block_size a multiple of VEC
   const void* key;          // (B, Hkv, S, D), D-stride 1
   int64_t k_sb, k_sh, k_ss;
   const int32_t* i1;
@@ -123,6 +142,7 @@ struct TopkParams {
 };
 
 struct ValueSumParams {
+  PageTable pages;
   const void* value;        // (B, Hkv, S, D), D-stride 1, rows 16-byte aligned
   int64_t v_sb, v_sh, v_ss;
   const int32_t* row_len;
@@ -132,6 +152,7 @@ struct ValueSumParams {
 };
 
 struct AttendParams {
+  PageTable pages;
   const void* key;          // (B, Hkv, S, D), D-stride 1, rows 16-byte aligned
   int64_t k_sb, k_sh, k_ss;
   const void* value;

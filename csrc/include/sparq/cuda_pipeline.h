@@ -25,9 +25,23 @@ inline bool rows_aligned16(const void* ptr, int64_t elem_bytes, int64_t s0, int6
          (s1 * elem_bytes) % 16 == 0 && (s2 * elem_bytes) % 16 == 0;
 }
 
+// Whether approx_logits may read a paged key_t_cache (num_blocks, Hkv, D, block_size) with
+// 16-byte loads: each thread's run of 16 / e positions must be 16 consecutive bytes, so unit
+// position stride, 16-byte aligned rows and whole runs per block (block_size a multiple of
+// 16 / e). Otherwise it reads elementwise, in place (a paged cache is never copied for key_t).
+inline bool paged_key_t_vec(const void* ptr, int64_t elem_bytes, int64_t s_block,
+                            int64_t s_head, int64_t s_comp, int64_t s_pos, int64_t block_size) {
+  return s_pos == 1 && block_size % (16 / elem_bytes) == 0 &&
+         rows_aligned16(ptr, elem_bytes, s_block, s_head, s_comp);
+}
+
 // One call, in the layouts the kernels read: query (any alignment) and value_mean contiguous;
-// key / value rows with unit D-stride and 16-byte aligned rows; key_t with unit S-stride.
-// Element strides. Optional pointers are nullptr when absent.
+// key / value rows with unit D-stride and 16-byte aligned rows; key_t with unit S-stride
+// (paged: any strides). Element strides (outer, head, position); the outer index is the batch
+// row, or with a block table (pages.block_table) the block: then B is the number of request
+// rows R, S the table's capacity max_blocks * block_size (every size a function of the shapes,
+// as for a contiguous cache), and each row's work is bounded by its seq_lens.
+// Optional pointers are nullptr when absent.
 struct AttentionProblem {
   DType dtype;
   int64_t B, Hq, Hkv, S, D, r, k, window;
@@ -35,16 +49,19 @@ struct AttentionProblem {
   float scale;
   int64_t sm_count;     // multiprocessors of the device (sizes partitions and topk blocks)
   int64_t topk_blocks;  // 0: from sm_count (tests force several blocks per row at small S)
+  PageTable pages;      // block_table nullptr: a contiguous cache
   const void* query;
   const void* key;
   int64_t k_sb, k_sh, k_ss;
   const void* value;
   int64_t v_sb, v_sh, v_ss;
   const void* key_t;
-  int64_t kt_sb, kt_sh, kt_sd;
+  int64_t kt_sb, kt_sh, kt_sd, kt_ss;
   bool kt_vec;
   const void* value_mean;
   const int64_t* seq_lens;
+  const int32_t* seq_lens_i32;  // instead of seq_lens (paged_attention's), element stride below
+  int64_t seq_lens_i32_stride;
   const uint8_t* mask;  // (B, S)
   void* out;            // (B, Hq, 1, D) contiguous
 };
@@ -172,6 +189,8 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   PrepParams pp{};
   pp.query = a.query;
   pp.seq_lens = a.seq_lens;
+  pp.seq_lens_i32 = a.seq_lens_i32;
+  pp.seq_lens_i32_stride = a.seq_lens_i32_stride;
   pp.mask = a.mask;
   pp.B = a.B;
   pp.Hkv = a.Hkv;
@@ -196,10 +215,12 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   if (!check(launch_prep(pp, a.dtype, stream), "prep")) return err;
 
   ApproxParams ap{};
+  ap.pages = a.pages;
   ap.key_t = a.key_t;
   ap.kt_sb = a.kt_sb;
   ap.kt_sh = a.kt_sh;
   ap.kt_sd = a.kt_sd;
+  ap.kt_ss = a.kt_ss;
   ap.kt_vec = a.kt_vec;
   ap.key = a.key;
   ap.k_sb = a.k_sb;
@@ -244,6 +265,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
 
   if (plan.need_value_sum) {
     ValueSumParams vp{};
+    vp.pages = a.pages;
     vp.value = a.value;
     vp.v_sb = a.v_sb;
     vp.v_sh = a.v_sh;
@@ -260,6 +282,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   }
 
   AttendParams at{};
+  at.pages = a.pages;
   at.key = a.key;
   at.k_sb = a.k_sb;
   at.k_sh = a.k_sh;
