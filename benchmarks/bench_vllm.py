@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.environ.get("SPARQ_VLLM_MODEL", "build/smollm2-135m"),
                    help="a safetensors model folder (default: SmolLM2-135M, exported on first use)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192],
+                   help="tokens attended by the last decode step (prompt + generated)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8])
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per cell")
@@ -49,6 +50,8 @@ def parse_args(argv=None):
             p.error(f"--{name} values must be > 0")
     if args.tokens < 1 or args.repeats < 1:
         p.error("--tokens and --repeats must be >= 1")
+    if min(args.contexts) <= args.tokens + 1:
+        p.error("--contexts must exceed --tokens + 1 (the prompt is the rest)")
     if args.quick:
         args.contexts, args.batches, args.ratios, args.tokens, args.repeats = [1024], [1, 2], [8], 8, 1
     return args
@@ -88,12 +91,12 @@ def main(argv=None) -> int:
     modes = [("stock", {})] + [(f"sparq r{ratio:g}", {"sparq": {"ratio": ratio}}) for ratio in args.ratios]
 
     # Each engine must keep one context's prompts of the largest batch cached, with room to decode.
-    need_tokens = max_batch * (max_ctx + args.tokens + 256)
+    need_tokens = max_batch * (max_ctx + 256)
     engines, capacity = {}, {}
     for name, extra in tqdm(modes, desc="starting engines", file=sys.stderr):
         bytes_per_token = kv_bytes_per_token(model, args.dtype, bool(extra))
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(need_tokens * bytes_per_token * 1.15 / 2**30)))
-        llm = LLM(model, dtype=args.dtype, enforce_eager=True, max_model_len=max_ctx + args.tokens + 8,
+        llm = LLM(model, dtype=args.dtype, enforce_eager=True, max_model_len=max_ctx,
                   enable_prefix_caching=True, max_num_seqs=max(8, max_batch), seed=0,
                   additional_config=extra)
         cache = llm.llm_engine.vllm_config.cache_config
@@ -118,7 +121,9 @@ def main(argv=None) -> int:
     cells = len(args.contexts) * (len(modes) + args.repeats * len(args.batches) * len(modes))
     progress = tqdm(total=cells, desc="prefill + decode cells", file=sys.stderr)
     for ctx in args.contexts:
-        prompts = [{"prompt_token_ids": ids[i * ctx:(i + 1) * ctx]} for i in range(max_batch)]
+        # the context a cell reports is the length its last decode step attends over
+        length = ctx - args.tokens - 1
+        prompts = [{"prompt_token_ids": ids[i * ctx:i * ctx + length]} for i in range(max_batch)]
         prefill = {}
         for name, llm in engines.items():
             prefill[name] = timed(llm, prompts, 1)
