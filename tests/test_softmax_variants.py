@@ -327,3 +327,18 @@ def test_torch_compile_fullgraph_cpu():
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(q, K, V, Kt, lens, sinks), step(q, K, V, Kt, lens, sinks),
                                **tolerance(torch.float32))
+
+
+@pytest.mark.skipif(not sparq_ext.has_native_kernel("cpu"), reason="the native CPU kernel is not built")
+def test_cpu_kernel_with_them_is_independent_of_thread_count():
+    """One task split into tiles and partitions (threads > tasks) or run whole: the same bits."""
+    q, K, V, Kt, sinks = _case(B=1, Hq=4, Hkv=1, S=9000, D=32, sinks=True)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(sparq_ext.attention(q, K, V, r=4, k=1100, key_t=Kt, softcap=8.0, sinks=sinks))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
