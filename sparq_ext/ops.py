@@ -428,8 +428,15 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache, value_mean, local_window, reallocate, scale,
                                  softcap, sinks)
+    scale = None if scale is None else float(scale)
+    softcap = None if softcap is None else float(softcap)
+    if (softcap is not None or sinks is not None) and query.device.type == "cuda" \
+            and has_native_kernel("cuda", "paged_attention"):
+        # as in attention: a native CUDA kernel without them leaves such calls to the reference
+        return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r,
+                                         k, key_t_cache, value_mean, local_window, reallocate,
+                                         scale, softcap, sinks)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
-        value_mean=value_mean, local_window=local_window, reallocate=reallocate,
-        scale=None if scale is None else float(scale),
-        softcap=None if softcap is None else float(softcap), sinks=sinks)
+        value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,
+        softcap=softcap, sinks=sinks)
