@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 
 namespace sparq {
@@ -163,7 +164,30 @@ inline at::Tensor mask_as_batch_by_seq(const at::Tensor& attn_mask, int64_t B, i
   return attn_mask.expand({B, 1, 1, S}).reshape({B, S}).contiguous();
 }
 
-// Backend entry points (same arguments as the schema in csrc/ops.cpp).
+// softcap and sinks, checked alike by both operators (same words as the Python checks).
+inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
+                                   std::optional<double> softcap,
+                                   const std::optional<at::Tensor>& sinks) {
+  if (softcap) {
+    TORCH_CHECK(std::isfinite(*softcap) && *softcap > 0.0,
+                "softcap must be a finite float > 0 or None, got ", *softcap);
+  }
+  if (sinks) {
+    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == Hq, "sinks must have shape (Hq,) = (", Hq,
+                ",), got ", sinks->sizes());
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat, "sinks must be float32, got ",
+                sinks->scalar_type());
+    TORCH_CHECK(sinks->device() == query.device(), "sinks must be on the query's device ",
+                query.device(), ", got ", sinks->device());
+  }
+}
+
+// Backend entry points. SPARQ_ATTENTION_ARGS: the schema in csrc/ops.cpp up to `scale` (the
+// CUDA entry point's arguments; csrc/ops.cpp refuses softcap and sinks for it); the CPU kernels
+// take SPARQ_SOFTMAX_VARIANT_ARGS after them.
+#define SPARQ_SOFTMAX_VARIANT_ARGS \
+  std::optional<double> softcap, const std::optional<at::Tensor>&sinks
+
 #define SPARQ_ATTENTION_ARGS                                                              \
   const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, int64_t r,     \
       int64_t k, const std::optional<at::Tensor>&key_t,                                   \
@@ -171,7 +195,7 @@ inline at::Tensor mask_as_batch_by_seq(const at::Tensor& attn_mask, int64_t B, i
       const std::optional<at::Tensor>&attn_mask, int64_t local_window, bool reallocate,   \
       std::optional<double> scale
 
-at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS);   // csrc/cpu/
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cpu/
 // Test hook: the CPU kernel's exact top-k of a 1-D float32 CPU tensor (positions, ascending);
 // `histogram_only` skips the sampled fast path.
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
@@ -183,7 +207,7 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPAR
       const std::optional<at::Tensor>&key_t_cache, const std::optional<at::Tensor>&value_mean, \
       int64_t local_window, bool reallocate, std::optional<double> scale
 
-at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS);   // csrc/cpu/
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cpu/
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

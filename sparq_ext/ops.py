@@ -23,14 +23,16 @@ from .reference import paged_attention_reference, sparq_attention_reference
 SCHEMA = (
     "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
     "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
-    "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor"
+    "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
+    "Tensor? sinks=None) -> Tensor"
 )
 QUALNAME = "sparq_ext::attention"
 # Must match the paged schema in csrc/ops.cpp.
 PAGED_SCHEMA = (
     "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
     "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
-    "int local_window=0, bool reallocate=True, float? scale=None) -> Tensor"
+    "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
+    "Tensor? sinks=None) -> Tensor"
 )
 PAGED_QUALNAME = "sparq_ext::paged_attention"
 
@@ -78,9 +80,10 @@ _native_device_types = {
 
 
 def _reference_kernel(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
-                      attn_mask=None, local_window=0, reallocate=True, scale=None):
+                      attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
+                      sinks=None):
     return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
-                                     attn_mask, local_window, reallocate, scale)
+                                     attn_mask, local_window, reallocate, scale, softcap, sinks)
 
 
 _impl_lib = torch.library.Library("sparq_ext", "IMPL")
@@ -92,9 +95,10 @@ for _key in ("CPU", "CUDA"):
 
 def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                             key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                            scale=None):
+                            scale=None, softcap=None, sinks=None):
     return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
-                                     key_t_cache, value_mean, local_window, reallocate, scale)
+                                     key_t_cache, value_mean, local_window, reallocate, scale,
+                                     softcap, sinks)
 
 
 # Where the extension has no paged kernel for a key (not built, built without CUDA, or built
@@ -107,13 +111,14 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake(PAGED_QUALNAME)
 def _paged_attention_fake(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                           key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                          scale=None):
+                          scale=None, softcap=None, sinks=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(QUALNAME)
 def _attention_fake(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
-                    attn_mask=None, local_window=0, reallocate=True, scale=None):
+                    attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
+                    sinks=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -134,7 +139,8 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 
 def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None,
-                           attn_mask=None, local_window=0, reallocate=True, scale=None) -> None:
+                           attn_mask=None, local_window=0, reallocate=True, scale=None,
+                           softcap=None, sinks=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``attention``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -162,6 +168,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
     _check_like_query(query, (("key", key, None), ("value", value, None)) + optional)
 
     _check_budget(D, r, k, local_window, reallocate, scale)
+    _check_softmax_variants(query, Hq, softcap, sinks)
 
     if seq_lens is not None:
         if not isinstance(seq_lens, torch.Tensor):
@@ -194,7 +201,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key", key), ("value", value), ("key_t", key_t),
-                   ("value_mean", value_mean))
+                   ("value_mean", value_mean), ("sinks", sinks))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.attention is inference-only "
@@ -202,7 +209,8 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
 
 def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
-              attn_mask=None, local_window=0, reallocate=True, scale=None):
+              attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
+              sinks=None):
     """SparQ Attention for one decode step (arXiv 2312.04985), SDPA-like.
 
     Args:
@@ -223,9 +231,20 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
         reallocate: interpolate with the mean of ``value`` by the approximate score mass of the
             top-k (step 3); ``False`` returns the top-k attention alone.
         scale: logit scale, default ``1/sqrt(D)``.
+        softcap: optional logit softcapping (Gemma 2's ``attn_logit_softcapping``), a finite
+            float > 0: every logit ``x`` (scaled, approximate and exact alike) becomes
+            ``softcap * tanh(x / softcap)``.
+        sinks: optional float32 ``(Hq,)`` attention sinks (gpt-oss; transformers' ``s_aux``):
+            query head ``h`` has one more softmax entry, logit ``sinks[h]``, that carries no
+            value. Step 3 counts it as attended (docs/design.md), so ``k >=`` the valid length
+            is still dense attention exactly.
 
     Returns:
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
+
+    The native CUDA kernel has neither ``softcap`` nor ``sinks`` yet: a call with either on a
+    CUDA tensor runs the pure-torch reference (correct, not fast); calling
+    ``torch.ops.sparq_ext.attention`` directly there raises ``NotImplementedError``.
 
     Inference-only: inputs that require grad are rejected unless grad mode is off.
     ``seq_lens`` values are checked only for CPU tensors in eager mode. On a GPU they are
@@ -234,11 +253,19 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     or tracing they are not checked either.
     """
     check_attention_inputs(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                           local_window, reallocate, scale)
+                           local_window, reallocate, scale, softcap, sinks)
+    scale = None if scale is None else float(scale)
+    softcap = None if softcap is None else float(softcap)
+    if (softcap is not None or sinks is not None) and query.device.type == "cuda" \
+            and has_native_kernel("cuda"):
+        # The CUDA kernels do not implement them (its registration refuses them): the reference.
+        return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
+                                         attn_mask, local_window, reallocate, scale, softcap,
+                                         sinks)
     return torch.ops.sparq_ext.attention(
         query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
-        attn_mask=attn_mask, local_window=local_window, reallocate=reallocate,
-        scale=None if scale is None else float(scale))
+        attn_mask=attn_mask, local_window=local_window, reallocate=reallocate, scale=scale,
+        softcap=softcap, sinks=sinks)
 
 
 def _check_like_query(query, tensors) -> None:
@@ -271,9 +298,26 @@ def _check_budget(D, r, k, local_window, reallocate, scale) -> None:
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
 
+def _check_softmax_variants(query, Hq, softcap, sinks) -> None:
+    """``softcap`` and ``sinks``, as both operators check them."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (Hq,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {tuple(sinks.shape)}")
+    if sinks.dtype != torch.float32:
+        raise TypeError(f"sinks must be float32, got {sinks.dtype}")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks must be on the query's device {query.device}, got {sinks.device}")
+
+
 def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache=None, value_mean=None, local_window=0,
-                                 reallocate=True, scale=None) -> None:
+                                 reallocate=True, scale=None, softcap=None, sinks=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``paged_attention``.
 
     Shapes, dtypes and devices always; the values of ``seq_lens`` and ``block_table`` (each
@@ -322,6 +366,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
         if t.device != query.device:
             raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
     _check_budget(D, r, k, local_window, reallocate, scale)
+    _check_softmax_variants(query, Hq, softcap, sinks)
 
     if R > 0 and _values_checkable(seq_lens) and _values_checkable(block_table):
         capacity = block_table.shape[1] * block_size
@@ -339,7 +384,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
-                   ("key_t_cache", key_t_cache), ("value_mean", value_mean))
+                   ("key_t_cache", key_t_cache), ("value_mean", value_mean), ("sinks", sinks))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.paged_attention is "
@@ -349,7 +394,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                     key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                    scale=None):
+                    scale=None, softcap=None, sinks=None):
     """SparQ Attention for one decode step over a paged KV cache (as in vLLM).
 
     The same result as :func:`attention` on the cache laid out contiguously with ``seq_lens``
@@ -365,7 +410,7 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
             ``block_table[i, p // block_size]`` at offset ``p % block_size``. Entries past a
             row's last block are never read.
         seq_lens: int32 ``(R,)``, each row's length, at most ``max_blocks * block_size``.
-        r, k, local_window, reallocate, scale: as :func:`attention`.
+        r, k, local_window, reallocate, scale, softcap, sinks: as :func:`attention`.
         key_t_cache: optional ``(num_blocks, Hkv, D, block_size)`` transposed copy of the keys,
             any strides.
         value_mean: optional ``(R, Hkv, D)`` mean of each row's values; default: computed over
@@ -386,8 +431,17 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     ``[0, max_blocks * block_size]`` and each block id it follows into ``[0, num_blocks)``.
     """
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
-                                 key_t_cache, value_mean, local_window, reallocate, scale)
+                                 key_t_cache, value_mean, local_window, reallocate, scale,
+                                 softcap, sinks)
+    scale = None if scale is None else float(scale)
+    softcap = None if softcap is None else float(softcap)
+    if (softcap is not None or sinks is not None) and query.device.type == "cuda" \
+            and has_native_kernel("cuda", "paged_attention"):
+        # as in attention: a native CUDA kernel without them leaves such calls to the reference
+        return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r,
+                                         k, key_t_cache, value_mean, local_window, reallocate,
+                                         scale, softcap, sinks)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
-        value_mean=value_mean, local_window=local_window, reallocate=reallocate,
-        scale=None if scale is None else float(scale))
+        value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,
+        softcap=softcap, sinks=sinks)

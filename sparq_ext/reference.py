@@ -47,13 +47,23 @@ def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
-def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0):
+def softcap_logits(logits: torch.Tensor, softcap=None) -> torch.Tensor:
+    """Logit softcapping (Gemma 2's ``attn_logit_softcapping``): ``softcap * tanh(logits /
+    softcap)``; ``logits`` unchanged when ``softcap`` is None."""
+    if softcap is None:
+        return logits
+    return torch.tanh(logits / softcap) * softcap
+
+
+def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0,
+                          softcap=None):
     """Steps 1 and 2's selection: ``(approx_logits, i2)`` for grouped fp32 queries ``q``
     ``(B, Hkv, G, D)`` and the ``(B, S)`` bool ``valid``.
 
     ``approx_logits`` ``(B, Hkv, G, S)``: ``q[i1] . K[:, i1] * scale / sqrt(gamma)`` with ``i1``
-    the ``r`` largest components of ``sum_g |q_g|``; ``i2`` ``(B, Hkv, k)``: the top-``k`` of the
-    group-summed approximate logits over valid positions, the last ``local_window`` forced in.
+    the ``r`` largest components of ``sum_g |q_g|`` (softcapped when ``softcap`` is given, as
+    the exact logits are); ``i2`` ``(B, Hkv, k)``: the top-``k`` of the group-summed approximate
+    logits over valid positions, the last ``local_window`` forced in.
     """
     B, Hkv, G, D = q.shape
     S = key.shape[2]
@@ -72,6 +82,7 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
         K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(acc).transpose(-1, -2)
     gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
     approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
+    approx_logits = softcap_logits(approx_logits, softcap)
 
     # Step 2: i2 = top-k of the group-summed approximate logits, local window forced in.
     selection_score = approx_logits.sum(2)
@@ -87,9 +98,15 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
 
 def sparq_attention_reference(
     query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
-    local_window=0, reallocate=True, scale=None, return_selection=False,
+    local_window=0, reallocate=True, scale=None, softcap=None, sinks=None, return_selection=False,
 ):
     """SparQ attention for one query position; arguments as ``sparq_ext.attention``.
+
+    ``softcap`` caps the approximate and the exact logits alike. A sink (``sinks[h]``, query
+    head ``h``) is one more softmax entry with that logit and a zero value: always attended
+    exactly (it joins the denominator of ``y``), and counted in step 3's ``alpha`` as selected
+    mass, so ``k >=`` the valid length (``alpha = 1``) is dense attention with the sink
+    (docs/design.md, section 1).
 
     Inputs are assumed validated (``sparq_ext.attention`` does that). With
     ``return_selection`` returns ``(out, i2)``, ``i2`` ``(B, Hkv, k)`` the positions step 2
@@ -108,20 +125,36 @@ def sparq_attention_reference(
     valid_kv = valid[:, None, :].expand(B, Hkv, S)
 
     # Steps 1 and 2a: approximate logits, and the positions i2 they select.
-    approx_logits, i2 = approximate_selection(q, key, r, k, valid, key_t, local_window, scale)
-    s_hat = _masked_softmax(approx_logits, valid_kv[:, :, None, :])
+    approx_logits, i2 = approximate_selection(q, key, r, k, valid, key_t, local_window, scale,
+                                              softcap)
+    # The sink as a last softmax entry, valid (only where the row has a valid position: an
+    # empty row attends to nothing and stays zeros) and always selected.
+    sink = None if sinks is None else sinks.to(acc).reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
+    sink_valid = valid.any(-1)[:, None, None, None].expand(B, Hkv, G, 1)
+    approx_valid = valid_kv[:, :, None, :].expand(B, Hkv, G, S)
+    if sink is not None:
+        approx_logits = torch.cat([approx_logits, sink], -1)
+        approx_valid = torch.cat([approx_valid, sink_valid], -1)
+    s_hat = _masked_softmax(approx_logits, approx_valid)
 
     # Step 2b: exact attention over the selected rows.
     # (gather in the cache's dtype, then widen: only the k selected rows are converted)
     K_sel = key.gather(2, i2[..., None].expand(*i2.shape, D)).to(acc)
     V_sel = value.gather(2, i2[..., None].expand(*i2.shape, D)).to(acc)
-    selected_valid = valid_kv.gather(-1, i2)[:, :, None, :]  # invalid picks get no weight
-    weights = _masked_softmax((q @ K_sel.transpose(-1, -2)) * scale, selected_valid)
+    selected_valid = valid_kv.gather(-1, i2)[:, :, None, :].expand(B, Hkv, G, i2.shape[-1])
+    exact_logits = softcap_logits((q @ K_sel.transpose(-1, -2)) * scale, softcap)
+    if sink is not None:  # the sink joins the denominator; its value is zero
+        exact_logits = torch.cat([exact_logits, sink], -1)
+        selected_valid = torch.cat([selected_valid, sink_valid], -1)
+        V_sel = torch.cat([V_sel, V_sel.new_zeros(B, Hkv, 1, D)], 2)
+    weights = _masked_softmax(exact_logits, selected_valid)
     y = weights @ V_sel  # (B, Hkv, G, D)
 
     if reallocate:
-        # Step 3: alpha = approximate score mass of the top-k; interpolate with mean(V).
-        alpha = s_hat.gather(-1, i2[:, :, None, :].expand(B, Hkv, G, i2.shape[-1]))
+        # Step 3: alpha = approximate score mass of the top-k (and of the sink, always
+        # selected); interpolate with mean(V) (the sink has no value: not in the mean).
+        selected = i2 if sink is None else torch.cat([i2, i2.new_full((B, Hkv, 1), S)], -1)
+        alpha = s_hat.gather(-1, selected[:, :, None, :].expand(B, Hkv, G, selected.shape[-1]))
         alpha = alpha.sum(-1, keepdim=True)
         if value_mean is None:
             n_valid = valid_kv.sum(-1, keepdim=True).clamp_min(1).to(acc)  # (B, Hkv, 1)
@@ -155,7 +188,7 @@ def gather_pages(cache, block_table, seq_lens):
 
 def paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                               key_t_cache=None, value_mean=None, local_window=0,
-                              reallocate=True, scale=None):
+                              reallocate=True, scale=None, softcap=None, sinks=None):
     """SparQ attention over a paged cache; arguments as ``sparq_ext.paged_attention``.
 
     The definition of the paged operator: the cache gathered into a contiguous one
@@ -174,5 +207,31 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
         key_t = gather_pages(key_t_cache.transpose(2, 3), block_table, seq_lens).transpose(2, 3)
     v_mean = None if value_mean is None else value_mean.reshape(R, Hkv, 1, D)
     out = sparq_attention_reference(query[:, :, None, :], key, value, r, k, key_t, v_mean,
-                                    seq_lens, None, local_window, reallocate, scale)
+                                    seq_lens, None, local_window, reallocate, scale, softcap,
+                                    sinks)
     return out[:, :, 0, :]
+
+
+def dense_attention_reference(query, key, value, seq_lens=None, attn_mask=None, scale=None,
+                              softcap=None, sinks=None):
+    """Dense attention for one query position, with logit softcapping and attention sinks as
+    Gemma 2 and gpt-oss define them (the operators' ``k >=`` valid length limit): the sink of
+    query head ``h`` is a logit ``sinks[h]`` that joins the softmax's denominator and carries
+    no value. Computed in at least fp32 (float64 inputs stay float64); rows with no valid
+    position give zeros."""
+    B, Hq, _, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    acc = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(acc).reshape(B, Hkv, G, D)
+    valid = valid_positions(B, S, seq_lens, attn_mask, query.device)  # (B, S)
+    logits = softcap_logits((q @ key.to(acc).transpose(-1, -2)) * scale, softcap)  # (B, Hkv, G, S)
+    logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+    if sinks is not None:
+        sink = sinks.to(acc).reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
+        logits = torch.cat([logits, sink], -1)
+    weights = torch.softmax(logits, -1)[..., :S]
+    y = weights @ value.to(acc)
+    y = torch.where(valid.any(-1)[:, None, None, None], y, torch.zeros_like(y))
+    return y.reshape(B, Hq, 1, D).to(query.dtype)

@@ -4,7 +4,8 @@ No accuracy is claimed here (random weights); the checks are exact properties: w
 context SparQ decoding equals dense decoding token for token (greedy, a left-padded batch), the
 decode step calls sparq_ext.attention on exactly the full-attention layers (sliding-window layers
 stay on SDPA and transformers' own cache layers), and disable_sparq restores the model. Families
-whose attention SparQ does not reproduce are refused naming the feature and the layer.
+whose attention SparQ does not reproduce are refused naming the feature and the layer. Gemma 2
+(logit softcapping) and gpt-oss (attention sinks) run SparQ with the operator's softcap / sinks.
 Real-model accuracy is in test_transformers.py.
 """
 
@@ -36,6 +37,10 @@ FAMILIES = {
     "qwen3-sliding": ("Qwen3Config", "Qwen3ForCausalLM",
                       {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 3}, [0, 1, 2]),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}, [0, 1, 2, 3]),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # logit softcapping; sliding and full alternate
+               {"sliding_window": WINDOW}, [1, 3]),
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM",  # attention sinks; sliding and full alternate
+                {"sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2}, [1, 3]),
     "gemma3-text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # Gemma 3's 5:1 pattern, shortened
                     {"sliding_window": WINDOW, "layer_types": [S, S, F, S]}, [2]),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, [0, 1, 2, 3]),
@@ -47,11 +52,6 @@ FAMILIES = {
 
 # family -> (config class, model class, config overrides, what the refusal names)
 REFUSED = {
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": WINDOW},
-               r"layer 1 uses attn_logit_softcapping=50"),
-    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM",
-                {"sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2},
-                r"layer 1 uses attention sinks"),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     {"head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
                      "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
@@ -216,14 +216,50 @@ def test_all_sliding_model_cannot_be_calibrated():
         calibrate_split(model, torch.zeros(1, 64, dtype=torch.long))
 
 
-def test_runtime_guard_refuses_softmax_variants():
-    """A model wired to the sparq attention by hand (not through enable_sparq) still cannot run sinks."""
-    model = _tiny(*REFUSED["gpt-oss"][:3])
-    integration.register()
-    model.set_attn_implementation("sparq")
-    ids = torch.randint(2, 128, (1, 12))
-    with pytest.raises(ValueError, match="s_aux"):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+@pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
+def test_softcap_and_sinks_reach_the_operator(family, monkeypatch):
+    """Gemma 2's attn_logit_softcapping and gpt-oss's sinks (transformers' softcap and s_aux
+    keywords) are passed to sparq_ext.attention on every SparQ decode step, as the operator
+    takes them."""
+    model = _family(family)
+    seen = []
+    real = integration.sparq_attention
+
+    def recording(query, key, *args, softcap=None, sinks=None, **kwargs):
+        seen.append((softcap, sinks))
+        return real(query, key, *args, softcap=softcap, sinks=sinks, **kwargs)
+
+    monkeypatch.setattr(integration, "sparq_attention", recording)
+    enable_sparq(model, ratio=4)
+    ids, mask = _left_padded_batch()
+    _greedy(model, ids, mask, 3)
+    assert len(seen) == 2 * len(FAMILIES[family][3])
+    modules = {m.layer_idx: m for m in integration._attention_modules(model)}
+    for softcap, sinks in seen:
+        if family == "gemma2":
+            assert softcap == model.config.attn_logit_softcapping == 50.0 and sinks is None
+        else:
+            assert softcap is None and sinks.dtype == torch.float32
+            assert any(torch.equal(sinks, modules[i].sinks.float()) for i in FAMILIES[family][3])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
+def test_softmax_variants_change_the_result(family):
+    """The variants are not no-ops here: dropping them from the decode step changes its output."""
+    model = _family(family)
+    enable_sparq(model, k=BIG_K)
+    layer = FAMILIES[family][3][0]
+    module = next(m for m in integration._attention_modules(model) if m.layer_idx == layer)
+    gen = torch.Generator().manual_seed(0)
+    K, V = torch.randn(2, 1, 2, 30, 16, generator=gen)
+    if family == "gemma2":  # logits of tens: a cap of 50 bends them
+        q, kwargs = torch.randn(1, 4, 1, 16, generator=gen) * 20, dict(softcap=50.0)
+    else:  # logits of about 1: a sink of 2 takes a real share
+        q, kwargs = torch.randn(1, 4, 1, 16, generator=gen), dict(s_aux=module.sinks.detach() + 2)
+    with torch.no_grad():
+        out, _ = integration.sparq_attention_forward(module, q, K, V, None, scaling=0.25, **kwargs)
+        plain, _ = integration.sparq_attention_forward(module, q, K, V, None, scaling=0.25)
+    assert not torch.allclose(out, plain, atol=1e-3)
 
 
 def test_sparq_cache_for_a_hybrid_config():

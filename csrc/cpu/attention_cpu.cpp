@@ -33,6 +33,8 @@
 //                  of value rows.
 //   merge          (step 3) the partitions merged in order; alpha_g from the approx_logits
 //                  statistics; output alpha*y + (1-alpha)*v_mean.
+// softcap caps the logits where they are made (approx_logits, attend); a sink joins each head's
+// approximate softmax statistics (topk) and the exact softmax (merge), docs/design.md.
 // Work items are whole tasks when there are at least as many as threads, else (task, tile) for
 // approx_logits and (task, partition) for attend. Tiles and partitions are the same either way,
 // so the result does not depend on the thread count (bit for bit). Why the kernel is organised
@@ -133,6 +135,8 @@ struct Problem {
   int64_t B, Hq, Hkv, G, S, D, r, k, rpad, kpad, n_tiles;
   float scale;
   bool reallocate;
+  float softcap;       // logit softcapping; 0 when absent
+  const float* sinks;  // (Hq,) sink logits, or nullptr
   const void* query;  // contiguous (B, Hq, D)
   const void* key;    // rows of D contiguous elements
   Pos key_pos;
@@ -304,6 +308,17 @@ inline float exp_sum(float* x, int64_t n, float m) {
   return hsum(acc);
 }
 
+// Softcapping of `rows` rows of n logits each (x[row * stride + i], n a whole number of vectors):
+// sparq::softcap_logit, vectorised.
+inline void softcap_rows(float* x, int64_t rows, int64_t stride, int64_t n, float cap) {
+  const fVec c(cap), inv(1.0f / cap);
+  for (int64_t g = 0; g < rows; ++g)
+    for (int64_t i = 0; i < n; i += kVec) {
+      float* p = x + g * stride + i;
+      (c * (fVec::loadu(p) * inv).tanh()).store(p);
+    }
+}
+
 // Whether each run of consecutive positions in [s0, s0 + n) after the first starts a whole
 // number of vectors into the block (always, for a contiguous key_t: one run).
 template <typename Row>
@@ -390,6 +405,7 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
       }
       approx_logits_all_heads<float>(gathered_rows.data(), r, qh, P.rpad, G, n, logits);
     }
+    if (P.softcap > 0.0f) softcap_rows(logits, G, kSub, npad, P.softcap);
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = n; i < npad; ++i) logits[g * kSub + i] = -INFINITY;
 
@@ -555,6 +571,14 @@ void topk_task(const Problem<Pos>& P, int64_t task, const float* scores, const S
     lo_score = std::min(lo_score, rg[0]);
     hi_score = std::max(hi_score, rg[1]);
   }
+  if (P.sinks && ri.n_valid > 0) {  // the sink: one more entry of each head's softmax
+    const float* sink = P.sinks + (task % P.Hkv) * G;
+    for (int64_t g = 0; g < G; ++g) {
+      const SoftmaxState s = softmax_push({head_stats[2 * g], head_stats[2 * g + 1]}, sink[g]);
+      head_stats[2 * g] = s.m;
+      head_stats[2 * g + 1] = s.l;
+    }
+  }
   const int64_t want = std::min(P.k, ri.n_valid);  // k clamped to the valid count
   P.n_sel[task] = ri.n_valid == 0 ? 0
                 : select_topk(scores, ri.begin, ri.end, want, lo_score, hi_score,
@@ -606,6 +630,8 @@ void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, co
     });
   }
 
+  if (P.softcap > 0.0f) softcap_rows(ex, G, kPartitionLen, round_up(n, kVec), P.softcap);
+
   // Approximate logits l_hat_g of the selected rows (for alpha), out of the gather loop above:
   // extra instructions per row there cut the misses in flight. With one head per group, a position's approx_logits selection score is
   // that head's approximate logit, read back from the L2-resident scores; in the local window
@@ -624,7 +650,8 @@ void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, co
         fVec acc(0.0f);
         for (int64_t j = 0; j < rpad; j += kVec)
           acc = at::vec::fmadd(fVec::loadu(qh + g * rpad + j), fVec::loadu(cols + j), acc);
-        ap[g * kPartitionLen + t] = hsum(acc);
+        const float logit = hsum(acc);
+        ap[g * kPartitionLen + t] = P.softcap > 0.0f ? softcap_logit(logit, P.softcap) : logit;
       }
     }
   }
@@ -694,8 +721,17 @@ void merge_task(const Problem<Pos>& P, int64_t task, const float* partials, cons
       alpha_num += part[2];
       for (int64_t d = 0; d < D; ++d) y[d] += part[3 + d] * w;
     }
-    const float inv_l = 1.0f / std::max(l, kTiny);
     const float hl = head_stats[2 * g + 1];
+    float y_scale = 1.0f;
+    if (P.sinks) {
+      // The sink joins the exact softmax's denominator (no value), and counts as selected in
+      // alpha (docs/design.md): k >= the valid length stays dense attention with the sink.
+      const float sink = P.sinks[h * G + g], m_all = std::max(m, sink);
+      y_scale = softmax_rescale(m, m_all);
+      l = l * y_scale + std::exp(sink - m_all);
+      if (P.reallocate && hl > 0.0f) alpha_num += std::exp(sink - head_stats[2 * g]);
+    }
+    const float inv_l = y_scale / std::max(l, kTiny);
     const float alpha = !(hl <= 0.0f) ? alpha_num / hl : 0.0f;  // NaN stays NaN (math.h)
     for (int64_t d = 0; d < D; ++d) {
       const float yv = y[d] * inv_l;
@@ -949,10 +985,11 @@ StridedPositions strided_positions(const at::Tensor& t) {
 }  // namespace
 }  // namespace cpu
 
-at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
   const AttentionDims d =
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
                            local_window);
+  check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   // (paged rows are shorter: seq_lens is int32)
   TORCH_CHECK(d.S < (int64_t{1} << 31), "key must hold fewer than 2^31 positions for the CPU "
@@ -978,14 +1015,18 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS) {
     P.kt_sd = key_t_rows.stride(2);
   }
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
+  P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  P.sinks = sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr;
   cpu::dispatch_run(P, local_window, lens, query);
   return out;
 }
 
-at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS) {
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
                                                  local_window);
+  check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
   const int64_t* len = lens.data_ptr<int64_t>();
@@ -1030,6 +1071,9 @@ at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS) {
     P.key_t_pos = paged(*key_t_cache, key_t_cache->stride(3));
     P.kt_sd = key_t_cache->stride(2);
   }
+  const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
+  P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  P.sinks = sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr;
   cpu::dispatch_run(P, local_window, lens, query);
   return out;
 }

@@ -4,8 +4,10 @@ Supported: ``transformers >= 5.0, < 6`` (developed on 5.23, tested on 5.23 and 5
 attention goes through the library's attention-function interface (Llama, Mistral, Qwen2/3, Gemma,
 Gemma 3, Cohere 2, ... — anything calling ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation)``).
 Full-attention layers run SparQ; sliding-window layers of hybrid models stay on the library's SDPA
-attention and cache layers (their cost is bounded by the window). Attention that SparQ does not
-reproduce (logit softcapping, attention sinks, latent or chunked attention, non-softmax layers) is
+attention and cache layers (their cost is bounded by the window). Logit softcapping (Gemma 2) and
+attention sinks (gpt-oss) are passed to the operator (``softcap``, ``sinks``); their dense steps
+(prefill, sliding-window layers) run the model's own eager attention, since SDPA has neither.
+Attention that SparQ does not reproduce (latent or chunked attention, non-softmax layers) is
 refused by :func:`enable_sparq`, naming the feature and the layer (:data:`UNSUPPORTED_ATTENTION`).
 
 How it plugs in, without patching model code:
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import types
 import warnings
@@ -113,18 +116,6 @@ _DEFAULT_SETTINGS = SparQSettings()
 DENSE_LAYER_TYPES = ("sliding_attention",)
 
 
-def _softcapping(module, config):  # Gemma 2: logits -> c * tanh(logits / c)
-    cap = getattr(module, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None))
-    return None if cap is None else f"attn_logit_softcapping={cap:g}"
-
-
-def _sinks(module, config):  # gpt-oss: a learned logit per query head joins the softmax's denominator
-    sinks = getattr(module, "sinks", None)
-    if not isinstance(sinks, torch.Tensor):
-        return None
-    return f"attention sinks (a learned `sinks` logit for each of its {sinks.numel()} heads)"
-
-
 def _latent(module, config):  # DeepSeek V2/V3: keys and values decompressed from a shared latent
     rank = getattr(config, "kv_lora_rank", None)
     return None if rank is None else f"multi-head latent attention (kv_lora_rank={rank})"
@@ -135,9 +126,9 @@ def _latent(module, config):  # DeepSeek V2/V3: keys and values decompressed fro
 # the attention-interface keyword that carries it at run time, or None). enable_sparq refuses a model
 # on which any probe finds something, and sparq_attention_forward refuses the keyword. Supporting a
 # feature is one change here: delete its row and pass its value to sparq_ext.attention.
+# (Logit softcapping, keyword `softcap`, and attention sinks, keyword `s_aux`, were rows here; the
+# operator has both now: sparq_attention_forward passes them on.)
 UNSUPPORTED_ATTENTION = (
-    (_softcapping, "softcap"),
-    (_sinks, "s_aux"),
     (_latent, None),
 )
 
@@ -194,22 +185,42 @@ def hf_mask_to_bool(attention_mask: torch.Tensor | None, kv_len: int) -> torch.T
     return mask
 
 
+def _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """A step enable_sparq keeps dense: the library's SDPA function, or, for a layer with logit
+    softcapping or attention sinks (which SDPA does not have: it refuses ``softcap`` and drops
+    ``s_aux``), the eager attention of the layer's own modeling module, on an additive mask."""
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"sparq_attention_forward: layer {getattr(module, 'layer_idx', '?')} passes softcap or "
+                         f"s_aux, and {type(module).__module__} has no eager_attention_forward to run its dense "
+                         "steps with")
+    Q, S = query.shape[2], key.shape[2]
+    if attention_mask is None:  # sdpa_mask leaves out a plain causal mask (SDPA's is_causal): build it
+        allowed = torch.ones(Q, S, dtype=torch.bool, device=query.device).tril(S - Q)[None, None]
+    else:
+        allowed = attention_mask
+    if allowed.dtype == torch.bool:  # eager attention adds the mask to the logits
+        allowed = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, allowed, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                             **kwargs):
     """``AttentionInterface`` function: SDPA for prefill, SparQ for a one-token decode step.
 
     ``query`` ``(B, Hq, Q, D)``, ``key``/``value`` ``(B, Hkv, S, D)`` as returned by the cache;
-    returns ``((B, Q, Hq, D), None)`` like the library's SDPA function.
+    returns ``((B, Q, Hq, D), None)`` like the library's SDPA function. ``softcap`` (Gemma 2) and
+    ``s_aux`` (gpt-oss's sinks) go to the operator as ``softcap`` and ``sinks``; dense steps with
+    either run the model's eager attention (:func:`_dense_attention`).
     """
-    for _, keyword in UNSUPPORTED_ATTENTION:  # SDPA would drop some of them silently
-        if keyword is not None and kwargs.get(keyword) is not None:
-            raise ValueError(f"sparq_attention_forward: layer {getattr(module, 'layer_idx', '?')} passes "
-                             f"{keyword}=..., which sparq_ext does not reproduce yet")
     settings = getattr(module, "_sparq_settings", _DEFAULT_SETTINGS)
     if settings is None or kwargs.get("sliding_window") is not None:
         # a layer enable_sparq keeps dense (a sliding window: its cost is bounded by the window)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     layer = getattr(key, "_sparq_layer", None)  # set by SparQCacheLayer.update on the view it returns
     layer_idx = getattr(module, "layer_idx", None)
     if query.shape[2] != 1 or module.training:
@@ -218,18 +229,19 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
             layer.set_valid(hf_mask_to_bool(attention_mask, key.shape[2])[:, 0, 0, :])
         if not module.training:
             settings.observe_prefill(layer_idx, query, key, value, attention_mask, scaling)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     mask = hf_mask_to_bool(attention_mask, key.shape[2])
     if layer is not None and mask is not None:
         layer.set_last_valid(mask[:, 0, 0, -1])
     r, k, window = settings.resolve(key.shape[2], query.shape[-1], layer_idx)
+    sinks = kwargs.get("s_aux")  # gpt-oss: the module's `sinks` parameter, in the model's dtype
     with torch.no_grad():
         out = sparq_attention(
             query, key, value, r=r, k=k,
             key_t=layer.key_t if layer is not None else None,
             value_mean=layer.value_mean() if layer is not None else None,
-            attn_mask=mask, local_window=window, scale=scaling)
+            attn_mask=mask, local_window=window, scale=scaling, softcap=kwargs.get("softcap"),
+            sinks=None if sinks is None else sinks.detach().to(device=query.device, dtype=torch.float32))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -292,7 +304,9 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
             benchmark's baselines use this); the default is SparQ.
 
     Prefill stays on SDPA, and so do sliding-window layers (:func:`sparq_layers` lists the layers that
-    run SparQ; the ratio's budget and an auto split cover those). Models whose attention SparQ does
+    run SparQ; the ratio's budget and an auto split cover those); on layers with logit softcapping or
+    attention sinks (Gemma 2, gpt-oss), which SDPA lacks, those dense steps run the model's eager
+    attention. Models whose attention SparQ does
     not reproduce raise ``ValueError`` naming the feature and the layer. ``model.generate`` uses a
     :class:`sparq_ext.SparQCache` (unless a cache is passed in). :func:`disable_sparq` restores the
     previous attention implementation.

@@ -71,15 +71,24 @@ static void test_operator() {
                                    int64_t, const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, int64_t, bool,
-                                   std::optional<double>)>();
+                                   std::optional<double>, std::optional<double>,
+                                   const std::optional<at::Tensor>&)>();
   at::manual_seed(0);
   auto q = at::randn({2, 4, 1, 32});
   auto K = at::randn({2, 2, 50, 32});
   auto V = at::randn({2, 2, 50, 32});
-  auto out = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {});
+  auto out = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, {}, {});
   auto Kr = K.repeat_interleave(2, 1), Vr = V.repeat_interleave(2, 1);
-  auto dense = at::softmax(at::matmul(q, Kr.transpose(-1, -2)) / std::sqrt(32.0), -1).matmul(Vr);
+  auto logits = at::matmul(q, Kr.transpose(-1, -2)) / std::sqrt(32.0);
+  auto dense = at::softmax(logits, -1).matmul(Vr);
   EXPECT(at::allclose(out, dense, 1e-4, 1e-5));
+  // softcap and a sink: k beyond the length is dense attention with them
+  auto sinks = at::randn({4});
+  auto capped = at::tanh(logits / 0.5) * 0.5;
+  auto with_sink = at::cat({capped, sinks.reshape({1, 4, 1, 1}).expand({2, 4, 1, 1})}, -1);
+  auto dense_variants = at::softmax(with_sink, -1).narrow(-1, 0, 50).matmul(Vr);
+  auto out_variants = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, 0.5, sinks);
+  EXPECT(at::allclose(out_variants, dense_variants, 1e-4, 1e-5));
 #else
   (void)op;
   std::printf("native CPU kernel not built: checked the schema only\n");

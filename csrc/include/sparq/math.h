@@ -188,6 +188,9 @@ SPARQ_HD float approx_logit_scale(float q_hat_l1, float q_l1, float scale) {
   return scale / sqrtf(gamma);
 }
 
+// Logit softcapping (Gemma 2): cap * tanh(x / cap), for the approximate and exact logits alike.
+SPARQ_HD float softcap_logit(float x, float cap) { return cap * tanhf(x / cap); }
+
 // Output interpolation of step 3: alpha * y + (1 - alpha) * v_mean.
 SPARQ_HD float reallocate_mix(float alpha, float y, float v_mean) {
   return alpha * y + (1.0f - alpha) * v_mean;
