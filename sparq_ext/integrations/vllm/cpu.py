@@ -11,6 +11,7 @@ import dataclasses
 import torch
 import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -42,12 +43,34 @@ class SparQDecodeMetadata:
 
 
 @dataclasses.dataclass
+class SlotWrites:
+    """Where a step's new tokens go in SparQ's page region, worked out once for all layers."""
+
+    count: int  # entries of the slot mapping
+    kept: torch.Tensor | None  # the entries that are real tokens (slot >= 0), None = all
+    blocks: torch.Tensor  # int64 block of each written token
+    offsets: torch.Tensor  # int64 position inside its block
+    reset_blocks: torch.Tensor | None  # blocks whose position 0 is written (a new or reused block)
+
+    @classmethod
+    def from_slots(cls, slot_mapping: torch.Tensor, block_size: int) -> "SlotWrites":
+        slots, kept = slot_mapping.long(), None
+        if bool((slots < 0).any()):  # vLLM marks padding tokens with slot -1
+            kept = torch.nonzero(slots >= 0).flatten()
+            slots = slots[kept]
+        blocks, offsets = slots // block_size, slots % block_size
+        reset = blocks[offsets == 0]
+        return cls(slot_mapping.shape[0], kept, blocks, offsets, reset if reset.numel() else None)
+
+
+@dataclasses.dataclass
 class SparQCPUMetadata:
     """A batch split in two: SparQ's decode rows, then the stock backend's metadata for the rest."""
 
     num_actual_tokens: int
     decode: SparQDecodeMetadata | None
     prefill: CPUAttentionMetadata | None  # the stock metadata of the rows after the decode rows
+    writes: SlotWrites
 
 
 class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -91,8 +114,9 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if num_prefills:
             prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
                                                                    num_decode_tokens), fast_build)
+        writes = SlotWrites.from_slots(common.slot_mapping[:common.num_actual_tokens], self.block_size)
         return SparQCPUMetadata(num_actual_tokens=common.num_actual_tokens, decode=decode,
-                                prefill=prefill)
+                                prefill=prefill, writes=writes)
 
 
 def _rows_after(common, num_rows: int, num_tokens: int):
@@ -156,18 +180,19 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         if self.sparq_settings is None or slot_mapping.numel() == 0:
             return
         _, key_rows, _, value_sums = self._regions(kv_cache)
-        block_size = kv_cache.shape[2]
-        count = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        written = slots >= 0  # vLLM marks padding tokens with slot -1
-        if not bool(written.all()):
-            slots, key, value = slots[written], key[:count][written], value[:count][written]
-        blocks, offsets = slots // block_size, slots % block_size
-        key_rows[blocks, :, offsets] = key[:slots.shape[0]].to(key_rows.dtype)
+        meta = get_attention_context(layer.layer_name)[0]
+        writes = meta.writes if isinstance(meta, SparQCPUMetadata) \
+            and meta.writes.count == slot_mapping.shape[0] else \
+            SlotWrites.from_slots(slot_mapping, kv_cache.shape[2])
+        key, value = key[:writes.count], value[:writes.count]
+        if writes.kept is not None:
+            key, value = key[writes.kept], value[writes.kept]
+        key_rows[writes.blocks, :, writes.offsets] = key.to(key_rows.dtype)
         # A block's sum covers exactly the positions written into it since its first position was:
-        # blocks fill in order, so writing offset 0 means the block is new (or reused): reset it.
-        value_sums[blocks[offsets == 0]] = 0
-        value_sums.index_put_((blocks,), value[:slots.shape[0]].float(), accumulate=True)
+        # blocks fill in order, so writing position 0 means the block is new (or reused): reset it.
+        if writes.reset_blocks is not None:
+            value_sums[writes.reset_blocks] = 0
+        value_sums.index_put_((writes.blocks,), value.float(), accumulate=True)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
