@@ -402,3 +402,65 @@ def test_torch_compile_fullgraph_cpu():
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     args = (q, K, V, key_t, kscale, lens, sinks)
     torch.testing.assert_close(compiled(*args), step(*args), **tolerance(torch.float32))
+
+
+# --- Bytes (sparq_ext.budget) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("ratio", [4, 8, 16])
+def test_even_split_keeps_step1_share_and_reads_one_ratio_of_dense(dtype, D, ratio):
+    """r = e*D/ratio - 4 int8 components (the scale's 4 bytes counted), k as today: 1/ratio of
+    dense's bytes, now with a larger r wherever e*D/ratio > D/ratio + 4."""
+    from sparq_ext.budget import rk_for_ratio, transfer_bytes
+    e = torch.empty((), dtype=dtype).element_size()
+    for S in (4096, 16384):
+        r, k = rk_for_ratio(ratio, S, D, dtype=dtype, key_t_dtype=torch.int8)
+        r_full, k_full = rk_for_ratio(ratio, S, D)
+        assert r == max(1, e * D // ratio - 4) and k == k_full
+        t = transfer_bytes(1, 1, S, D, r, k, dtype=dtype, query_heads=1, key_t_dtype=torch.int8)
+        full = transfer_bytes(1, 1, S, D, r_full, k_full, dtype=dtype, query_heads=1)
+        assert t["dense"] == full["dense"]
+        assert t["sparq"] == full["sparq"]  # step 1's bytes: S*(r + 4) = S*r_full*e
+
+
+def test_transfer_bytes_counts_int8_rows_and_scales():
+    from sparq_ext.budget import transfer_bytes
+    B, H, S, D, r, k = 2, 3, 1000, 64, 28, 50
+    t = transfer_bytes(B, H, S, D, r, k, dtype=torch.float32, query_heads=6, key_t_dtype=torch.int8)
+    assert t["sparq"] == B * (H * (S * (r + 4) + (2 * k * D + D) * 4) + 2 * 6 * D * 4)
+    same = transfer_bytes(B, H, S, D, r, k, dtype=torch.float32, query_heads=6,
+                          key_t_dtype=torch.float32)
+    assert same == transfer_bytes(B, H, S, D, r, k, dtype=torch.float32, query_heads=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ratio", [4, 8, 16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_int8_candidate_respects_the_byte_budget(dtype, ratio, D):
+    from sparq_ext.budget import candidate_rs, k_on_budget, rk_for_ratio, transfer_bytes
+    e = torch.empty((), dtype=dtype).element_size()
+    rs = candidate_rs(ratio, D, dtype=dtype, key_t_dtype=torch.int8)
+    assert rk_for_ratio(ratio, 4096, D, dtype=dtype, key_t_dtype=torch.int8)[0] in rs
+    for S in (1024, 8192):
+        for r in rs:
+            k = k_on_budget(ratio, S, D, r, dtype=dtype, key_t_dtype=torch.int8)
+            t = transfer_bytes(1, 3, S, D, r, k, dtype=dtype, query_heads=9, key_t_dtype=torch.int8)
+            assert t["sparq"] <= t["dense"] / ratio + 3 * (D + 2 * 9 * D) * e, (r, k)
+            assert k >= 1
+    assert max(rs) + 4 < 2 * e * D / ratio  # the largest fits, and
+    bigger = [r for r in range(1, D + 1) if r + 4 < 2 * e * D / ratio]
+    assert max(rs) <= max(bigger)
+
+
+def test_budget_refuses_an_int8_selection_cache_without_the_cache_dtype():
+    from sparq_ext.budget import k_on_budget, rk_for_ratio
+    with pytest.raises(ValueError, match="dtype .* must be given with key_t_dtype=torch.int8"):
+        rk_for_ratio(8, 4096, 64, key_t_dtype=torch.int8)
+    with pytest.raises(ValueError, match="key_t_dtype must be"):
+        rk_for_ratio(8, 4096, 64, dtype=torch.float32, key_t_dtype=torch.uint8)
+    with pytest.raises(ValueError, match="whole budget"):
+        k_on_budget(8, 4096, 64, 60, dtype=torch.float32, key_t_dtype=torch.int8)
+    # a full-precision key_t_dtype is today's count
+    assert rk_for_ratio(8, 4096, 64, dtype=torch.bfloat16, key_t_dtype=torch.bfloat16) == \
+        rk_for_ratio(8, 4096, 64)
