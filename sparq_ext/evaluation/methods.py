@@ -2,13 +2,16 @@
 
 ``dense``        exact attention (SDPA).
 ``sparq``        SparQ at ``ratio``: the even split, local window k/4 (``enable_sparq``'s default).
+``sparq_int8``   SparQ at ``ratio`` with the 8-bit selection cache (``key_t_dtype=torch.int8``): its
+                 even split of the same bytes, ``r = e·D/ρ − 4`` components, the same ``k``.
 ``sparq_nowin``  the same without the local window.
 ``sparq_auto``   SparQ at ``ratio`` with a calibrated auto split (default: the saved
                  ``"smollm2-135m"`` split; docs/auto-split.md).
 ``streaming``    StreamingLLM: 4 sinks + a recent window of ``W`` positions, ``2·W·D`` = SparQ's bytes.
 ``h2o``          H2O heavy hitters (``W/2`` heavy + ``W/2`` recent), the same ``W``.
 
-:class:`PrefilledCache` prefills a prompt once and hands every method the same cache.
+:class:`PrefilledCache` prefills a prompt once and hands every method the same cache (for
+``sparq_int8`` the same keys and values with an 8-bit selection cache beside them).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..split import Split
 from .baselines import budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward
 from .decode import prefill
 
-METHODS = ("sparq", "sparq_nowin", "sparq_auto", "streaming", "h2o")
+METHODS = ("sparq", "sparq_int8", "sparq_nowin", "sparq_auto", "streaming", "h2o")
 DEFAULT_SPLIT = "smollm2-135m"
 
 
@@ -32,6 +35,8 @@ def set_method(model, method: str, ratio: float, split_file=DEFAULT_SPLIT) -> No
         disable_sparq(model)
     elif method == "sparq":
         enable_sparq(model, ratio=ratio)
+    elif method == "sparq_int8":
+        enable_sparq(model, ratio=ratio, key_t_dtype=torch.int8)
     elif method == "sparq_nowin":
         enable_sparq(model, ratio=ratio, local_window=0)
     elif method == "sparq_auto":
@@ -52,41 +57,75 @@ def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> Spar
     return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
+def method_key_t_dtype(method: str):
+    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8``, else ``None``
+    (a full-precision copy of K)."""
+    return torch.int8 if method == "sparq_int8" else None
+
+
 def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, n_layers: int,
-                   split_file=DEFAULT_SPLIT) -> float:
-    """KV-cache bytes read per decode step relative to dense at ``seq_len`` (mean over layers)."""
+                   split_file=DEFAULT_SPLIT, dtype=torch.float32) -> float:
+    """KV-cache bytes read per decode step relative to dense at ``seq_len`` (mean over layers),
+    for a cache of ``dtype``."""
     if method == "dense":
         return 1.0
     settings = method_settings(method, ratio, split_file)
     if not method.startswith("sparq"):
         return budget_positions(settings, seq_len, head_dim) / seq_len
+    key_t_dtype = method_key_t_dtype(method)
     fractions = []
     for layer in range(n_layers):
-        r, k, _ = settings.resolve(seq_len, head_dim, layer)
-        tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
-        query_and_output = 2 * kv_heads * head_dim * 4
+        r, k, _ = settings.resolve(seq_len, head_dim, layer, dtype=dtype, key_t_dtype=key_t_dtype)
+        tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=dtype, query_heads=kv_heads,
+                            key_t_dtype=key_t_dtype)
+        query_and_output = 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         fractions.append((tb["sparq"] - query_and_output) / (tb["dense"] - query_and_output))
     return sum(fractions) / len(fractions)
 
 
 class PrefilledCache:
     """One dense prefill reused by every method: :meth:`fresh` crops the cache back to the prompt
-    and restores its V sums (and forgets H2O's decode state)."""
+    and restores its V sums (and forgets H2O's decode state).
+
+    After ``set_method(model, "sparq_int8", ...)`` :meth:`fresh` hands out a second cache with
+    the same prefilled keys and values and an 8-bit selection cache instead of the full copy
+    (built once from the first: the keys are quantized per position, so it holds what a prefill
+    into ``SparQCache(key_t_dtype=torch.int8)`` would)."""
 
     def __init__(self, model, ids, h2o_scores: bool = True):
         # SDPA prefill; "h2o" also records H2O's prefill scores (a dense S x S softmax per layer:
         # most of the prefill's time at 8K), which only the H2O baseline reads
         set_method(model, "h2o" if h2o_scores else "dense", 8)
+        self.model = model
         self.cache = SparQCache(config=model.config)
         self.last_logits = prefill(model, ids, self.cache)
         self.length = ids.shape[1]
         self.sums = [layer.value_sum.clone() for layer in self.cache.layers]
+        self._int8 = None
 
-    def fresh(self):
-        for layer, saved in zip(self.cache.layers, self.sums):
+    def _int8_cache(self) -> SparQCache:
+        if self._int8 is None:
+            self.fresh(torch.float32)  # crop the full cache back to the prompt first
+            cache = SparQCache(config=self.model.config, key_t_dtype=torch.int8)
+            for source, target in zip(self.cache.layers, cache.layers, strict=True):
+                target.update(source.keys, source.values, valid=source.valid)
+            self._int8 = (cache, [layer.value_sum.clone() for layer in cache.layers])
+        return self._int8[0]
+
+    def fresh(self, key_t_dtype=None):
+        """The prefilled cache, cropped back to the prompt, for the method the model decodes
+        with now: with the 8-bit selection cache after ``enable_sparq(..., key_t_dtype=torch.int8)``
+        (``key_t_dtype`` overrides: ``torch.int8``, or any float dtype for the full copy)."""
+        if key_t_dtype is None:
+            key_t_dtype = getattr(self.model, "_sparq_key_t_dtype", None)
+        if key_t_dtype == torch.int8:
+            cache, sums = self._int8_cache(), self._int8[1]
+        else:
+            cache, sums = self.cache, self.sums
+        for layer, saved in zip(cache.layers, sums):
             extra = layer.get_seq_length() - self.length
             if extra:
                 layer.crop(-extra)
             layer.value_sum.copy_(saved)
-        reset_h2o_state(self.cache)
-        return self.cache
+        reset_h2o_state(cache)
+        return cache

@@ -1,0 +1,59 @@
+"""The evaluation kit's methods (a tiny random-weight Llama: plumbing only;
+the real-model numbers are in docs/accuracy.md)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparq_ext import quantize_key_t  # noqa: E402
+from sparq_ext.evaluation.methods import (PrefilledCache, bytes_fraction, method_key_t_dtype,  # noqa: E402
+                                          set_method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [2, 4, 8, 16])
+@pytest.mark.parametrize("seq_len", [1024, 4096, 8000])
+def test_sparq_int8_reads_the_bytes_sparq_reads_at_the_same_ratio(dtype, ratio, seq_len):
+    """The 8-bit even split spends the same bytes (r int8 rows + a 4-byte scale instead of r
+    full-width rows), so the baselines' W, derived from the ratio, is fair to both."""
+    full = bytes_fraction("sparq", ratio, seq_len, 64, 3, 30, dtype=dtype)
+    int8 = bytes_fraction("sparq_int8", ratio, seq_len, 64, 3, 30, dtype=dtype)
+    assert int8 == pytest.approx(full, rel=0.01)
+    assert full == pytest.approx(1 / ratio, rel=0.02)
+
+
+def test_method_key_t_dtype():
+    assert method_key_t_dtype("sparq_int8") is torch.int8
+    assert all(method_key_t_dtype(m) is None for m in ("dense", "sparq", "streaming", "h2o"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                      max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=None)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ids(n, seed=0):
+    return torch.randint(2, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_prefilled_cache_hands_sparq_int8_the_same_keys_with_an_8bit_selection_cache(tiny_llama):
+    pre = PrefilledCache(tiny_llama, _ids(48))
+    set_method(tiny_llama, "sparq", 4)
+    full = pre.fresh()
+    assert not any(layer.quantized for layer in full.layers)
+    set_method(tiny_llama, "sparq_int8", 4)
+    int8 = pre.fresh()
+    assert int8 is not full and all(layer.quantized for layer in int8.layers)
+    for a, b in zip(full.layers, int8.layers, strict=True):
+        key_t, scale = quantize_key_t(a.keys)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert torch.equal(b.key_t, key_t) and torch.equal(b.key_t_scale, scale)
+        assert torch.allclose(a.value_sum, b.value_sum)
+    set_method(tiny_llama, "dense", 8)
+    assert pre.fresh() is full
