@@ -1,4 +1,4 @@
-"""The evaluation kit's methods (a tiny random-weight Llama: plumbing only;
+"""The evaluation kit's methods and the repetition task (a tiny random-weight Llama: plumbing only;
 the real-model numbers are in docs/accuracy.md)."""
 
 import pytest
@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from sparq_ext import quantize_key_t  # noqa: E402
 from sparq_ext.evaluation.methods import (PrefilledCache, bytes_fraction, method_key_t_dtype,  # noqa: E402
                                           set_method)
+from sparq_ext.evaluation.repetition import passage_starts, run_repetition  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,5 +56,34 @@ def test_prefilled_cache_hands_sparq_int8_the_same_keys_with_an_8bit_selection_c
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
         assert torch.equal(b.key_t, key_t) and torch.equal(b.key_t_scale, scale)
         assert torch.allclose(a.value_sum, b.value_sum)
+    # decoding into the 8-bit cache and asking again crops it back to the prompt
+    run_repetition(tiny_llama, _ids(48), [0], [("sparq_int8", 4)], passage_tokens=4, prefilled=pre)
+    assert all(layer.get_seq_length() == 48 for layer in pre.fresh(torch.int8).layers)
     set_method(tiny_llama, "dense", 8)
     assert pre.fresh() is full
+
+
+def test_repetition_scores_every_method_on_every_passage(tiny_llama):
+    ids = _ids(64, seed=1)
+    starts = passage_starts(64, 2, 8)
+    assert starts == [0, 16]
+    configs = [("dense", None), ("sparq", 4), ("sparq_int8", 4), ("streaming", 4), ("h2o", 4)]
+    rows = run_repetition(tiny_llama, ids, starts, configs, passage_tokens=8)
+    assert len(rows) == len(starts) * len(configs)
+    assert [r["method"] for r in rows[:5]] == [m for m, _ in configs]
+    for row in rows:
+        assert 0 <= row["top1_acc"] <= 1 and row["correct"] == round(row["top1_acc"] * 8)
+        assert row["nll"] > 0 and row["tokens"] == 8
+    assert all(r["top1_agreement"] == 1.0 for r in rows if r["method"] == "dense")
+    assert tiny_llama.config._attn_implementation != "sparq"  # left dense
+
+
+def test_passage_starts_validate():
+    assert passage_starts(4096, 1, 96) == [512]
+    assert passage_starts(4096, 3, 96) == [0, 512, 1024]
+    with pytest.raises(ValueError, match="passages"):
+        passage_starts(4096, 0, 96)
+    with pytest.raises(ValueError, match="room"):
+        passage_starts(50, 2, 96)
+    with pytest.raises(ValueError, match="must be .1, C."):
+        run_repetition(None, torch.zeros(2, 8, dtype=torch.long), [0], [("dense", None)])
