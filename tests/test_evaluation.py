@@ -87,3 +87,27 @@ def test_passage_starts_validate():
         passage_starts(50, 2, 96)
     with pytest.raises(ValueError, match="must be .1, C."):
         run_repetition(None, torch.zeros(2, 8, dtype=torch.long), [0], [("dense", None)])
+
+
+def test_repetition_summary_pools_passages_and_reports_the_gap_closed():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_repetition.py"
+    spec = importlib.util.spec_from_file_location("eval_repetition", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def row(method, ratio, correct, nll, start):
+        return dict(context=4096, method=method, ratio=ratio, start=start, tokens=10, correct=correct,
+                    top1_acc=correct / 10, nll=nll, top1_agreement=1.0, r=None, k=None, W=None, bytes_fraction=0.5)
+
+    rows = [row("dense", None, 9, 1.0, 0), row("dense", None, 7, 2.0, 8),
+            row("sparq", 8, 5, 3.0, 0), row("sparq", 8, 3, 4.0, 8),
+            row("sparq_int8", 8, 7, 2.0, 0), row("sparq_int8", 8, 5, 3.0, 8)]
+    summary = {s["method"]: s for s in script.summarise(rows)}
+    assert list(summary) == ["dense", "sparq", "sparq_int8"]
+    assert summary["dense"]["top1_acc"] == pytest.approx(0.8) and summary["dense"]["nll"] == pytest.approx(1.5)
+    assert summary["sparq"]["passages"] == 2 and summary["sparq"]["passage_acc"] == [0.5, 0.3]
+    assert summary["sparq_int8"]["gap_closed"] == pytest.approx(0.5)  # (0.6 - 0.4) / (0.8 - 0.4)
+    assert "gap_closed" not in summary["sparq"]
