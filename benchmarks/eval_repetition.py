@@ -11,11 +11,12 @@ argmax is the passage's next token) and mean NLL over the passages' tokens.
 
 Methods (sparq_ext.evaluation.methods) at compression ratio rho, all reading the same bytes per
 decode step: sparq (full-precision selection cache, even split r = D/rho, k = S/(2 rho)),
-sparq_int8 (8-bit selection cache, its even split r = e*D/rho - 4, the same k), streaming
+sparq_int8 (8-bit selection cache, its even split r = e*D/rho - 4, the same k), sparq_int8_k
+(8-bit selection cache at the full copy's r = D/rho, the saved bytes spent on k), streaming
 (StreamingLLM) and h2o (H2O), the baselines keeping W positions with 2*W*D = SparQ's bytes.
 
 --ppl adds perplexity on real text (benchmarks/eval_accuracy.py's run_accuracy: dense prefill,
-then teacher-forced decode steps) for sparq and sparq_int8 at --ppl-contexts.
+then teacher-forced decode steps) for sparq and sparq_int8 (--ppl-methods) at --ppl-contexts.
 
 Writes benchmarks/results/repetition.{json,md,png} (--tag: a suffix); --merge keeps rows of other
 (context, method, ratio) cells already in the JSON (a grid run in pieces).
@@ -123,13 +124,13 @@ def plot(summary, path):
 
 
 def run_ppl(model, tok, args, log):
-    """Perplexity rows from benchmarks/eval_accuracy.py's run_accuracy (sparq vs sparq_int8)."""
+    """Perplexity rows from benchmarks/eval_accuracy.py's run_accuracy (--ppl-methods)."""
     spec = importlib.util.spec_from_file_location("eval_accuracy", HERE / "eval_accuracy.py")
     eval_accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_accuracy)
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rows = eval_accuracy.run_accuracy(model, tok, args.ppl_contexts, args.ratios, ["sparq", "sparq_int8"],
+    rows = eval_accuracy.run_accuracy(model, tok, args.ppl_contexts, args.ratios, args.ppl_methods,
                                       args.ppl_tokens, log, text=args.ppl_text)
     for row in rows:  # run_accuracy reports the full copy's split for every method
         if row["method"] != "dense":
@@ -150,6 +151,7 @@ def main():
     ap.add_argument("--ppl", action="store_true", help="also perplexity (sparq vs sparq_int8) on real text")
     ap.add_argument("--ppl-contexts", type=int, nargs="+", default=[4096])
     ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--ppl-methods", nargs="+", default=["sparq", "sparq_int8"], choices=METHODS)
     ap.add_argument("--ppl-text", choices=sorted(EVALUATION_TEXTS), default="gpl3")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="1K context, ratio 8, 2 passages of 16 tokens")

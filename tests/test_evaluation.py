@@ -20,12 +20,13 @@ def test_sparq_int8_reads_the_bytes_sparq_reads_at_the_same_ratio(dtype, ratio, 
     full-width rows), so the baselines' W, derived from the ratio, is fair to both."""
     full = bytes_fraction("sparq", ratio, seq_len, 64, 3, 30, dtype=dtype)
     int8 = bytes_fraction("sparq_int8", ratio, seq_len, 64, 3, 30, dtype=dtype)
-    assert int8 == pytest.approx(full, rel=0.01)
+    int8_k = bytes_fraction("sparq_int8_k", ratio, seq_len, 64, 3, 30, dtype=dtype)
+    assert int8 == pytest.approx(full, rel=0.01) and int8_k == pytest.approx(full, rel=0.01)
     assert full == pytest.approx(1 / ratio, rel=0.02)
 
 
 def test_method_key_t_dtype():
-    assert method_key_t_dtype("sparq_int8") is torch.int8
+    assert method_key_t_dtype("sparq_int8") is torch.int8 and method_key_t_dtype("sparq_int8_k") is torch.int8
     assert all(method_key_t_dtype(m) is None for m in ("dense", "sparq", "streaming", "h2o"))
 
 
@@ -67,10 +68,10 @@ def test_repetition_scores_every_method_on_every_passage(tiny_llama):
     ids = _ids(64, seed=1)
     starts = passage_starts(64, 2, 8)
     assert starts == [0, 16]
-    configs = [("dense", None), ("sparq", 4), ("sparq_int8", 4), ("streaming", 4), ("h2o", 4)]
+    configs = [("dense", None), ("sparq", 4), ("sparq_int8", 4), ("sparq_int8_k", 4), ("streaming", 4), ("h2o", 4)]
     rows = run_repetition(tiny_llama, ids, starts, configs, passage_tokens=8)
     assert len(rows) == len(starts) * len(configs)
-    assert [r["method"] for r in rows[:5]] == [m for m, _ in configs]
+    assert [r["method"] for r in rows[:len(configs)]] == [m for m, _ in configs]
     for row in rows:
         assert 0 <= row["top1_acc"] <= 1 and row["correct"] == round(row["top1_acc"] * 8)
         assert row["nll"] > 0 and row["tokens"] == 8
@@ -111,3 +112,14 @@ def test_repetition_summary_pools_passages_and_reports_the_gap_closed():
     assert summary["sparq"]["passages"] == 2 and summary["sparq"]["passage_acc"] == [0.5, 0.3]
     assert summary["sparq_int8"]["gap_closed"] == pytest.approx(0.5)  # (0.6 - 0.4) / (0.8 - 0.4)
     assert "gap_closed" not in summary["sparq"]
+
+
+def test_sparq_int8_k_keeps_the_full_copys_r_and_spends_the_saved_bytes_on_k(tiny_llama):
+    from sparq_ext.evaluation.methods import method_settings
+
+    r, k, window = method_settings("sparq_int8_k", 8).resolve(4096, 64, dtype=torch.float32, key_t_dtype=torch.int8)
+    assert (r, k, window) == (8, 416, 104)  # 4096 * (1/8 - 12/512); the full copy's k is 256
+    set_method(tiny_llama, "sparq_int8_k", 4)
+    assert {type(m._sparq_settings).__name__ for m in tiny_llama.modules()
+            if getattr(m, "_sparq_settings", None) is not None} == {"FullRankMoreK"}
+    set_method(tiny_llama, "dense", 8)

@@ -4,6 +4,8 @@
 ``sparq``        SparQ at ``ratio``: the even split, local window k/4 (``enable_sparq``'s default).
 ``sparq_int8``   SparQ at ``ratio`` with the 8-bit selection cache (``key_t_dtype=torch.int8``): its
                  even split of the same bytes, ``r = e·D/ρ − 4`` components, the same ``k``.
+``sparq_int8_k`` the 8-bit selection cache at the full copy's ``r = D/ρ``, the step-1 bytes it
+                 saves spent on ``k`` (``k = S·(1/ρ − (r + 4)/(2·e·D))``): the same bytes again.
 ``sparq_nowin``  the same without the local window.
 ``sparq_auto``   SparQ at ``ratio`` with a calibrated auto split (default: the saved
                  ``"smollm2-135m"`` split; docs/auto-split.md).
@@ -16,17 +18,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..budget import transfer_bytes
+from ..budget import k_on_budget, rk_for_ratio, transfer_bytes
 from ..cache import SparQCache
 from ..integrations.transformers import SparQSettings, disable_sparq, enable_sparq
 from ..split import Split
 from .baselines import budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward
 from .decode import prefill
 
-METHODS = ("sparq", "sparq_int8", "sparq_nowin", "sparq_auto", "streaming", "h2o")
+METHODS = ("sparq", "sparq_int8", "sparq_int8_k", "sparq_nowin", "sparq_auto", "streaming", "h2o")
 DEFAULT_SPLIT = "smollm2-135m"
+
+
+@dataclasses.dataclass
+class FullRankMoreK(SparQSettings):
+    """``sparq_int8_k``'s settings: the full copy's even-split ``r`` (``D/ρ``) and the ``k`` that
+    spends the rest of the ratio's budget on the layer's cache (:func:`sparq_ext.budget.k_on_budget`)."""
+
+    def resolve(self, seq_len, head_dim, layer_idx=None, *, dtype=None, key_t_dtype=None):
+        r, _ = rk_for_ratio(self.ratio, seq_len, head_dim)
+        k = k_on_budget(self.ratio, seq_len, head_dim, r, dtype=dtype, key_t_dtype=key_t_dtype)
+        return r, k, k // 4
 
 
 def set_method(model, method: str, ratio: float, split_file=DEFAULT_SPLIT) -> None:
@@ -37,6 +52,12 @@ def set_method(model, method: str, ratio: float, split_file=DEFAULT_SPLIT) -> No
         enable_sparq(model, ratio=ratio)
     elif method == "sparq_int8":
         enable_sparq(model, ratio=ratio, key_t_dtype=torch.int8)
+    elif method == "sparq_int8_k":
+        enable_sparq(model, ratio=ratio, key_t_dtype=torch.int8)
+        settings = FullRankMoreK(ratio=float(ratio))
+        for module in model.modules():
+            if getattr(module, "_sparq_settings", None) is not None:
+                module._sparq_settings = settings
     elif method == "sparq_nowin":
         enable_sparq(model, ratio=ratio, local_window=0)
     elif method == "sparq_auto":
@@ -51,6 +72,8 @@ def set_method(model, method: str, ratio: float, split_file=DEFAULT_SPLIT) -> No
 
 def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> SparQSettings:
     """The :class:`SparQSettings` ``method`` decodes with at ``ratio``."""
+    if method == "sparq_int8_k":
+        return FullRankMoreK(ratio=ratio)
     if method == "sparq_auto":
         split = split_file if isinstance(split_file, Split) else Split.load(split_file, ratio=ratio)
         return SparQSettings(ratio=ratio, split=split)
@@ -58,9 +81,9 @@ def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> Spar
 
 
 def method_key_t_dtype(method: str):
-    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8``, else ``None``
+    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8`` and ``sparq_int8_k``, else ``None``
     (a full-precision copy of K)."""
-    return torch.int8 if method == "sparq_int8" else None
+    return torch.int8 if method in ("sparq_int8", "sparq_int8_k") else None
 
 
 def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, n_layers: int,
