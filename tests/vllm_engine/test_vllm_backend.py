@@ -193,11 +193,10 @@ def test_kv_capacity_with_sparq_pages(stock_and_dense_sparq):
     assert abs(sparq["blocks"] - expected) <= 1, (stock["blocks"], sparq["blocks"])
 
 
-@pytest.mark.slow
-def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
-    """At ratio 8 one decode step of one layer, captured inside the engine, equals
-    sparq_ext.attention on the K and V the layer wrote, laid out contiguously."""
-    layer_name, keys, values, steps = "model.layers.7.", [], [], []
+def capture_decode_step(model_path, layer_name, additional_config, prompt_len):
+    """Runs one request and returns the K and V ``layer_name`` wrote (in position order) and its
+    last decode step's query, output, length and scale, captured inside the engine."""
+    keys, values, steps = [], [], []
     impl = sparq_cpu.SparQCPUBackendImpl
     update, forward = impl.do_kv_cache_update, impl.forward
 
@@ -217,8 +216,8 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
 
     impl.do_kv_cache_update, impl.forward = recording_update, recording_forward
     try:
-        llm = make_llm(model_path, {"sparq": {"ratio": 8}})
-        generate_ids(llm, token_prompts(llm, [1200]), SamplingParams(temperature=0, max_tokens=6))
+        llm = make_llm(model_path, additional_config)
+        generate_ids(llm, token_prompts(llm, [prompt_len]), SamplingParams(temperature=0, max_tokens=6))
         del llm
         gc.collect()
     finally:
@@ -227,18 +226,101 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
     S = step["seq_len"]
     key, value = torch.cat(keys)[:S], torch.cat(values)[:S]  # one request: written in position order
     assert key.shape[0] == S
-    Hkv, D = key.shape[1], key.shape[2]
+    return key, value, step
+
+
+def assert_step_equals_attention(key, value, step, ratio, **softmax_variant):
+    """The captured step equals sparq_ext.attention at ``ratio`` on the contiguous cache (and is a
+    real approximation: it differs from dense attention)."""
+    S, D = key.shape[0], key.shape[2]
     query = step["query"].view(1, -1, 1, D)
-    r, k = rk_for_ratio(8, -(-S // 128) * 128, D)  # chosen at the length rounded up to whole blocks
+    r, k = rk_for_ratio(ratio, -(-S // 128) * 128, D)  # chosen at the length rounded up to whole blocks
     assert k < S and r < D  # a real selection, not the dense limit
-    expected = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-                                   r=r, k=k, local_window=k // 4, scale=step["scale"])
+    key, value = key.transpose(0, 1)[None], value.transpose(0, 1)[None]
+    expected = sparq_ext.attention(query, key, value, r=r, k=k, local_window=k // 4,
+                                   scale=step["scale"], **softmax_variant)
     got = step["output"].view(1, -1, 1, D)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        query, key.transpose(0, 1)[None], value.transpose(0, 1)[None], enable_gqa=True,
-        scale=step["scale"])
+    dense = sparq_ext.attention(query, key, value, r=D, k=S, scale=step["scale"], **softmax_variant)
     assert not torch.allclose(got, dense, rtol=1e-5, atol=1e-5)  # it did approximate
+
+
+@pytest.mark.slow
+def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
+    """At ratio 8 one decode step of one layer, captured inside the engine, equals
+    sparq_ext.attention on the K and V the layer wrote, laid out contiguously."""
+    key, value, step = capture_decode_step(model_path, "model.layers.7.", {"sparq": {"ratio": 8}}, 1200)
+    assert_step_equals_attention(key, value, step, 8)
+    query = step["query"].view(1, -1, 1, key.shape[2])
+    dense = torch.nn.functional.scaled_dot_product_attention(  # our dense limit is SDPA's
+        query, key.transpose(0, 1)[None], value.transpose(0, 1)[None], enable_gqa=True, scale=step["scale"])
+    full = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+                               r=key.shape[2], k=key.shape[0], scale=step["scale"])
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+
+
+# --- a hybrid model: sliding-window layers stay stock, full layers run SparQ with softcapping ---
+
+@pytest.fixture(scope="module")
+def gemma2_path(model_path, tmp_path_factory) -> str:
+    """A tiny random-weight Gemma 2 (sliding and full layers alternate, window 64) with SmolLM2's
+    tokenizer: vLLM's own Gemma 2 code runs it. Its attention logits are softcapped at 2 (Gemma 2
+    uses 50), where random weights' logits (a few units) feel it."""
+    import shutil
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    path = tmp_path_factory.mktemp("gemma2-tiny")
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=64,
+                          attn_logit_softcapping=2.0, query_pre_attn_scalar=64,
+                          max_position_embeddings=MAX_MODEL_LEN, initializer_range=0.05,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(model_path) / name, path / name)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_hybrid_model_runs_sparq_on_full_layers_only(gemma2_path):
+    """With k beyond the context, SparQ on Gemma 2 decodes as the stock backend (tokens and
+    log-probabilities), and only the full-attention layers (1, 3) ran SparQ's decode."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    runs, sparq_layers = {}, set()
+    decode = sparq_cpu.SparQCPUBackendImpl._decode
+
+    def recording_decode(self, layer, *args, **kwargs):
+        sparq_layers.add(sparq_vllm.layer_index(layer.layer_name))
+        return decode(self, layer, *args, **kwargs)
+
+    sparq_cpu.SparQCPUBackendImpl._decode = recording_decode
+    try:
+        for name, extra in (("stock", None), ("sparq", DENSE)):
+            llm = make_llm(gemma2_path, extra)
+            prompts = token_prompts(llm, [100, 200, 300])  # well past the 64-token window
+            runs[name] = [(list(o.outputs[0].token_ids), o.outputs[0].cumulative_logprob)
+                          for o in llm.generate(prompts, params, use_tqdm=False)]
+            del llm
+            gc.collect()
+    finally:
+        sparq_cpu.SparQCPUBackendImpl._decode = decode
+    assert sparq_layers == {1, 3}
+    for (stock_ids, stock_lp), (sparq_ids, sparq_lp) in zip(runs["stock"], runs["sparq"]):
+        assert sparq_ids == stock_ids
+        assert sparq_lp == pytest.approx(stock_lp, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_hybrid_decode_step_with_softcap_equals_attention(gemma2_path):
+    """At ratio 8 a full-attention layer of Gemma 2 runs SparQ with the model's logit softcapping:
+    its decode step equals sparq_ext.attention(softcap=2) on the contiguous cache, not the same
+    without softcapping."""
+    key, value, step = capture_decode_step(gemma2_path, "model.layers.3.", {"sparq": {"ratio": 8}}, 900)
+    assert_step_equals_attention(key, value, step, 8, softcap=2.0)
+    with pytest.raises(AssertionError):
+        assert_step_equals_attention(key, value, step, 8)
 
 
 @pytest.mark.slow

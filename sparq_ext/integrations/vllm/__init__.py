@@ -31,8 +31,13 @@ How it plugs in:
 * ``v̄`` of a row is the sum of its blocks' sums over its length: ``ceil(S / block_size)·D`` fp32
   reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
   block size 128, fp32, ratio 8; 6% in bf16).
-* ``k`` (and the split's entry) is chosen from the longest decode row of the batch; shorter rows
-  attend at least as many positions as their own length would give them (never less exact).
+* A row's ``r`` and ``k`` (and the split's entry) are chosen from its own length rounded up to
+  whole blocks, so its result never depends on the other rows of the batch.
+* Hybrid models (Gemma 2/3, ...): sliding-window layers stay on the stock kernel (their window
+  bounds their cost) in KV cache groups of their own (vLLM's hybrid KV cache manager); every page
+  still carries SparQ's region, because the manager needs one page size. Logit softcapping
+  (Gemma 2) is applied by SparQ as by the stock kernel; attention sinks, ALiBi and fp8 KV caches
+  are refused by name.
 """
 
 from __future__ import annotations

@@ -10,8 +10,11 @@ import dataclasses
 
 import torch
 import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
+from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.attention.attention import get_attention_context
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -19,6 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from . import CONFIG_KEY, SUPPORTED_ISAS, current_settings, describe_settings, layer_index, settings_from_config, \
     sparq_page_extra_bytes
@@ -81,6 +85,8 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sparq_settings = settings_from_config(vllm_config.additional_config)
+        if self.sparq_settings is not None and not _runs_sparq(kv_cache_spec, vllm_config, layer_names):
+            self.sparq_settings = None  # a sliding-window (or encoder) group: stock
         if self.sparq_settings is None:
             self.reorder_batch_threshold = None
         elif self.isa not in SUPPORTED_ISAS:
@@ -119,6 +125,27 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                                 prefill=prefill, writes=writes)
 
 
+def _runs_sparq(kv_cache_spec, vllm_config, layer_names) -> bool:
+    """Whether a KV cache group runs SparQ: full causal attention in every layer. Sliding-window
+    layers (Gemma 2/3, gpt-oss, ...) stay on the stock kernel, whose cost their window bounds;
+    vLLM's hybrid KV cache manager keeps them in groups of their own."""
+    if not isinstance(kv_cache_spec, FullAttentionSpec):
+        return False
+    impls = [layer.impl for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()]
+    windowed = [impl for impl in impls if not _impl_runs_sparq(impl)]
+    if windowed and len(windowed) < len(impls):
+        raise NotImplementedError(
+            "SparQ needs sliding-window and full-attention layers in separate KV cache groups "
+            "(vLLM's hybrid KV cache manager); it was disabled (--disable-hybrid-kv-cache-manager?)")
+    return not windowed
+
+
+def _impl_runs_sparq(impl) -> bool:
+    """Whether a layer runs SparQ when it is on: decoder self-attention without a window."""
+    return getattr(impl, "sliding_window", -1) == -1 and \
+        getattr(impl, "attn_type", AttentionType.DECODER) == AttentionType.DECODER
+
+
 def _rows_after(common, num_rows: int, num_tokens: int):
     """``common`` without its first ``num_rows`` requests (their ``num_tokens`` tokens)."""
     if num_rows == 0:
@@ -142,15 +169,15 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sparq_settings = current_settings()
+        settings = current_settings()
         # vLLM sizes the pages (customize_spec) after building the model and outside the config's
-        # context: the layers built last in this process tell it whether SparQ's region is needed.
-        SparQCPUBackend.settings_of_built_model = self.sparq_settings
+        # context: the layers built last in this process tell it whether SparQ's region is needed
+        # (in every layer's page, sliding ones too: the hybrid manager needs one page size).
+        SparQCPUBackend.settings_of_built_model = settings
+        self.sparq_settings = settings if _impl_runs_sparq(self) else None
         if self.sparq_settings is not None:
             unsupported = [name for name, used in (
-                ("logits_soft_cap", self.logits_soft_cap), ("sinks", self.sinks is not None),
-                ("alibi_slopes", self.alibi_slopes is not None),
-                ("sliding_window", self.sliding_window != -1),
+                ("sinks", self.sinks is not None), ("alibi_slopes", self.alibi_slopes is not None),
                 ("kv_cache_dtype", self.kv_cache_dtype != "auto")) if used]
             if unsupported:
                 raise NotImplementedError(f"SparQ in vLLM does not reproduce {unsupported} yet; "
@@ -226,7 +253,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
             return torch.ops.sparq_ext.paged_attention(
                 pick(query), key_rows, values, pick(decode.block_table), pick(decode.seq_lens),
                 r=r, k=k, key_t_cache=key_t, value_mean=pick(value_mean), local_window=window,
-                reallocate=True, scale=self.scale)
+                reallocate=True, scale=self.scale, softcap=self.logits_soft_cap or None)
 
         if len(decode.groups) == 1:
             return run(*decode.groups[0])
