@@ -194,6 +194,31 @@ def test_dense_limit_equals_stock_in_mixed_batches(stock_and_dense_sparq):
 
 
 @pytest.mark.slow
+def test_compiled_engine_dense_limit_equals_stock(model_path):
+    """Without enforce_eager (vLLM compiles the model with torch.compile; attention stays an opaque
+    op that calls the backend) SparQ's dense limit still gives stock's greedy tokens."""
+    runs, decode_calls = {}, []
+    decode = sparq_cpu.SparQCPUBackendImpl._decode
+
+    def recording_decode(self, *args, **kwargs):
+        decode_calls.append(1)
+        return decode(self, *args, **kwargs)
+
+    sparq_cpu.SparQCPUBackendImpl._decode = recording_decode
+    try:
+        for name, extra in (("stock", None), ("sparq", DENSE)):
+            llm = make_llm(model_path, extra, enforce_eager=False, max_model_len=1024)
+            assert llm.llm_engine.vllm_config.compilation_config.mode > 0  # it did compile
+            runs[name] = generate_ids(llm, token_prompts(llm, [150, 300], seed=3))
+            del llm
+            gc.collect()
+    finally:
+        sparq_cpu.SparQCPUBackendImpl._decode = decode
+    assert decode_calls  # SparQ's decode ran inside the compiled model
+    assert runs["sparq"] == runs["stock"]
+
+
+@pytest.mark.slow
 def test_kv_capacity_with_sparq_pages(stock_and_dense_sparq):
     stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
     # fp32, D = 64, block 128: a stock page holds 2·D per token, SparQ's adds D per token + D per block
