@@ -7,6 +7,8 @@ the ideal speedup from the bytes each method must read, and writes a table, JSON
 
     python benchmarks/bench_attention.py                    # CPU: the CPU-sized subset (--quick)
     python benchmarks/bench_attention.py --device cuda      # the standard GPU grid (docs/design.md)
+    python benchmarks/bench_attention.py --key-t both       # also the 8-bit selection cache, its
+                                                            # calls interleaved with the full copy's
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, help="timed calls per method (default cpu 21, cuda 100)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed's pure-torch SparQ")
+    p.add_argument("--key-t", choices=("full", "int8", "both"), default="full",
+                   help="the selection cache sparq reads: a full-precision key_t (default), the "
+                        "8-bit one (int8 key_t + per-position scale, the 8-bit even split of the "
+                        "same ratio), or both, timed interleaved (sparq_int8_ms)")
+    p.add_argument("--int8-rk", choices=("even", "same"), default="even",
+                   help="r and k of the 8-bit selection cache: its even split of the ratio's bytes "
+                        "(a larger r, default), or the full copy's r and k (the same selection "
+                        "budget, fewer bytes read)")
     p.add_argument("--seed-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the seed under torch.compile (default: on for cuda)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay sparq/SDPA calls as CUDA graphs")
@@ -83,12 +93,16 @@ def free_bytes(device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_set(B, Hq, Hkv, S, D, dtype, device, seed_heads: bool):
+def make_set(B, Hq, Hkv, S, D, dtype, device, seed_heads: bool, key_t="full"):
     gen = torch.Generator(device=device).manual_seed(S + B + Hkv)
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device, generator=gen)
     K = torch.randn(B, Hkv, S, D, dtype=dtype, device=device, generator=gen)
     V = torch.randn(B, Hkv, S, D, dtype=dtype, device=device, generator=gen)
-    s = dict(q=q, K=K, V=V, Kt=K.transpose(-1, -2).contiguous(), Vm=V.mean(2, keepdim=True))
+    s = dict(q=q, K=K, V=V, Vm=V.mean(2, keepdim=True))
+    if key_t in ("full", "both"):
+        s["Kt"] = K.transpose(-1, -2).contiguous()
+    if key_t in ("int8", "both"):
+        s["Kt8"], s["Kt8_scale"] = sparq_ext.quantize_key_t(K)
     if seed_heads:  # the seed's code is MHA-only: it gets K/V expanded to the query heads
         G = Hq // Hkv
         s["K_mha"] = K.repeat_interleave(G, dim=1) if G > 1 else K
@@ -102,10 +116,15 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     Hq, D = args.query_heads, args.head_dim
     dtype = DTYPES[dtype_name]
     r, k = sparq_ext.rk_for_ratio(ratio, S, D)
+    r8, k8 = (sparq_ext.rk_for_ratio(ratio, S, D, dtype=dtype, key_t_dtype=torch.int8)
+              if args.int8_rk == "even" else (r, k))
     e = torch.empty((), dtype=dtype).element_size()
-    set_bytes = 3 * B * Hkv * S * D * e  # K, V, key_t
+    full_t, int8_t = args.key_t in ("full", "both"), args.key_t in ("int8", "both")
+    set_bytes = B * Hkv * S * ((2 + full_t) * D * e + int8_t * (D + 4))  # K, V, the key_t(s)
     seed_bytes = 2 * B * Hq * S * D * e + (2 * B * Hq * S * D * e if Hq != Hkv else 0)  # + its temporaries
     row = dict(dtype=dtype_name, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, ratio=ratio, r=r, k=k)
+    if int8_t:
+        row.update(r_int8=r8, k_int8=k8)
     available = free_bytes(device)
     if set_bytes * 1.3 > available:
         row["skipped"] = f"needs {set_bytes / 2**30:.1f} GiB"
@@ -114,12 +133,17 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     if not args.no_seed and not with_seed:
         row["seed_skipped"] = f"the seed's MHA copies need {seed_bytes / 2**30:.1f} GiB more"
     n_sets = max(1, min(8, math.ceil(ROTATION_BYTES / (set_bytes + (seed_bytes if with_seed else 0)))))
-    sets = [make_set(B, Hq, Hkv, S, D, dtype, device, with_seed) for _ in range(n_sets)]
+    sets = [make_set(B, Hq, Hkv, S, D, dtype, device, with_seed, args.key_t) for _ in range(n_sets)]
     enable_gqa = Hq != Hkv
 
     def sparq(i):
         s = sets[i % n_sets]
         return sparq_ext.attention(s["q"], s["K"], s["V"], r=r, k=k, key_t=s["Kt"], value_mean=s["Vm"])
+
+    def sparq_int8(i):
+        s = sets[i % n_sets]
+        return sparq_ext.attention(s["q"], s["K"], s["V"], r=r8, k=k8, key_t=s["Kt8"],
+                                   key_t_scale=s["Kt8_scale"], value_mean=s["Vm"])
 
     def sdpa(i):
         s = sets[i % n_sets]
@@ -132,8 +156,17 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     times = {}
     reps, warm = args.repeats, args.warmup
     with torch.inference_mode():
-        times["sparq"] = common.time_call(maybe_graphs(sparq, n_sets, args, device), device, warm, reps,
-                                            flush)
+        if args.key_t == "both":  # interleaved, so that load drift falls on both alike
+            pbar.set_postfix_str(f"S={S} sparq full/int8")
+            times.update(common.time_interleaved(
+                {"sparq": maybe_graphs(sparq, n_sets, args, device),
+                 "sparq_int8": maybe_graphs(sparq_int8, n_sets, args, device)}, device, warm, reps, flush))
+        elif args.key_t == "int8":
+            times["sparq"] = common.time_call(maybe_graphs(sparq_int8, n_sets, args, device), device,
+                                              warm, reps, flush)
+        else:
+            times["sparq"] = common.time_call(maybe_graphs(sparq, n_sets, args, device), device, warm,
+                                              reps, flush)
         pbar.set_postfix_str(f"S={S} sdpa")
         best = None
         for name, ctx in sdpa_backends(device):
@@ -154,10 +187,23 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
                 times["seed_compiled"] = common.time_call(lambda i: seed(i, seed_compiled), device,
                                                           warm, reps, flush)
     del sets
-    bytes_ = sparq_ext.transfer_bytes(B, Hkv, S, D, r, k, dtype=dtype, query_heads=Hq)
+    if args.key_t == "int8":  # the one sparq timed reads the 8-bit selection cache
+        row.update(r=r8, k=k8)
+        bytes_ = sparq_ext.transfer_bytes(B, Hkv, S, D, r8, k8, dtype=dtype, query_heads=Hq,
+                                          key_t_dtype=torch.int8)
+    else:
+        bytes_ = sparq_ext.transfer_bytes(B, Hkv, S, D, r, k, dtype=dtype, query_heads=Hq)
+    if "sparq_int8" in times:
+        bytes_int8 = sparq_ext.transfer_bytes(B, Hkv, S, D, r8, k8, dtype=dtype, query_heads=Hq,
+                                              key_t_dtype=torch.int8)
+        row["sparq_int8_bytes"] = bytes_int8["sparq"]
+        row["speedup_int8_vs_full"] = times["sparq"] / times["sparq_int8"]
+        row["speedup_int8_vs_sdpa"] = None  # set below, once the best SDPA is known
     row.update({f"{m}_ms": t * 1e3 for m, t in times.items()})
     row["sdpa_ms"] = times[best] * 1e3
     row["speedup_vs_sdpa"] = times[best] / times["sparq"]
+    if "sparq_int8" in times:
+        row["speedup_int8_vs_sdpa"] = times[best] / times["sparq_int8"]
     if "seed" in times:
         row["speedup_vs_seed"] = times["seed"] / times["sparq"]
     if "seed_compiled" in times:
@@ -205,6 +251,13 @@ def print_table(rows):
                       r["sdpa_GBps"], r.get("sparq_pct_of_copy", float("nan")),
                       r.get("sdpa_pct_of_copy", float("nan"))])
     print(tabulate(table, headers=headers, floatfmt=".3g"))
+    int8 = [r for r in rows if "sparq_int8_ms" in r]
+    if int8:  # --key-t both: the 8-bit selection cache beside the full copy, same ratio
+        print(tabulate([[r["dtype"], r["B"], r["Hkv"], r["S"], r["ratio"], f"{r['r']}/{r['k']}",
+                         f"{r['r_int8']}/{r['k_int8']}", r["sparq_ms"], r["sparq_int8_ms"],
+                         r["speedup_int8_vs_full"], r["speedup_int8_vs_sdpa"]] for r in int8],
+                       headers=["dtype", "B", "Hkv", "S", "ratio", "full r/k", "int8 r/k", "full ms",
+                                "int8 ms", "x int8 vs full", "int8 x SDPA"], floatfmt=".3g"))
 
 
 def plot(rows, meta, path):

@@ -23,6 +23,38 @@ inline void check_same(const at::Tensor& t, const at::Tensor& query, const char*
               query.device(), ", got ", t.device());
 }
 
+// An int8 selection cache (`key_t_name`, with its expected shape already checked or checked
+// here) and its per-position float32 scale `name`: both or neither (sparq_ext.quantize_key_t);
+// a key_t in the query's dtype needs no scale. Same words as the Python checks.
+inline void check_key_t_scale(const at::Tensor& query, const char* key_t_name,
+                              const std::optional<at::Tensor>& key_t, const char* name,
+                              const std::optional<at::Tensor>& key_t_scale,
+                              at::IntArrayRef scale_shape, const char* scale_shape_words) {
+  const bool int8 = key_t && key_t->scalar_type() == at::kChar;
+  if (key_t) {
+    if (int8) {
+      TORCH_CHECK(key_t->device() == query.device(), key_t_name,
+                  " must be on the query's device ", query.device(), ", got ", key_t->device());
+      TORCH_CHECK(key_t_scale.has_value(), key_t_name, " is int8, so ", name, " (float32 ",
+                  scale_shape_words, ", one scale per position) must be given: see "
+                  "sparq_ext.quantize_key_t");
+    } else {
+      check_same(*key_t, query, key_t_name);
+    }
+  }
+  if (!key_t_scale) return;
+  TORCH_CHECK(key_t.has_value(), name, " is given without ", key_t_name,
+              ": it is the scale of an int8 ", key_t_name);
+  TORCH_CHECK(int8, name, " is only for an int8 ", key_t_name, ", got ", key_t_name,
+              " of dtype ", key_t->scalar_type());
+  TORCH_CHECK(key_t_scale->sizes() == scale_shape, name, " must have shape ", scale_shape_words,
+              " = ", scale_shape, ", got ", key_t_scale->sizes());
+  TORCH_CHECK(key_t_scale->scalar_type() == at::kFloat, name, " must be float32, got ",
+              key_t_scale->scalar_type());
+  TORCH_CHECK(key_t_scale->device() == query.device(), name, " must be on the query's device ",
+              query.device(), ", got ", key_t_scale->device());
+}
+
 // The selection budget, shared by both operators.
 inline void check_budget(int64_t D, int64_t r, int64_t k, int64_t local_window) {
   TORCH_CHECK(r >= 1 && r <= D, "r must be an int in [1, head_dim=", D, "], got ", r);
@@ -38,7 +70,8 @@ inline AttentionDims check_attention_args(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t r,
     int64_t k, const std::optional<at::Tensor>& key_t,
     const std::optional<at::Tensor>& value_mean, const std::optional<at::Tensor>& seq_lens,
-    const std::optional<at::Tensor>& attn_mask, int64_t local_window) {
+    const std::optional<at::Tensor>& attn_mask, int64_t local_window,
+    const std::optional<at::Tensor>& key_t_scale = std::nullopt) {
   TORCH_CHECK(query.dim() == 4, "query must have 4 dims (B, H, T, D), got ", query.sizes());
   TORCH_CHECK(key.dim() == 4, "key must have 4 dims (B, H, T, D), got ", key.sizes());
   TORCH_CHECK(value.dim() == 4, "value must have 4 dims (B, H, T, D), got ", value.sizes());
@@ -63,8 +96,9 @@ inline AttentionDims check_attention_args(
     TORCH_CHECK(key_t->sizes() == at::IntArrayRef({d.B, d.Hkv, d.D, d.S}),
                 "key_t must have shape (B, Hkv, D, S) = (", d.B, ", ", d.Hkv, ", ", d.D, ", ",
                 d.S, "), got ", key_t->sizes());
-    check_same(*key_t, query, "key_t");
   }
+  check_key_t_scale(query, "key_t", key_t, "key_t_scale", key_t_scale,
+                    {d.B, d.Hkv, d.S}, "(B, Hkv, S)");
   if (value_mean) {
     TORCH_CHECK(value_mean->sizes() == at::IntArrayRef({d.B, d.Hkv, 1, d.D}),
                 "value_mean must have shape (B, Hkv, 1, D), got ", value_mean->sizes());
@@ -108,7 +142,7 @@ inline PagedDims check_paged_attention_args(
     const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
     const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t r, int64_t k,
     const std::optional<at::Tensor>& key_t_cache, const std::optional<at::Tensor>& value_mean,
-    int64_t local_window) {
+    int64_t local_window, const std::optional<at::Tensor>& key_t_scale = std::nullopt) {
   TORCH_CHECK(query.dim() == 3, "query must have 3 dims (R, Hq, D), got ", query.sizes());
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must have 4 dims (num_blocks, Hkv, block_size, D), got ",
               key_cache.sizes());
@@ -135,8 +169,9 @@ inline PagedDims check_paged_attention_args(
                     at::IntArrayRef({d.num_blocks, d.Hkv, d.D, d.block_size}),
                 "key_t_cache must have shape (num_blocks, Hkv, D, block_size) = (", d.num_blocks,
                 ", ", d.Hkv, ", ", d.D, ", ", d.block_size, "), got ", key_t_cache->sizes());
-    check_same(*key_t_cache, query, "key_t_cache");
   }
+  check_key_t_scale(query, "key_t_cache", key_t_cache, "key_t_scale", key_t_scale,
+                    {d.num_blocks, d.Hkv, d.block_size}, "(num_blocks, Hkv, block_size)");
   if (value_mean) {
     TORCH_CHECK(value_mean->sizes() == at::IntArrayRef({d.R, d.Hkv, d.D}),
                 "value_mean must have shape (R, Hkv, D) = (", d.R, ", ", d.Hkv, ", ", d.D,
@@ -183,10 +218,11 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
 }
 
 // Backend entry points. SPARQ_ATTENTION_ARGS: the schema in csrc/ops.cpp up to `scale` (the
-// CUDA entry point's arguments; csrc/ops.cpp refuses softcap and sinks for it); the CPU kernels
-// take SPARQ_SOFTMAX_VARIANT_ARGS after them.
+// CUDA entry point's arguments; csrc/ops.cpp refuses softcap, sinks and key_t_scale for it);
+// the CPU kernels take SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG after them.
 #define SPARQ_SOFTMAX_VARIANT_ARGS \
   std::optional<double> softcap, const std::optional<at::Tensor>&sinks
+#define SPARQ_KEY_T_SCALE_ARG const std::optional<at::Tensor>&key_t_scale
 
 #define SPARQ_ATTENTION_ARGS                                                              \
   const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, int64_t r,     \
@@ -195,7 +231,8 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
       const std::optional<at::Tensor>&attn_mask, int64_t local_window, bool reallocate,   \
       std::optional<double> scale
 
-at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cpu/
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                         SPARQ_KEY_T_SCALE_ARG);  // csrc/cpu/
 // Test hook: the CPU kernel's exact top-k of a 1-D float32 CPU tensor (positions, ascending);
 // `histogram_only` skips the sampled fast path.
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
@@ -207,7 +244,8 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS);  // csrc/cuda/ (built with SPAR
       const std::optional<at::Tensor>&key_t_cache, const std::optional<at::Tensor>&value_mean, \
       int64_t local_window, bool reallocate, std::optional<double> scale
 
-at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cpu/
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                               SPARQ_KEY_T_SCALE_ARG);  // csrc/cpu/
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

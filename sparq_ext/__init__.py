@@ -15,7 +15,7 @@ from .ops import (
     has_native_kernel,
     paged_attention,
 )
-from .reference import paged_attention_reference, sparq_attention_reference
+from .reference import paged_attention_reference, quantize_key_t, sparq_attention_reference
 from .split import Split, saved_splits
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "has_native_kernel",
     "paged_attention",
     "paged_attention_reference",
+    "quantize_key_t",
     "rk_for_ratio",
     "saved_splits",
     "sparq_attention_reference",

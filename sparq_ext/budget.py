@@ -8,6 +8,13 @@ ratio ``rho`` it may read ``2*S*D/rho``: any point on the budget line
 per layer (:func:`candidate_rs`, :func:`k_on_budget`) and lets layers trade budget with each
 other in shares of the even per-layer budget (:data:`BUDGET_SHARES`), the model's total staying
 ``1/rho`` of dense.
+
+With the 8-bit selection cache (``key_t_dtype=torch.int8``: an int8 ``key_t`` and one float32
+scale per position, :func:`sparq_ext.quantize_key_t`) step 1 reads ``S*(r + 4)`` bytes instead of
+``S*r*e`` (``e`` the key/value element size): every function here takes ``key_t_dtype`` and
+counts those bytes, so ratio ``rho`` still reads ``1/rho`` of dense, now with a larger ``r``.
+The even split keeps step 1's byte share (half the budget): ``r = e*D/rho - 4``, ``k`` unchanged
+(docs/design.md, "The 8-bit selection cache").
 """
 
 from __future__ import annotations
@@ -17,21 +24,8 @@ import math
 import torch
 
 
-def rk_for_ratio(ratio: float, seq_len: int, head_dim: int) -> tuple[int, int]:
-    """The paper's even split of a compression ``ratio``: ``r = D/ratio``, ``k = S/(2 ratio)``.
-
-    Both are rounded and at least 1 (``r`` at most ``head_dim``). At this split SparQ reads
-    about ``1/ratio`` of the bytes dense attention reads (see :func:`transfer_bytes`).
-    """
-    if not ratio > 0:
-        raise ValueError(f"ratio must be > 0, got {ratio}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if head_dim < 1:
-        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-    r = min(head_dim, max(1, round(head_dim / ratio)))
-    k = max(1, round(seq_len / (2 * ratio)))
-    return r, k
+# Bytes of key_t_scale per position (and KV head) that the 8-bit selection cache adds to step 1.
+KEY_T_SCALE_BYTES = 4
 
 
 def _element_size(dtype_or_size) -> int:
@@ -40,13 +34,69 @@ def _element_size(dtype_or_size) -> int:
     return int(dtype_or_size)
 
 
+def _selection_cache(dtype, key_t_dtype) -> tuple[int, int, int] | None:
+    """``(e, e_t, c)`` for an 8-bit selection cache: the key/value element size, key_t's (1) and
+    the scale's bytes per position; ``None`` for a key_t in the cache's dtype (today's count)."""
+    if key_t_dtype is None:
+        return None
+    if key_t_dtype != torch.int8:
+        if isinstance(key_t_dtype, torch.dtype) and key_t_dtype.is_floating_point:
+            return None  # a full-precision copy: step 1 counted in cache elements, as before
+        raise ValueError(f"key_t_dtype must be None, a floating dtype or torch.int8, got {key_t_dtype!r}")
+    if dtype is None:
+        raise ValueError("dtype (the key/value cache's) must be given with key_t_dtype=torch.int8: "
+                         "the 8-bit selection cache's bytes are counted against it")
+    return _element_size(dtype), 1, KEY_T_SCALE_BYTES
+
+
+def _step1_elements(r: int, head_dim: int, dtype, key_t_dtype) -> float:
+    """Step 1's bytes per position in key/value elements: ``r``, or ``(r + 4)/e`` with the 8-bit
+    selection cache."""
+    cache = _selection_cache(dtype, key_t_dtype)
+    if cache is None:
+        return float(r)
+    e, e_t, c = cache
+    return (r * e_t + c) / e
+
+
+def rk_for_ratio(ratio: float, seq_len: int, head_dim: int, *, dtype=None,
+                 key_t_dtype=None) -> tuple[int, int]:
+    """The paper's even split of a compression ``ratio``: ``r = D/ratio``, ``k = S/(2 ratio)``.
+
+    Both are rounded and at least 1 (``r`` at most ``head_dim``). At this split SparQ reads
+    about ``1/ratio`` of the bytes dense attention reads (see :func:`transfer_bytes`).
+
+    With the 8-bit selection cache (``key_t_dtype=torch.int8``; ``dtype`` the key/value
+    cache's) step 1 keeps the same byte share, half the budget: ``r = e*D/ratio - 4`` (``e``
+    ``dtype``'s element size, 4 the scale's bytes), clamped to ``[1, D]``, and ``k`` spends the
+    rest (``S/(2 ratio)`` unless ``r`` was clamped; :func:`k_on_budget`).
+    """
+    if not ratio > 0:
+        raise ValueError(f"ratio must be > 0, got {ratio}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    cache = _selection_cache(dtype, key_t_dtype)
+    if cache is None:
+        r = min(head_dim, max(1, round(head_dim / ratio)))
+        k = max(1, round(seq_len / (2 * ratio)))
+        return r, k
+    e, e_t, c = cache
+    r = min(head_dim, max(1, round((e * head_dim / ratio - c) / e_t)))
+    left = seq_len * (1.0 / ratio - _step1_elements(r, head_dim, dtype, key_t_dtype) / (2.0 * head_dim))
+    return r, max(1, round(left))
+
+
 def transfer_bytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, r: int, k: int,
-                   dtype=torch.bfloat16, query_heads: int | None = None) -> dict:
+                   dtype=torch.bfloat16, query_heads: int | None = None, key_t_dtype=None) -> dict:
     """Bytes read from the KV cache by one decode step, SparQ against dense attention.
 
     Per (batch, KV head), in elements (docs/design.md, ``K`` also stored as ``key_t``):
     SparQ reads ``S*r`` (``r`` rows of ``key_t``) ``+ 2*k*D`` (the selected ``K`` and ``V``
     rows) ``+ D`` (the mean of ``V``); dense reads ``2*S*D``. ``k`` is clamped to ``S``.
+    With ``key_t_dtype=torch.int8`` (the 8-bit selection cache) step 1 reads ``S*(r + 4)``
+    bytes: ``r`` int8 rows and a float32 scale per position.
     The query and output (``2*Hq*D`` per batch row) are added to both; they are tiny.
     Returns ``{"sparq": bytes, "dense": bytes, "ideal_speedup": dense / sparq}``.
     """
@@ -54,28 +104,38 @@ def transfer_bytes(batch: int, kv_heads: int, seq_len: int, head_dim: int, r: in
     k = min(k, seq_len)
     query_heads = kv_heads if query_heads is None else query_heads
     q_and_out = 2 * query_heads * head_dim
-    sparq = batch * (kv_heads * (seq_len * r + 2 * k * head_dim + head_dim) + q_and_out) * e
+    cache = _selection_cache(dtype, key_t_dtype)
+    step1 = seq_len * r * e if cache is None else seq_len * (r * cache[1] + cache[2])
+    sparq = batch * (kv_heads * (step1 + (2 * k * head_dim + head_dim) * e) + q_and_out * e)
     dense = batch * (kv_heads * 2 * seq_len * head_dim + q_and_out) * e
     return {"sparq": sparq, "dense": dense, "ideal_speedup": dense / sparq}
 
 
-def k_on_budget(ratio: float, seq_len: int, head_dim: int, r: int) -> int:
+def k_on_budget(ratio: float, seq_len: int, head_dim: int, r: int, *, dtype=None,
+                key_t_dtype=None) -> int:
     """The ``k`` that spends what ``r`` leaves of the budget ``2*S*D/ratio`` (at least 1).
 
     At the even split ``r = D/ratio`` this is ``S/(2*ratio)``, as :func:`rk_for_ratio` gives.
+    With ``key_t_dtype=torch.int8`` step 1 costs ``(r + 4)/e`` elements per position
+    (``e`` ``dtype``'s element size), as :func:`transfer_bytes` counts it.
     """
-    if r * ratio >= 2 * head_dim:
+    step1 = _step1_elements(r, head_dim, dtype, key_t_dtype)
+    if step1 * ratio >= 2 * head_dim:
         raise ValueError(f"r={r} alone spends the whole budget of ratio {ratio} (head_dim {head_dim})")
-    return max(1, math.floor(seq_len * (1.0 / ratio - r / (2.0 * head_dim)) + 1e-9))
+    return max(1, math.floor(seq_len * (1.0 / ratio - step1 / (2.0 * head_dim)) + 1e-9))
 
 
-def candidate_rs(ratio: float, head_dim: int) -> list[int]:
+def candidate_rs(ratio: float, head_dim: int, *, dtype=None, key_t_dtype=None) -> list[int]:
     """The ``r`` an auto split may choose at ``ratio``: the powers of two below the budget's limit
-    ``2D/ratio``, plus the even split's ``r``."""
-    even_r, _ = rk_for_ratio(ratio, 1, head_dim)
-    limit = 2 * head_dim / ratio
-    rs = {even_r} | {1 << i for i in range(int(math.log2(head_dim)) + 1) if (1 << i) < limit}
-    return sorted(r for r in rs if r < limit and r <= head_dim)
+    ``2D/ratio`` (with the 8-bit selection cache: ``r + 4 < 2*e*D/ratio`` bytes), plus the even
+    split's ``r``."""
+    even_r, _ = rk_for_ratio(ratio, 1, head_dim, dtype=dtype, key_t_dtype=key_t_dtype)
+
+    def fits(r):
+        return _step1_elements(r, head_dim, dtype, key_t_dtype) < 2 * head_dim / ratio
+
+    rs = {even_r} | {1 << i for i in range(int(math.log2(head_dim)) + 1)}
+    return sorted(r for r in rs if fits(r) and r <= head_dim)
 
 
 # The multiples of the even per-layer budget a layer may read. Quarters, so that sharing the budget

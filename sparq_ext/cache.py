@@ -7,6 +7,13 @@ makes it ``D`` reads instead of ``S·D``. Buffers are preallocated and grow by d
 append is amortised O(1) copies; :meth:`SparQCacheLayer.attention_inputs` hands out views of the
 used part (``key_t[..., :S]`` keeps a contiguous last dim, which is what step 1 wants).
 
+``key_t_dtype=torch.int8`` keeps the 8-bit selection cache instead of the full-precision copy:
+``key_t`` int8 and ``key_t_scale`` float32 ``(B, Hkv, capacity)``, each appended token quantized
+on its own (:func:`sparq_ext.quantize_key_t`, one scale per position, so nothing already cached is
+re-quantized). Step 1 then ranks from 8-bit keys; steps 2 and 3 still read ``K`` and ``V``
+exactly. Per token and KV head the cache holds ``2*D*e + D + 4`` bytes instead of ``3*D*e``
+(:meth:`SparQCache.memory_per_token`).
+
 Two ways to hold a ragged batch:
 
 * left padding (what Hugging Face ``generate`` does): every row has the same width, padded
@@ -24,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from .budget import rk_for_ratio
+from .budget import KEY_T_SCALE_BYTES, rk_for_ratio
 from .ops import attention
+from .reference import quantize_key_t
 
 try:  # transformers is optional: subclass its cache classes when it is there
     from transformers.cache_utils import Cache as _HFCache
@@ -36,12 +44,31 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 _MIN_CAPACITY = 64
 
 
+def _check_key_t_dtype(key_t_dtype):
+    if key_t_dtype not in (None, torch.int8):
+        raise ValueError("key_t_dtype must be None (a copy of the keys in their dtype) or torch.int8 "
+                         f"(the 8-bit selection cache), got {key_t_dtype!r}")
+    return key_t_dtype
+
+
+def memory_per_token(kv_heads: int, head_dim: int, dtype) -> dict:
+    """Bytes a decode cache holds per token and layer: ``"dense"`` (``K`` and ``V``),
+    ``"sparq_full_key_t"`` (plus a copy of ``K``), ``"sparq_int8_key_t"`` (plus the 8-bit
+    selection cache: ``D`` int8 and a float32 scale per KV head)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    dense = 2 * kv_heads * head_dim * e
+    return {"dense": dense, "sparq_full_key_t": dense + kv_heads * head_dim * e,
+            "sparq_int8_key_t": dense + kv_heads * (head_dim + KEY_T_SCALE_BYTES)}
+
+
 class SparQCacheLayer(_HFLayer):
     """One attention layer's cache. Shapes: ``(B, Hkv, S, D)`` for keys/values.
 
     Attributes (views of the used part, refreshed after every write):
         keys, values: ``(B, Hkv, S, D)``.
-        key_t: ``(B, Hkv, D, S)`` view (last dim contiguous).
+        key_t: ``(B, Hkv, D, S)`` view (last dim contiguous); int8 with ``key_t_dtype=torch.int8``.
+        key_t_scale: ``(B, Hkv, S)`` float32 view of each position's scale (int8 ``key_t``), else
+            ``None``.
         value_sum: ``(B, Hkv, D)`` fp32, sum of ``V`` over valid positions.
         valid: ``(B, S)`` bool, positions that may be attended.
         seq_lens: ``(B,)`` int64 per-row lengths in per-row mode, else ``None``.
@@ -52,22 +79,28 @@ class SparQCacheLayer(_HFLayer):
     is_sliding = False
     supports_early_init = True
 
-    def __init__(self, capacity: int = 0, **kwargs):
+    def __init__(self, capacity: int = 0, key_t_dtype=None, **kwargs):
         if _HFLayer is not object:
             super().__init__()
         self.keys = self.values = None
         self.is_initialized = False
         self._initial_capacity = int(capacity)
+        self.key_t_dtype = _check_key_t_dtype(key_t_dtype)
         self._reset_buffers()
 
     # ----------------------------------------------------------------- storage
     def _reset_buffers(self):
-        self._k = self._kt = self._v = self._valid = None
+        self._k = self._kt = self._kt_scale = self._v = self._valid = None
         self.value_sum = None
         self.seq_lens = None  # per-row lengths (right-padded mode) or None
         self._len = 0  # used width (max row length)
-        self.keys = self.values = self.key_t = self.valid = None
+        self.keys = self.values = self.key_t = self.key_t_scale = self.valid = None
         self.is_initialized = False
+
+    @property
+    def quantized(self) -> bool:
+        """Whether ``key_t`` is the 8-bit selection cache."""
+        return self.key_t_dtype == torch.int8
 
     @property
     def capacity(self) -> int:
@@ -82,17 +115,21 @@ class SparQCacheLayer(_HFLayer):
 
     def _allocate(self, B, H, D, capacity):
         kw = dict(dtype=self.dtype, device=self.device)
-        old = (self._k, self._kt, self._v, self._valid)
+        old = (self._k, self._kt, self._v, self._valid, self._kt_scale)
         self._k = torch.zeros(B, H, capacity, D, **kw)
-        self._kt = torch.zeros(B, H, D, capacity, **kw)
+        self._kt = torch.zeros(B, H, D, capacity, dtype=self.key_t_dtype or self.dtype, device=self.device)
         self._v = torch.zeros(B, H, capacity, D, **kw)
         self._valid = torch.zeros(B, capacity, dtype=torch.bool, device=self.device)
+        if self.quantized:
+            self._kt_scale = torch.zeros(B, H, capacity, dtype=torch.float32, device=self.device)
         if old[0] is not None and self._len:
             n = self._len
             self._k[:, :, :n].copy_(old[0][:, :, :n])
             self._kt[..., :n].copy_(old[1][..., :n])
             self._v[:, :, :n].copy_(old[2][:, :, :n])
             self._valid[:, :n].copy_(old[3][:, :n])
+            if self.quantized:
+                self._kt_scale[..., :n].copy_(old[4][..., :n])
 
     def _reserve(self, needed: int):
         if needed > self.capacity:  # amortised growth: at least double
@@ -104,6 +141,7 @@ class SparQCacheLayer(_HFLayer):
         self.keys = self._k[:, :, :n]
         self.values = self._v[:, :, :n]
         self.key_t = self._kt[..., :n]
+        self.key_t_scale = self._kt_scale[..., :n] if self.quantized else None
         self.valid = self._valid[:, :n]
 
     def _check_new(self, key_states, value_states):
@@ -135,7 +173,12 @@ class SparQCacheLayer(_HFLayer):
         start, end = self._len, self._len + T
         self._reserve(end)
         self._k[:, :, start:end].copy_(key_states)
-        self._kt[..., start:end].copy_(key_states.transpose(-1, -2))
+        if self.quantized:
+            key_t, key_t_scale = quantize_key_t(key_states)
+            self._kt[..., start:end].copy_(key_t)
+            self._kt_scale[..., start:end].copy_(key_t_scale)
+        else:
+            self._kt[..., start:end].copy_(key_states.transpose(-1, -2))
         self._v[:, :, start:end].copy_(value_states)
         v32 = value_states.to(torch.float32)
         if valid is None:
@@ -208,7 +251,12 @@ class SparQCacheLayer(_HFLayer):
         pos = self.seq_lens  # (B,)
         idx = pos[:, None, None, None].expand(B, H, 1, D)
         self._k.scatter_(2, idx, key_states)
-        self._kt.scatter_(3, pos[:, None, None, None].expand(B, H, D, 1), key_states.transpose(-1, -2))
+        if self.quantized:
+            key_t, key_t_scale = quantize_key_t(key_states)
+            self._kt.scatter_(3, pos[:, None, None, None].expand(B, H, D, 1), key_t)
+            self._kt_scale.scatter_(2, pos[:, None, None].expand(B, H, 1), key_t_scale)
+        else:
+            self._kt.scatter_(3, pos[:, None, None, None].expand(B, H, D, 1), key_states.transpose(-1, -2))
         self._v.scatter_(2, idx, value_states)
         self._valid.scatter_(1, pos[:, None], True)
         self.value_sum += value_states.to(torch.float32)[:, :, 0]
@@ -227,6 +275,8 @@ class SparQCacheLayer(_HFLayer):
     def attention_inputs(self) -> dict:
         """Keyword arguments for :func:`sparq_ext.attention` besides ``query``, ``r`` and ``k``."""
         out = dict(key=self.keys, value=self.values, key_t=self.key_t, value_mean=self.value_mean())
+        if self.quantized:
+            out["key_t_scale"] = self.key_t_scale
         if self.seq_lens is not None:
             out["seq_lens"] = self.seq_lens
         else:
@@ -236,17 +286,29 @@ class SparQCacheLayer(_HFLayer):
     def attention(self, query, *, r=None, k=None, ratio=None, local_window=None, **kwargs):
         """SparQ attention of ``query`` ``(B, Hq, 1, D)`` over this layer's cache.
 
-        Give ``r`` and ``k``, or a compression ``ratio`` (then ``r, k = rk_for_ratio``);
-        ``local_window`` defaults to ``k // 4`` (the paper's setting).
+        Give ``r`` and ``k``, or a compression ``ratio`` (then ``r, k = rk_for_ratio``, for the
+        8-bit selection cache its even split); ``local_window`` defaults to ``k // 4`` (the
+        paper's setting).
         """
         if (r is None or k is None) and ratio is None:
             raise ValueError("give r and k, or ratio")
         if ratio is not None:
-            r0, k0 = rk_for_ratio(ratio, self._len, self._k.shape[-1])
+            r0, k0 = rk_for_ratio(ratio, self._len, self._k.shape[-1], dtype=self.dtype,
+                                  key_t_dtype=self.key_t_dtype)
             r, k = (r0 if r is None else r), (k0 if k is None else k)
         if local_window is None:
             local_window = k // 4
         return attention(query, r=r, k=k, local_window=min(local_window, k), **self.attention_inputs(), **kwargs)
+
+    def memory_per_token(self) -> dict:
+        """Bytes per token this layer's configuration holds against the alternatives
+        (:func:`memory_per_token`, plus ``"this"``); needs a first write (shapes and dtype)."""
+        if not self.is_initialized:
+            raise RuntimeError("memory_per_token needs an initialised layer (write to it first)")
+        _, H, _, D = self._k.shape
+        sizes = memory_per_token(H, D, self.dtype)
+        sizes["this"] = sizes["sparq_int8_key_t" if self.quantized else "sparq_full_key_t"]
+        return sizes
 
     # ------------------------------------------------- transformers bookkeeping
     def get_seq_length(self) -> int:
@@ -286,6 +348,8 @@ class SparQCacheLayer(_HFLayer):
         if not self.is_initialized:
             return
         self._k, self._kt, self._v, self._valid = (fn(t) for t in (self._k, self._kt, self._v, self._valid))
+        if self.quantized:
+            self._kt_scale = fn(self._kt_scale)
         self.value_sum = fn(self.value_sum)
         if self.seq_lens is not None:
             self.seq_lens = fn(self.seq_lens)
@@ -310,26 +374,31 @@ class SparQCache(_HFCache):
     (a sliding window, ...) is the layer ``transformers``' own ``DynamicCache`` makes for it, since
     SparQ does not run there (:func:`attention_layer_types`).
     ``capacity`` preallocates that many positions per layer (it still grows past it).
+    ``key_t_dtype=torch.int8``: every SparQ layer keeps the 8-bit selection cache instead of a
+    full-precision copy of the keys (:class:`SparQCacheLayer`).
     """
 
-    def __init__(self, num_layers: int | None = None, config=None, capacity: int = 0):
+    def __init__(self, num_layers: int | None = None, config=None, capacity: int = 0,
+                 key_t_dtype=None):
         self._capacity = capacity
+        self.key_t_dtype = _check_key_t_dtype(key_t_dtype)
         if config is not None and num_layers is None and _HFCache is not object:
-            layers = _layers_for_config(config, capacity)
+            layers = _layers_for_config(config, capacity, key_t_dtype)
         elif config is not None and num_layers is None:
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            layers = [SparQCacheLayer(capacity) for _ in range(text_config.num_hidden_layers)]
+            layers = [SparQCacheLayer(capacity, key_t_dtype) for _ in range(text_config.num_hidden_layers)]
         else:
-            layers = [SparQCacheLayer(capacity) for _ in range(num_layers)] if num_layers is not None else None
+            layers = ([SparQCacheLayer(capacity, key_t_dtype) for _ in range(num_layers)]
+                      if num_layers is not None else None)
         if _HFCache is object:
             self.layers = layers or []
         else:
             super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None
-                             else _LayerFactory(capacity))
+                             else _LayerFactory(capacity, key_t_dtype))
 
     def _layer(self, layer_idx: int) -> SparQCacheLayer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(SparQCacheLayer(self._capacity))
+            self.layers.append(SparQCacheLayer(self._capacity, self.key_t_dtype))
         layer = self.layers[layer_idx]
         if not isinstance(layer, SparQCacheLayer):
             raise TypeError(f"layer {layer_idx} of this cache is a {type(layer).__name__} (not a full-attention "
@@ -360,6 +429,19 @@ class SparQCache(_HFCache):
         """SparQ attention over layer ``layer_idx``; see :meth:`SparQCacheLayer.attention`."""
         return self._layer(layer_idx).attention(query, **kwargs)
 
+    def memory_per_token(self) -> dict:
+        """Bytes per token over the SparQ layers written so far: ``"dense"`` (``K`` and ``V``),
+        ``"sparq_full_key_t"``, ``"sparq_int8_key_t"`` and ``"this"`` (this cache's choice).
+        Other layers (sliding windows) hold what they hold either way and are not counted."""
+        totals: dict = {}
+        for layer in self.layers:
+            if isinstance(layer, SparQCacheLayer) and layer.is_initialized:
+                for name, n in layer.memory_per_token().items():
+                    totals[name] = totals.get(name, 0) + n
+        if not totals:
+            raise RuntimeError("memory_per_token needs at least one written SparQ layer")
+        return totals
+
 
 SPARQ_LAYER_TYPE = "full_attention"  # the one layer type whose cache is a SparQCacheLayer
 
@@ -379,7 +461,7 @@ def attention_layer_types(config) -> list[str]:
     return list(get_layer_types_and_kwargs(text_config)[0])
 
 
-def _layers_for_config(config, capacity):
+def _layers_for_config(config, capacity, key_t_dtype=None):
     """``DynamicCache(config=config)``'s layers with the full-attention ones replaced by ours."""
     from transformers.cache_utils import DynamicCache
 
@@ -388,15 +470,16 @@ def _layers_for_config(config, capacity):
     if len(theirs) != len(layer_types):
         raise ValueError(f"cannot map the {len(layer_types)} layer types of {type(config).__name__} onto "
                          f"the {len(theirs)} layers of its DynamicCache")
-    return [SparQCacheLayer(capacity) if layer_type == SPARQ_LAYER_TYPE else layer
+    return [SparQCacheLayer(capacity, key_t_dtype) if layer_type == SPARQ_LAYER_TYPE else layer
             for layer_type, layer in zip(layer_types, theirs)]
 
 
 class _LayerFactory:
     """``layer_class_to_replicate`` for lazily created layers with a preallocated capacity."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, key_t_dtype=None):
         self.capacity = capacity
+        self.key_t_dtype = key_t_dtype
 
     def __call__(self):
-        return SparQCacheLayer(self.capacity)
+        return SparQCacheLayer(self.capacity, self.key_t_dtype)

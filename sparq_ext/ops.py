@@ -24,7 +24,7 @@ SCHEMA = (
     "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
     "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
     "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-    "Tensor? sinks=None) -> Tensor"
+    "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor"
 )
 QUALNAME = "sparq_ext::attention"
 # Must match the paged schema in csrc/ops.cpp.
@@ -32,7 +32,7 @@ PAGED_SCHEMA = (
     "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
     "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
     "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-    "Tensor? sinks=None) -> Tensor"
+    "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor"
 )
 PAGED_QUALNAME = "sparq_ext::paged_attention"
 
@@ -81,9 +81,10 @@ _native_device_types = {
 
 def _reference_kernel(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
                       attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-                      sinks=None):
+                      sinks=None, key_t_scale=None):
     return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
-                                     attn_mask, local_window, reallocate, scale, softcap, sinks)
+                                     attn_mask, local_window, reallocate, scale, softcap, sinks,
+                                     key_t_scale)
 
 
 _impl_lib = torch.library.Library("sparq_ext", "IMPL")
@@ -95,10 +96,10 @@ for _key in ("CPU", "CUDA"):
 
 def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                             key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                            scale=None, softcap=None, sinks=None):
+                            scale=None, softcap=None, sinks=None, key_t_scale=None):
     return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                      key_t_cache, value_mean, local_window, reallocate, scale,
-                                     softcap, sinks)
+                                     softcap, sinks, key_t_scale)
 
 
 # Where the extension has no paged kernel for a key (not built, built without CUDA, or built
@@ -111,14 +112,14 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake(PAGED_QUALNAME)
 def _paged_attention_fake(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                           key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                          scale=None, softcap=None, sinks=None):
+                          scale=None, softcap=None, sinks=None, key_t_scale=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(QUALNAME)
 def _attention_fake(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
                     attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-                    sinks=None):
+                    sinks=None, key_t_scale=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -140,7 +141,7 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None,
                            attn_mask=None, local_window=0, reallocate=True, scale=None,
-                           softcap=None, sinks=None) -> None:
+                           softcap=None, sinks=None, key_t_scale=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``attention``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -164,8 +165,12 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
     if S < 1:
         raise ValueError("key must hold at least one position (S >= 1)")
 
-    optional = (("key_t", key_t, (B, Hkv, D, S)), ("value_mean", value_mean, (B, Hkv, 1, D)))
+    key_t_like_query = key_t if not _is_int8(key_t) else None  # an int8 key_t: checked below
+    optional = (("key_t", key_t_like_query, (B, Hkv, D, S)),
+                ("value_mean", value_mean, (B, Hkv, 1, D)))
     _check_like_query(query, (("key", key, None), ("value", value, None)) + optional)
+    _check_key_t_scale(query, "key_t", key_t, (B, Hkv, D, S), "key_t_scale", key_t_scale,
+                       (B, Hkv, S), "(B, Hkv, S)")
 
     _check_budget(D, r, k, local_window, reallocate, scale)
     _check_softmax_variants(query, Hq, softcap, sinks)
@@ -201,7 +206,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key", key), ("value", value), ("key_t", key_t),
-                   ("value_mean", value_mean), ("sinks", sinks))
+                   ("value_mean", value_mean), ("sinks", sinks), ("key_t_scale", key_t_scale))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.attention is inference-only "
@@ -210,7 +215,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
 def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
               attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-              sinks=None):
+              sinks=None, key_t_scale=None):
     """SparQ Attention for one decode step (arXiv 2312.04985), SDPA-like.
 
     Args:
@@ -221,7 +226,8 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
         k: positions attended exactly, ``k >= 1``; clamped to the number of valid positions
             (``k >=`` valid length gives exact dense attention).
         key_t: optional ``(B, Hkv, D, S)`` transposed copy of ``key`` (step 1 then reads ``r``
-            contiguous rows).
+            contiguous rows): in the query's dtype, or int8 with ``key_t_scale`` (the 8-bit
+            selection cache, :func:`sparq_ext.quantize_key_t`).
         value_mean: optional ``(B, Hkv, 1, D)`` mean of ``value``; default: computed over valid
             positions.
         seq_lens: optional int32/int64 ``(B,)``; positions ``>= seq_lens[b]`` are padding.
@@ -238,12 +244,16 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
             query head ``h`` has one more softmax entry, logit ``sinks[h]``, that carries no
             value. Step 3 counts it as attended (docs/design.md), so ``k >=`` the valid length
             is still dense attention exactly.
+        key_t_scale: float32 ``(B, Hkv, S)``, given exactly when ``key_t`` is int8: position
+            ``s``'s scale, step 1's logit being ``key_t_scale[s] * (q[i1] . key_t[i1, s])``
+            (times the logit scale, then softcapped). Only the approximate logits (the
+            selection and ``alpha``) change; step 2 reads ``key`` and ``value`` exactly.
 
     Returns:
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
 
-    The native CUDA kernel has neither ``softcap`` nor ``sinks`` yet: a call with either on a
-    CUDA tensor runs the pure-torch reference (correct, not fast); calling
+    The native CUDA kernel has neither ``softcap``, ``sinks`` nor an int8 ``key_t`` yet: a call
+    with any of them on a CUDA tensor runs the pure-torch reference (correct, not fast); calling
     ``torch.ops.sparq_ext.attention`` directly there raises ``NotImplementedError``.
 
     Inference-only: inputs that require grad are rejected unless grad mode is off.
@@ -253,19 +263,19 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     or tracing they are not checked either.
     """
     check_attention_inputs(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                           local_window, reallocate, scale, softcap, sinks)
+                           local_window, reallocate, scale, softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if (softcap is not None or sinks is not None) and query.device.type == "cuda" \
-            and has_native_kernel("cuda"):
+    if (softcap is not None or sinks is not None or key_t_scale is not None) \
+            and query.device.type == "cuda" and has_native_kernel("cuda"):
         # The CUDA kernels do not implement them (its registration refuses them): the reference.
         return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
                                          attn_mask, local_window, reallocate, scale, softcap,
-                                         sinks)
+                                         sinks, key_t_scale)
     return torch.ops.sparq_ext.attention(
         query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
         attn_mask=attn_mask, local_window=local_window, reallocate=reallocate, scale=scale,
-        softcap=softcap, sinks=sinks)
+        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale)
 
 
 def _check_like_query(query, tensors) -> None:
@@ -281,6 +291,45 @@ def _check_like_query(query, tensors) -> None:
             raise TypeError(f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
         if t.device != query.device:
             raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+
+
+def _is_int8(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int8
+
+
+def _check_key_t_scale(query, key_t_name, key_t, key_t_shape, name, key_t_scale, shape,
+                       shape_words) -> None:
+    """An int8 selection cache and its scale (``attention``'s ``key_t``/``key_t_scale``, the
+    paged operator's ``key_t_cache``/``key_t_scale``): both or neither, as
+    :func:`sparq_ext.quantize_key_t` makes them. A ``key_t`` in the query's dtype is checked
+    by the caller."""
+    if _is_int8(key_t):
+        if tuple(key_t.shape) != key_t_shape:
+            raise ValueError(f"{key_t_name} must have shape {key_t_shape}, got {tuple(key_t.shape)}")
+        if key_t.device != query.device:
+            raise ValueError(f"{key_t_name} must be on the query's device {query.device}, "
+                             f"got {key_t.device}")
+        if key_t_scale is None:
+            raise ValueError(f"{key_t_name} is int8, so {name} (float32 {shape_words}, one scale "
+                             "per position) must be given: see sparq_ext.quantize_key_t")
+    if key_t_scale is None:
+        return
+    if not isinstance(key_t_scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(key_t_scale).__name__}")
+    if key_t is None:
+        raise ValueError(f"{name} is given without {key_t_name}: it is the scale of an int8 "
+                         f"{key_t_name}")
+    if not _is_int8(key_t):
+        raise TypeError(f"{name} is only for an int8 {key_t_name}, got {key_t_name} of dtype "
+                        f"{key_t.dtype}")
+    if tuple(key_t_scale.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_words} = {shape}, "
+                         f"got {tuple(key_t_scale.shape)}")
+    if key_t_scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {key_t_scale.dtype}")
+    if key_t_scale.device != query.device:
+        raise ValueError(f"{name} must be on the query's device {query.device}, "
+                         f"got {key_t_scale.device}")
 
 
 def _check_budget(D, r, k, local_window, reallocate, scale) -> None:
@@ -317,7 +366,8 @@ def _check_softmax_variants(query, Hq, softcap, sinks) -> None:
 
 def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache=None, value_mean=None, local_window=0,
-                                 reallocate=True, scale=None, softcap=None, sinks=None) -> None:
+                                 reallocate=True, scale=None, softcap=None, sinks=None,
+                                 key_t_scale=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``paged_attention``.
 
     Shapes, dtypes and devices always; the values of ``seq_lens`` and ``block_table`` (each
@@ -351,9 +401,13 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
     if value_cache.shape != key_cache.shape:
         raise ValueError(f"value_cache must have key_cache's shape {tuple(key_cache.shape)}, "
                          f"got {tuple(value_cache.shape)}")
-    optional = (("key_t_cache", key_t_cache, (num_blocks, Hkv, D, block_size)),
+    key_t_like_query = key_t_cache if not _is_int8(key_t_cache) else None  # int8: below
+    optional = (("key_t_cache", key_t_like_query, (num_blocks, Hkv, D, block_size)),
                 ("value_mean", value_mean, (R, Hkv, D)))
     _check_like_query(query, (("key_cache", key_cache, None), ("value_cache", value_cache, None)) + optional)
+    _check_key_t_scale(query, "key_t_cache", key_t_cache, (num_blocks, Hkv, D, block_size),
+                       "key_t_scale", key_t_scale, (num_blocks, Hkv, block_size),
+                       "(num_blocks, Hkv, block_size)")
 
     for name, t, dims, shape in (("block_table", block_table, 2, "(R, max_blocks)"),
                                  ("seq_lens", seq_lens, 1, "(R,)")):
@@ -384,7 +438,8 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
-                   ("key_t_cache", key_t_cache), ("value_mean", value_mean), ("sinks", sinks))
+                   ("key_t_cache", key_t_cache), ("value_mean", value_mean), ("sinks", sinks),
+                   ("key_t_scale", key_t_scale))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.paged_attention is "
@@ -394,7 +449,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                     key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                    scale=None, softcap=None, sinks=None):
+                    scale=None, softcap=None, sinks=None, key_t_scale=None):
     """SparQ Attention for one decode step over a paged KV cache (as in vLLM).
 
     The same result as :func:`attention` on the cache laid out contiguously with ``seq_lens``
@@ -412,7 +467,9 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
         seq_lens: int32 ``(R,)``, each row's length, at most ``max_blocks * block_size``.
         r, k, local_window, reallocate, scale, softcap, sinks: as :func:`attention`.
         key_t_cache: optional ``(num_blocks, Hkv, D, block_size)`` transposed copy of the keys,
-            any strides.
+            any strides: in the query's dtype, or int8 with ``key_t_scale``.
+        key_t_scale: float32 ``(num_blocks, Hkv, block_size)``, any strides, given exactly when
+            ``key_t_cache`` is int8: each position's scale, as :func:`attention`'s.
         value_mean: optional ``(R, Hkv, D)`` mean of each row's values; default: computed over
             the row's positions.
 
@@ -432,16 +489,16 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     """
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache, value_mean, local_window, reallocate, scale,
-                                 softcap, sinks)
+                                 softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if (softcap is not None or sinks is not None) and query.device.type == "cuda" \
-            and has_native_kernel("cuda", "paged_attention"):
+    if (softcap is not None or sinks is not None or key_t_scale is not None) \
+            and query.device.type == "cuda" and has_native_kernel("cuda", "paged_attention"):
         # as in attention: a native CUDA kernel without them leaves such calls to the reference
         return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r,
                                          k, key_t_cache, value_mean, local_window, reallocate,
-                                         scale, softcap, sinks)
+                                         scale, softcap, sinks, key_t_scale)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
         value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,
-        softcap=softcap, sinks=sinks)
+        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale)

@@ -56,7 +56,7 @@ def softcap_logits(logits: torch.Tensor, softcap=None) -> torch.Tensor:
 
 
 def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0,
-                          softcap=None):
+                          softcap=None, key_t_scale=None):
     """Steps 1 and 2's selection: ``(approx_logits, i2)`` for grouped fp32 queries ``q``
     ``(B, Hkv, G, D)`` and the ``(B, S)`` bool ``valid``.
 
@@ -64,6 +64,10 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
     the ``r`` largest components of ``sum_g |q_g|`` (softcapped when ``softcap`` is given, as
     the exact logits are); ``i2`` ``(B, Hkv, k)``: the top-``k`` of the group-summed approximate
     logits over valid positions, the last ``local_window`` forced in.
+
+    With an int8 ``key_t`` (:func:`quantize_key_t`), ``key_t_scale`` ``(B, Hkv, S)`` holds each
+    position's scale: the logit at ``s`` is ``scale[s] * (q[i1] . key_t[i1, s])``, the rest as
+    above (the 8-bit selection cache of docs/design.md).
     """
     B, Hkv, G, D = q.shape
     S = key.shape[2]
@@ -78,6 +82,8 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
         rows_b = torch.arange(B, device=i1.device)[:, None, None]
         rows_h = torch.arange(Hkv, device=i1.device)[None, :, None]
         K_hat_t = key_t[rows_b, rows_h, i1].to(acc)  # (B, Hkv, r, S)
+        if key_t_scale is not None:  # int8 rows: each position's scale
+            K_hat_t = K_hat_t * key_t_scale.to(acc)[:, :, None, :]
     else:
         K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(acc).transpose(-1, -2)
     gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
@@ -98,10 +104,13 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
 
 def sparq_attention_reference(
     query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
-    local_window=0, reallocate=True, scale=None, softcap=None, sinks=None, return_selection=False,
+    local_window=0, reallocate=True, scale=None, softcap=None, sinks=None, key_t_scale=None,
+    return_selection=False,
 ):
     """SparQ attention for one query position; arguments as ``sparq_ext.attention``.
 
+    An int8 ``key_t`` with its ``key_t_scale`` (:func:`quantize_key_t`) changes only the
+    approximate logits (hence ``i2`` and ``alpha``); step 2 reads ``key`` and ``value``.
     ``softcap`` caps the approximate and the exact logits alike. A sink (``sinks[h]``, query
     head ``h``) is one more softmax entry with that logit and a zero value: always attended
     exactly (it joins the denominator of ``y``), and counted in step 3's ``alpha`` as selected
@@ -126,7 +135,7 @@ def sparq_attention_reference(
 
     # Steps 1 and 2a: approximate logits, and the positions i2 they select.
     approx_logits, i2 = approximate_selection(q, key, r, k, valid, key_t, local_window, scale,
-                                              softcap)
+                                              softcap, key_t_scale)
     # The sink as a last softmax entry, valid (only where the row has a valid position: an
     # empty row attends to nothing and stays zeros) and always selected.
     sink = None if sinks is None else sinks.to(acc).reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
@@ -169,6 +178,23 @@ def sparq_attention_reference(
     return (out, i2) if return_selection else out
 
 
+def quantize_key_t(key):
+    """The 8-bit selection cache of ``key`` ``(B, Hkv, S, D)`` (or any ``(..., S, D)``):
+    ``(key_t, key_t_scale)``, int8 ``(..., D, S)`` contiguous in ``S`` and float32 ``(..., S)``.
+
+    One symmetric scale per position (and KV head): ``scale[s] = max_i |K[s, i]| / 127`` in
+    fp32, ``key_t[i, s] = round(K[s, i] / scale[s])`` (round half to even, so in
+    ``[-127, 127]``). Per position, so a token appended later never re-quantizes an earlier
+    one. An all-zero row gets scale 0 and zeros. This is the rounding the kernels assume: they
+    take step 1's logit at ``s`` as ``scale[s] * (q[i1] . key_t[i1, s])``.
+    """
+    k = key.float()
+    scale = k.abs().amax(-1) / 127.0  # (..., S)
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = torch.round(k / divisor[..., None]).clamp_(-127, 127).to(torch.int8)
+    return quantized.transpose(-1, -2).contiguous(), scale
+
+
 def gather_pages(cache, block_table, seq_lens):
     """A paged ``cache`` ``(num_blocks, H, block_size, ...)`` laid out contiguously:
     ``(R, H, max_blocks * block_size, ...)``, position ``p`` of row ``i`` read from block
@@ -188,7 +214,8 @@ def gather_pages(cache, block_table, seq_lens):
 
 def paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                               key_t_cache=None, value_mean=None, local_window=0,
-                              reallocate=True, scale=None, softcap=None, sinks=None):
+                              reallocate=True, scale=None, softcap=None, sinks=None,
+                              key_t_scale=None):
     """SparQ attention over a paged cache; arguments as ``sparq_ext.paged_attention``.
 
     The definition of the paged operator: the cache gathered into a contiguous one
@@ -205,10 +232,13 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
     key_t = None
     if key_t_cache is not None:  # positions are its last dim
         key_t = gather_pages(key_t_cache.transpose(2, 3), block_table, seq_lens).transpose(2, 3)
+    key_t_scale_rows = None
+    if key_t_scale is not None:  # (num_blocks, Hkv, block_size) -> (R, Hkv, positions)
+        key_t_scale_rows = gather_pages(key_t_scale, block_table, seq_lens)
     v_mean = None if value_mean is None else value_mean.reshape(R, Hkv, 1, D)
     out = sparq_attention_reference(query[:, :, None, :], key, value, r, k, key_t, v_mean,
                                     seq_lens, None, local_window, reallocate, scale, softcap,
-                                    sinks)
+                                    sinks, key_t_scale_rows)
     return out[:, :, 0, :]
 
 

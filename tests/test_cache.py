@@ -187,3 +187,87 @@ def test_unsupported_cache_features_refuse_clearly():
     plain.crop(-2)
     assert plain.get_seq_length() == 4
     torch.testing.assert_close(plain.value_sum, v[:, :, :4].sum(2), rtol=1e-5, atol=1e-5)
+
+
+# --- The 8-bit selection cache (key_t_dtype=torch.int8) ----------------------------------------------
+
+def test_int8_append_equals_quantizing_the_concatenation_through_growth():
+    layer = SparQCacheLayer(key_t_dtype=torch.int8)
+    k, v = _kv(5)
+    layer.update(k, v)
+    for step in range(100):  # crosses capacity doublings
+        k1, v1 = _kv(1, seed=step + 1)
+        layer.update(k1, v1)
+        k, v = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+    key_t, key_t_scale = sparq_ext.quantize_key_t(k)
+    assert layer.key_t.dtype == torch.int8 and torch.equal(layer.key_t, key_t)
+    assert torch.equal(layer.key_t_scale, key_t_scale) and layer.key_t.stride(-1) == 1
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    inputs = layer.attention_inputs()
+    assert inputs["key_t"] is layer.key_t and inputs["key_t_scale"] is layer.key_t_scale
+    plain = SparQCacheLayer()
+    plain.update(k, v)
+    assert "key_t_scale" not in plain.attention_inputs() and plain.key_t_scale is None
+
+
+def test_int8_k_ge_s_is_dense_and_the_selection_matches_the_op():
+    cache = SparQCache(key_t_dtype=torch.int8)
+    k, v = _kv(80)
+    cache.update(k, v, 0)
+    q = torch.randn(B, HQ, 1, D)
+    key_t, key_t_scale = sparq_ext.quantize_key_t(k)
+    with torch.no_grad():
+        # step 2 reads the exact keys: k >= S is dense attention whatever step 1 ranked
+        torch.testing.assert_close(cache.attention(q, 0, r=3, k=80), _dense(q, k, v), rtol=1e-5, atol=1e-5)
+        expected = sparq_ext.attention(q, k, v, r=4, k=12, local_window=3, key_t=key_t,
+                                       key_t_scale=key_t_scale)
+        torch.testing.assert_close(cache.attention(q, 0, r=4, k=12, local_window=3), expected,
+                                   rtol=1e-5, atol=1e-5)
+        # ratio: the 8-bit even split (fp32, D = 16, ratio 4: r = 4*16/4 - 4 = 12, k = 80/8)
+        r, kk = sparq_ext.rk_for_ratio(4, 80, D, dtype=torch.float32, key_t_dtype=torch.int8)
+        assert r == 12 and kk == 10
+        torch.testing.assert_close(cache.attention(q, 0, ratio=4),
+                                   sparq_ext.attention(q, k, v, r=r, k=kk, local_window=kk // 4,
+                                                       key_t=key_t, key_t_scale=key_t_scale),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_int8_ragged_per_row_lengths_and_batch_ops():
+    lengths = torch.tensor([9, 4])
+    k, v = _kv(9)
+    layer = SparQCacheLayer(capacity=4, key_t_dtype=torch.int8)
+    layer.prefill(k, v, seq_lens=lengths)
+    rows_k = [k[b, :, :n] for b, n in enumerate(lengths.tolist())]
+    for step in range(70):
+        k1, v1 = _kv(1, seed=20 + step)
+        layer.append(k1, v1)
+        rows_k = [torch.cat([rk, k1[b]], 1) for b, rk in enumerate(rows_k)]
+    for b in range(B):
+        n = int(layer.seq_lens[b])
+        key_t, key_t_scale = sparq_ext.quantize_key_t(rows_k[b])
+        assert torch.equal(layer.key_t[b, :, :, :n], key_t)
+        assert torch.equal(layer.key_t_scale[b, :, :n], key_t_scale)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.key_t_scale[0, :, :74], sparq_ext.quantize_key_t(rows_k[1])[1])
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.key_t_scale.shape[0] == 1 and layer.key_t.shape[0] == 1
+
+
+def test_memory_per_token():
+    cache = SparQCache(num_layers=2, key_t_dtype=torch.int8)
+    k, v = _kv(3)
+    cache.update(k, v, 0)
+    cache.update(k, v, 1)
+    sizes = cache.memory_per_token()
+    e = 4  # fp32
+    assert sizes["dense"] == 2 * (2 * HKV * D * e)
+    assert sizes["sparq_full_key_t"] == 2 * (3 * HKV * D * e)
+    assert sizes["sparq_int8_key_t"] == 2 * (2 * HKV * D * e + HKV * (D + 4))
+    assert sizes["this"] == sizes["sparq_int8_key_t"]
+    full = SparQCache(num_layers=1)
+    full.update(k.bfloat16(), v.bfloat16(), 0)
+    assert full.memory_per_token()["this"] == 3 * HKV * D * 2
+    with pytest.raises(ValueError, match="key_t_dtype must be None .* or torch.int8"):
+        SparQCacheLayer(key_t_dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="memory_per_token needs"):
+        SparQCache(num_layers=1).memory_per_token()

@@ -140,6 +140,28 @@ def test_ratio4_generation_stays_coherent(model, tokenizer, long_prompt):
     assert distinct_ngram_fraction(sparq.tolist(), 4) >= 0.6, tokenizer.decode(sparq)
 
 
+def test_int8_selection_cache_generates_and_k_ge_context_equals_dense(model, tokenizer, long_prompt):
+    """enable_sparq(key_t_dtype=torch.int8): generate keeps the 8-bit selection cache; step 2 is
+    exact, so k >= the context is dense generation token for token; at ratio 8 it generates."""
+    ids = _chat(tokenizer, "Write a short paragraph about the history of Paris.")
+    dense = _greedy(model, ids, 32)
+    enable_sparq(model, k=BIG_K, key_t_dtype=torch.int8)
+    out = _greedy(model, ids, 32, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, SparQCache) and cache.layers[0].key_t.dtype == torch.int8
+    assert torch.equal(out.sequences, dense)
+    sizes = cache.memory_per_token()  # SmolLM2-135M: 30 layers, 3 KV heads, D = 64, fp32
+    assert sizes["dense"] == 30 * 2 * 3 * 64 * 4 and sizes["this"] == sizes["sparq_int8_key_t"]
+    assert sizes["sparq_int8_key_t"] == 30 * 3 * (2 * 64 * 4 + 64 + 4)
+
+    n = long_prompt.shape[1]
+    enable_sparq(model, ratio=8, key_t_dtype=torch.int8)
+    sparq = _greedy(model, long_prompt, 24)[0, n:]
+    assert len(sparq) == 24 and distinct_ngram_fraction(sparq.tolist(), 4) >= 0.6, tokenizer.decode(sparq)
+    with pytest.raises(ValueError, match="not calibrated for split='auto'"):
+        enable_sparq(model, ratio=8, split="auto", key_t_dtype=torch.int8)
+
+
 def _decode_metrics(model, ids, context):
     cache = SparQCache(config=model.config)
     prefill(model, ids[:, :context], cache)

@@ -8,7 +8,8 @@
 // Bytes per (batch b, KV head h), e = element size, L = valid span of row b (<= S, bounded by
 // seq_lens / the first and last True of attn_mask), k' = min(k, valid count), G = Hq / Hkv:
 //   reads   L*r*e      the r selected rows of key_t (contiguous runs; without key_t: the
-//                      L rows of key, L*D*e, because the r columns share their cache lines)
+//                      L rows of key, L*D*e, because the r columns share their cache lines);
+//                      with the 8-bit selection cache L*r bytes + L*4 bytes of key_t_scale
 //         + 2*k'*D*e   the selected rows of key and value
 //         + D*e        value_mean (without it: L*D*e, the mean of value over valid positions)
 //         + G*D*e      the query heads of the group, and L bytes of attn_mask
@@ -34,7 +35,9 @@
 //   merge          (step 3) the partitions merged in order; alpha_g from the approx_logits
 //                  statistics; output alpha*y + (1-alpha)*v_mean.
 // softcap caps the logits where they are made (approx_logits, attend); a sink joins each head's
-// approximate softmax statistics (topk) and the exact softmax (merge), docs/design.md.
+// approximate softmax statistics (topk) and the exact softmax (merge), docs/design.md. An int8
+// key_t (the 8-bit selection cache) is read by approx_logits and, for alpha, attend (the
+// stages templated on the key_t element type KT); its position's scale multiplies the logit.
 // Work items are whole tasks when there are at least as many as threads, else (task, tile) for
 // approx_logits and (task, partition) for attend. Tiles and partitions are the same either way,
 // so the result does not depend on the thread count (bit for bit). Why the kernel is organised
@@ -145,6 +148,8 @@ struct Problem {
   const void* key_t;  // nullptr when absent
   Pos key_t_pos;      // position s of component 0; component d is kt_sd further
   int64_t kt_sd;
+  const float* key_t_scale;  // int8 key_t: each position's scale (nullptr otherwise)
+  Pos key_t_scale_pos;
   const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
   const bool* mask;        // contiguous (B, S) or nullptr
   const RowInfo* rows;
@@ -175,6 +180,7 @@ struct Scratch {
   void* value_buffer;                // kPartitionLen value rows (when D * e <= kBufferedValueRowBytes)
   void* key_t_rows;  // r * kSub elements: key_t rows copied where a block of positions is not
                      // consecutive in memory (paged caches)
+  float* key_t_scales;  // kSub: a block's key_t_scale copied where not consecutive in memory
 };
 
 // ---------------------------------------------------------------------------------------
@@ -328,9 +334,39 @@ bool runs_vector_aligned(const Row& row, int64_t s0, int64_t n) {
   return true;
 }
 
+// The scales of positions [s0, s0 + n) of an int8 key_t: in place where consecutive in memory,
+// else copied a run at a time into `copy` (paged caches).
+template <typename Row>
+const float* block_scales(const float* key_t_scale, const Row& row, int64_t s0, int64_t n,
+                          float* copy) {
+  if (row.run(s0) >= n) return key_t_scale + row.offset(s0);
+  for (int64_t i = 0; i < n;) {
+    const int64_t len = std::min(row.run(s0 + i), n - i);
+    const float* src = key_t_scale + row.offset(s0 + i);
+    if (len > 1) {
+      std::memcpy(copy + i, src, len * sizeof(float));
+    } else {
+      copy[i] = *src;
+    }
+    i += len;
+  }
+  return copy;
+}
+
+// Each of the G rows of a block's logits (n of them, whole vectors stored) times its
+// position's scale: the 8-bit selection cache's logit.
+inline void scale_logits(float* logits, int64_t G, const float* scales, int64_t n) {
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t c = std::min<int64_t>(kVec, n - i);
+    const fVec sv = c == kVec ? fVec::loadu(scales + i) : fVec::loadu(scales + i, c);
+    for (int64_t g = 0; g < G; ++g) (fVec::loadu(logits + g * kSub + i) * sv).store(logits + g * kSub + i);
+  }
+}
+
 // approx_logits for one (task, tile): selection scores into scores[lo, hi) and the tile's
-// statistics. `scores` is indexed by position.
-template <typename T, typename Pos>
+// statistics. `scores` is indexed by position. KT: key_t's element type (T, or int8_t for the
+// 8-bit selection cache, whose logits are then scaled per position).
+template <typename T, typename KT, typename Pos>
 void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float* scores,
                   const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, r = P.r;
@@ -347,9 +383,9 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
   const int64_t* i1 = P.i1 + task * r;
   const float* qh = P.q_hat + task * G * P.rpad;
   const bool* mask = P.mask ? P.mask + b * P.S : nullptr;
-  const T* rows[256];  // r <= D; D > 256 handled by the heap vector below
-  std::vector<const T*> rows_heap;
-  const T** row_ptr = rows;
+  const KT* rows[256];  // r <= D; D > 256 handled by the heap vector below
+  std::vector<const KT*> rows_heap;
+  const KT** row_ptr = rows;
   if (r > 256) {
     rows_heap.resize(r);
     row_ptr = rows_heap.data();
@@ -361,9 +397,10 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
   }
   float* logits = ws.logits;
   const T* key = static_cast<const T*>(P.key);
-  const T* key_t = static_cast<const T*>(P.key_t);
+  const KT* key_t = static_cast<const KT*>(P.key_t);
   const auto key_row = P.key_pos.row(b, h);
   const auto kt_row = P.key_t_pos.row(b, h);
+  constexpr bool kInt8 = std::is_same_v<KT, int8_t>;
 
   for (int64_t s0 = lo; s0 < hi; s0 += kSub) {
     const int64_t n = std::min(kSub, hi - s0), npad = round_up(n, kVec);
@@ -374,36 +411,41 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
       if (kt_row.run(s0) >= n) {
         // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
         // r short interleaved runs (kSub positions each).
-        const T* next = key_t + kt_row.offset(s0) + kSub;
+        const KT* next = key_t + kt_row.offset(s0) + kSub;
         const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
         for (int64_t j = 0; j < r; ++j)
-          for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(T)})
+          for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(KT)})
             prefetch(next + i1[j] * P.kt_sd + i);
       }
       for (int64_t i = 0; i < n;) {
         const int64_t len = std::min(kt_row.run(s0 + i), n - i);
-        const T* base = key_t + kt_row.offset(s0 + i);
+        const KT* base = key_t + kt_row.offset(s0 + i);
         for (int64_t j = 0; j < r; ++j) row_ptr[j] = base + i1[j] * P.kt_sd;
-        approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, len, logits + i);
+        approx_logits_all_heads<KT>(row_ptr, r, qh, P.rpad, G, len, logits + i);
         i += len;
       }
     } else if (P.key_t) {  // other page layouts: the block's r rows copied, then the same kernel
-      T* copied = static_cast<T*>(ws.key_t_rows);
+      KT* copied = static_cast<KT*>(ws.key_t_rows);
       for (int64_t i = 0; i < n;) {
         const int64_t len = std::min(kt_row.run(s0 + i), n - i);
-        const T* src = key_t + kt_row.offset(s0 + i);
+        const KT* src = key_t + kt_row.offset(s0 + i);
         for (int64_t j = 0; j < r; ++j)
           for (int64_t e = 0; e < len; ++e) copied[j * kSub + i + e] = src[i1[j] * P.kt_sd + e];
         i += len;
       }
       for (int64_t j = 0; j < r; ++j) row_ptr[j] = copied + j * kSub;
-      approx_logits_all_heads<T>(row_ptr, r, qh, P.rpad, G, n, logits);
+      approx_logits_all_heads<KT>(row_ptr, r, qh, P.rpad, G, n, logits);
     } else {  // gather the r columns of n key rows, then the same kernel on fp32 rows
       for (int64_t i = 0; i < n; ++i) {
         const T* row = key + key_row.offset(s0 + i);
         for (int64_t j = 0; j < r; ++j) ws.gathered[j * kSub + i] = static_cast<float>(row[i1[j]]);
       }
       approx_logits_all_heads<float>(gathered_rows.data(), r, qh, P.rpad, G, n, logits);
+    }
+    if constexpr (kInt8) {
+      const float* scales =
+          block_scales(P.key_t_scale, P.key_t_scale_pos.row(b, h), s0, n, ws.key_t_scales);
+      scale_logits(logits, G, scales, n);
     }
     if (P.softcap > 0.0f) softcap_rows(logits, G, kSub, npad, P.softcap);
     for (int64_t g = 0; g < G; ++g)
@@ -587,8 +629,9 @@ void topk_task(const Problem<Pos>& P, int64_t task, const float* scores, const S
 
 // attend: one partition of the selected rows -> per head (max, sum p, sum of approx softmax
 // numerators, sum p * v[D]) at `partial` (G blocks of D + 3 floats). `scores`: the task's
-// approx_logits selection scores, indexed by position.
-template <typename T, typename Pos>
+// approx_logits selection scores, indexed by position. KT: key_t's element type, as in
+// approx_logits.
+template <typename T, typename KT, typename Pos>
 void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, const float* scores,
                   float* partial, const Scratch& ws) {
   const int64_t b = task / P.Hkv, h = task % P.Hkv, G = P.G, D = P.D, r = P.r;
@@ -636,21 +679,31 @@ void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, co
   // extra instructions per row there cut the misses in flight. With one head per group, a position's approx_logits selection score is
   // that head's approximate logit, read back from the L2-resident scores; in the local window
   // (whose score is a marker) and with G > 1 it is recomputed from the i1 columns of the key
-  // rows just read, now in L2.
+  // rows just read, now in L2. With the 8-bit selection cache the columns are key_t's (the
+  // logits step 1 ranked), read at the selected positions, times the position's scale.
   if (P.reallocate) {
     const int64_t win_start = P.rows[b].win_start;
+    constexpr bool kInt8 = std::is_same_v<KT, int8_t>;
     for (int64_t t = 0; t < n; ++t) {
       if (G == 1 && idx[t] < win_start) {
         ap[t] = scores[idx[t]];
         continue;
       }
-      const T* row = key + key_row.offset(idx[t]);
-      for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
+      float position_scale = 1.0f;
+      if constexpr (kInt8) {
+        const KT* column = static_cast<const KT*>(P.key_t) + P.key_t_pos.row(b, h).offset(idx[t]);
+        for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(column[i1[j] * P.kt_sd]);
+        position_scale = P.key_t_scale[P.key_t_scale_pos.row(b, h).offset(idx[t])];
+      } else {
+        const T* row = key + key_row.offset(idx[t]);
+        for (int64_t j = 0; j < r; ++j) cols[j] = static_cast<float>(row[i1[j]]);
+      }
       for (int64_t g = 0; g < G; ++g) {
         fVec acc(0.0f);
         for (int64_t j = 0; j < rpad; j += kVec)
           acc = at::vec::fmadd(fVec::loadu(qh + g * rpad + j), fVec::loadu(cols + j), acc);
-        const float logit = hsum(acc);
+        float logit = hsum(acc);
+        if constexpr (kInt8) logit *= position_scale;
         ap[g * kPartitionLen + t] = P.softcap > 0.0f ? softcap_logit(logit, P.softcap) : logit;
       }
     }
@@ -763,7 +816,7 @@ void dynamic_for(int64_t n, const F& f) {
 // ---------------------------------------------------------------------------------------
 // Driver.
 // ---------------------------------------------------------------------------------------
-template <typename T, typename Pos>
+template <typename T, typename KT, typename Pos>
 void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
          const at::TensorOptions& byte_opts) {
   const int64_t B = P.B, S = P.S, G = P.G, D = P.D, r = P.r;
@@ -833,7 +886,8 @@ void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
       D * 4,                                         // v_mean
       per_task ? part_floats * 4 : 0,                // partials
       buffer_values ? kPartitionLen * D * int64_t{sizeof(T)} : 0,  // value_buffer
-      P.key_t && std::is_same_v<Pos, PagedPositions> ? r * kSub * int64_t{sizeof(T)} : 0,  // key_t_rows
+      P.key_t && std::is_same_v<Pos, PagedPositions> ? r * kSub * int64_t{sizeof(KT)} : 0,  // key_t_rows
+      P.key_t_scale ? kSub * 4 : 0,  // key_t_scales (paged, or a scale with strided positions)
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;
@@ -871,6 +925,7 @@ void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
     ws.partials = reinterpret_cast<float*>(piece[7]);
     ws.value_buffer = buffer_values ? piece[8] : nullptr;
     ws.key_t_rows = piece[9];
+    ws.key_t_scales = reinterpret_cast<float*>(piece[10]);
     return ws;
   };
   const int64_t partition_floats = G * (D + 3);
@@ -879,24 +934,24 @@ void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
     dynamic_for(tasks, [&](int64_t task, int tid) {
       const Scratch ws = scratch_for(tid);
       prep_query<T, Pos>(P, task);
-      for (int64_t c = 0; c < P.n_tiles; ++c) approx_logits_tile<T, Pos>(P, task, c, ws.scores, ws);
+      for (int64_t c = 0; c < P.n_tiles; ++c) approx_logits_tile<T, KT, Pos>(P, task, c, ws.scores, ws);
       topk_task<T, Pos>(P, task, ws.scores, ws);
       for (int64_t sp = 0; sp < P.n_partitions; ++sp)
-        attend_partition<T, Pos>(P, task, sp, ws.scores, ws.partials + sp * partition_floats, ws);
+        attend_partition<T, KT, Pos>(P, task, sp, ws.scores, ws.partials + sp * partition_floats, ws);
       merge_task<T, Pos>(P, task, ws.partials, ws);
     });
   } else {  // few (b, h): tiles of the sequence and partitions of the selected rows too
     dynamic_for(tasks, [&](int64_t task, int) { prep_query<T, Pos>(P, task); });
     dynamic_for(tasks * P.n_tiles, [&](int64_t w, int tid) {
       const int64_t task = w / P.n_tiles;
-      approx_logits_tile<T, Pos>(P, task, w % P.n_tiles, global_scores + task * S, scratch_for(tid));
+      approx_logits_tile<T, KT, Pos>(P, task, w % P.n_tiles, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
       topk_task<T, Pos>(P, task, global_scores + task * S, scratch_for(tid));
     });
     dynamic_for(tasks * P.n_partitions, [&](int64_t w, int tid) {
       const int64_t task = w / P.n_partitions;
-      attend_partition<T, Pos>(P, task, w % P.n_partitions, global_scores + task * S,
+      attend_partition<T, KT, Pos>(P, task, w % P.n_partitions, global_scores + task * S,
                       P.partials + w * partition_floats, scratch_for(tid));
     });
     dynamic_for(tasks, [&](int64_t task, int tid) {
@@ -966,15 +1021,25 @@ Problem<Pos> make_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t
   return P;
 }
 
-// fp32 accumulation for every dtype; one template, no per-dtype copies.
+// fp32 accumulation for every dtype; one template, no per-dtype copies. key_t in the query's
+// dtype, or int8 (the 8-bit selection cache, P.key_t_scale set).
+template <typename T, typename Pos>
+void run_for_key_t(Problem<Pos>& P, int64_t local_window, const at::Tensor& lens,
+                   const at::TensorOptions& byte_opts) {
+  if (P.key_t_scale)
+    run<T, int8_t>(P, local_window, lens, byte_opts);
+  else
+    run<T, T>(P, local_window, lens, byte_opts);
+}
+
 template <typename Pos>
 void dispatch_run(Problem<Pos>& P, int64_t local_window, const at::Tensor& lens,
                   const at::Tensor& query) {
   const auto byte_opts = query.options().dtype(at::kByte);
   AT_DISPATCH_SWITCH(query.scalar_type(), "sparq_attention_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(P, local_window, lens, byte_opts); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(P, local_window, lens, byte_opts); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(P, local_window, lens, byte_opts); }));
+                     AT_DISPATCH_CASE(at::kFloat, [&] { run_for_key_t<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run_for_key_t<scalar_t>(P, local_window, lens, byte_opts); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { run_for_key_t<scalar_t>(P, local_window, lens, byte_opts); }));
 }
 
 // Strides of a (blocks or batch, heads, positions, ...) tensor as a position policy.
@@ -985,10 +1050,11 @@ StridedPositions strided_positions(const at::Tensor& t) {
 }  // namespace
 }  // namespace cpu
 
-at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
+at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                         SPARQ_KEY_T_SCALE_ARG) {
   const AttentionDims d =
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                           local_window);
+                           local_window, key_t_scale);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   // (paged rows are shorter: seq_lens is int32)
@@ -1014,6 +1080,10 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
     P.key_t_pos = {key_t_rows.stride(0), key_t_rows.stride(1), 1};
     P.kt_sd = key_t_rows.stride(2);
   }
+  if (key_t_scale) {  // (B, Hkv, S), read in place whatever its strides
+    P.key_t_scale = key_t_scale->data_ptr<float>();
+    P.key_t_scale_pos = cpu::strided_positions(*key_t_scale);
+  }
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
   P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
@@ -1022,10 +1092,11 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
   return out;
 }
 
-at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
+at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                               SPARQ_KEY_T_SCALE_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window);
+                                                 local_window, key_t_scale);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
@@ -1070,6 +1141,10 @@ at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT
     P.key_t = key_t_cache->data_ptr();
     P.key_t_pos = paged(*key_t_cache, key_t_cache->stride(3));
     P.kt_sd = key_t_cache->stride(2);
+  }
+  if (key_t_scale) {  // (num_blocks, Hkv, block_size), read in place whatever its strides
+    P.key_t_scale = key_t_scale->data_ptr<float>();
+    P.key_t_scale_pos = paged(*key_t_scale, key_t_scale->stride(2));
   }
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
   P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;

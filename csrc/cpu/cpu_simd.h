@@ -36,11 +36,21 @@ namespace sparq::cpu {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = fVec::size();
 
-// Load kVec elements of T as fp32 (bf16/fp16 converted in registers).
+// Load kVec elements of T as fp32 (bf16/fp16/int8 converted in registers).
 template <typename T>
 inline fVec load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {  // the 8-bit selection cache
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+    alignas(64) float tmp[kVec];
+    for (int64_t i = 0; i < kVec; ++i) tmp[i] = static_cast<float>(p[i]);
+    return fVec::loadu(tmp);
+#endif
   } else {
     fVec out;
     at::vec::load_to_float(p, out);

@@ -130,6 +130,27 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int, before=None) 
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int, before=None) -> dict:
+    """Median seconds of each ``fns[name](i)``, their calls interleaved (A, B, A, B, ...) so that
+    a drift of a shared machine's load falls on every method alike; otherwise as :func:`time_call`."""
+    before = before or (lambda: None)
+    for i in range(warmup):
+        for fn in fns.values():
+            before()
+            fn(i)
+    sync(device)
+    times = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            before()
+            sync(device)
+            t0 = time.perf_counter()
+            fn(i)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Measured device memory bandwidth in bytes/s: a large copy reads and writes nbytes."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

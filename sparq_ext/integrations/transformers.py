@@ -78,9 +78,12 @@ class SparQSettings:
     split: Split | None = None  # None: the even split
     calibrator: PrefillCalibrator | None = None
 
-    def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None) -> tuple[int, int, int]:
-        """``(r, k, local_window)`` for ``layer_idx`` at ``seq_len`` positions."""
-        r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim)
+    def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None, *, dtype=None,
+                key_t_dtype=None) -> tuple[int, int, int]:
+        """``(r, k, local_window)`` for ``layer_idx`` at ``seq_len`` positions. ``key_t_dtype``
+        ``torch.int8`` (the layer's cache holds the 8-bit selection cache; ``dtype`` the cache's):
+        the even split of those bytes (:func:`sparq_ext.rk_for_ratio`)."""
+        r0, k0 = rk_for_ratio(self.ratio, seq_len, head_dim, dtype=dtype, key_t_dtype=key_t_dtype)
         if self.split is not None and layer_idx is not None:
             r0, k0 = self.split.layer_rk(layer_idx, seq_len, head_dim) or (r0, k0)
         r = min(self.r if self.r is not None else r0, head_dim)
@@ -233,12 +236,15 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
     mask = hf_mask_to_bool(attention_mask, key.shape[2])
     if layer is not None and mask is not None:
         layer.set_last_valid(mask[:, 0, 0, -1])
-    r, k, window = settings.resolve(key.shape[2], query.shape[-1], layer_idx)
+    key_t_dtype = layer.key_t_dtype if layer is not None else None
+    r, k, window = settings.resolve(key.shape[2], query.shape[-1], layer_idx, dtype=key.dtype,
+                                    key_t_dtype=key_t_dtype)
     sinks = kwargs.get("s_aux")  # gpt-oss: the module's `sinks` parameter, in the model's dtype
     with torch.no_grad():
         out = sparq_attention(
             query, key, value, r=r, k=k,
             key_t=layer.key_t if layer is not None else None,
+            key_t_scale=layer.key_t_scale if layer is not None else None,
             value_mean=layer.value_mean() if layer is not None else None,
             attn_mask=mask, local_window=window, scale=scaling, softcap=kwargs.get("softcap"),
             sinks=None if sinks is None else sinks.detach().to(device=query.device, dtype=torch.float32))
@@ -268,7 +274,8 @@ def _wrap_cache_preparation(model):
             cache = model_kwargs.get(name)
             if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False) \
                     and cache.get_seq_length() == 0:
-                model_kwargs[name] = SparQCache(config=self.config)
+                model_kwargs[name] = SparQCache(config=self.config,
+                                                key_t_dtype=getattr(self, "_sparq_key_t_dtype", None))
         return result
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
@@ -281,7 +288,8 @@ def _check_count(name, value, minimum):
 
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
                  k: int | None = None, *, min_k: int = 0, split: str = "even",
-                 split_file: str | os.PathLike | Split | None = None, attn_name: str = ATTN_NAME, attn_fn=None):
+                 split_file: str | os.PathLike | Split | None = None, key_t_dtype=None,
+                 attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
@@ -300,6 +308,11 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
             e.g. ``"smollm2-135m"``), the path of a JSON written by :meth:`sparq_ext.Split.save`, or
             the :class:`sparq_ext.Split` that :func:`calibrate_split` returned. Its ratio must equal
             ``ratio``, and its layers may not spend more than the ratio's budget (checked).
+        key_t_dtype: ``torch.int8``: the :class:`sparq_ext.SparQCache` that ``generate`` makes keeps
+            the 8-bit selection cache (``D + 4`` bytes per token and KV head instead of a second
+            copy of the keys), and the even split spends the ratio's bytes on it (a larger ``r``,
+            docs/design.md); ``None`` (the default): a copy in the model's dtype. Not with
+            ``split="auto"`` (the splits are calibrated for a full-precision copy).
         attn_name, attn_fn: register a different decode function under another name (the accuracy
             benchmark's baselines use this); the default is SparQ.
 
@@ -321,6 +334,11 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         raise ValueError(f"split must be 'even' or 'auto', got {split!r}")
     if split_file is not None and split != "auto":
         raise ValueError("split_file needs split='auto'")
+    if key_t_dtype not in (None, torch.int8):
+        raise ValueError(f"key_t_dtype must be None or torch.int8, got {key_t_dtype!r}")
+    if key_t_dtype is not None and split == "auto":
+        raise ValueError("key_t_dtype=torch.int8 is not calibrated for split='auto' (a split's r and k "
+                         "are on a full-precision copy's budget): use split='even'")
     layers = sparq_layers(model)
     modules = _attention_modules(model)
     if not layers:
@@ -341,6 +359,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     if not hasattr(model, "_sparq_previous_attn"):
         model._sparq_previous_attn = model.config._attn_implementation
         _wrap_cache_preparation(model)
+    model._sparq_key_t_dtype = key_t_dtype  # read by the wrapped cache preparation
     for module in modules:  # None: the layer stays on SDPA
         module._sparq_settings = settings if module.layer_idx in layers else None
     model.set_attn_implementation(attn_name)
@@ -422,6 +441,8 @@ def disable_sparq(model):
     if "_prepare_cache_for_generation" in vars(model):
         del model._prepare_cache_for_generation
     del model._sparq_previous_attn
+    if hasattr(model, "_sparq_key_t_dtype"):
+        del model._sparq_key_t_dtype
     return model
 
 
