@@ -36,6 +36,7 @@ from sparq_ext.integrations.vllm import cpu as sparq_cpu  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 DENSE = {"sparq": {"k": 1_000_000}}  # k beyond any context: SparQ must equal dense attention
+DENSE_INT8 = {"sparq": {"k": 1_000_000, "key_t_dtype": "int8"}}  # the 8-bit selection cache too
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
@@ -96,7 +97,8 @@ def test_settings_are_parsed():
     assert (s.ratio, s.local_window, s.min_k, s.split) == (4.0, 16, 64, None)
     assert sparq_vllm.settings_from_config({"sparq": True}).ratio == 8.0
     s = sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "split": "auto", "split_file": "smollm2-135m"}})
-    assert s.split is not None and s.split.ratio == 8.0
+    assert s.split is not None and s.split.ratio == 8.0 and s.key_t_dtype is None
+    assert sparq_vllm.settings_from_config({"sparq": {"key_t_dtype": "int8"}}).key_t_dtype == torch.int8
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -107,6 +109,8 @@ def test_settings_are_parsed():
     ({"split": "auto", "split_file": "no-such-model"}, r"\['split_file'\]"),
     ({"split": "auto", "split_file": "smollm2-135m", "ratio": 3}, r"\['split_file'\]"),
     ({"ratoi": 8}, r"ratoi"),
+    ({"key_t_dtype": "fp8"}, r"\['key_t_dtype'\]"), ({"key_t_dtype": 8}, r"\['key_t_dtype'\]"),
+    ({"key_t_dtype": "int8", "split": "auto", "split_file": "smollm2-135m"}, r"\['key_t_dtype'\]"),
 ])
 def test_bad_settings_name_the_setting(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -119,6 +123,9 @@ def test_page_extra_bytes():
     # a row-major K copy per token and one fp32 sum of D values per (block, KV head)
     assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32) == 3 * (128 * 64 * 4 + 64 * 4)
     assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.bfloat16) == 3 * (128 * 64 * 2 + 64 * 4)
+    # the 8-bit selection cache: K transposed in int8 and an fp32 scale per position
+    assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32, torch.int8) == \
+        3 * (128 * 64 * 4 + 64 * 4 + 128 * 64 + 128 * 4)
 
 
 def test_layer_index():
@@ -133,13 +140,13 @@ def stock_and_dense_sparq(model_path):
     """Greedy tokens of the stock backend and of SparQ with k beyond the context, on the same
     prompts: across block boundaries, then again (prefix-cache hits), then a mixed batch."""
     runs = {}
-    for name, extra in (("stock", None), ("sparq", DENSE)):
+    for name, extra in (("stock", None), ("sparq", DENSE), ("sparq_int8", DENSE_INT8)):
         llm = make_llm(model_path, extra, max_num_batched_tokens=256, max_num_seqs=8)
         blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         # 100..300 tokens + 40 generated: prompts and decodes cross the 128-token blocks
         prompts = token_prompts(llm, [100, 127, 128, 129, 250, 300])
         mixed_seen = []
-        if name == "sparq":
+        if name != "stock":
             build = sparq_cpu.SparQCPUMetadataBuilder.build
 
             def recording_build(self, *args, **kwargs):
@@ -153,7 +160,7 @@ def stock_and_dense_sparq(model_path):
             # a long prompt's chunked prefill runs beside the short ones' decode steps
             mixed = generate_ids(llm, token_prompts(llm, [1500, 20, 30, 40], seed=1))
         finally:
-            if name == "sparq":
+            if name != "stock":
                 sparq_cpu.SparQCPUMetadataBuilder.build = build
         runs[name] = dict(first=[list(o.outputs[0].token_ids) for o in first],
                           again=[list(o.outputs[0].token_ids) for o in again],
@@ -166,8 +173,9 @@ def stock_and_dense_sparq(model_path):
 
 
 @pytest.mark.slow
-def test_dense_limit_equals_stock_greedy(stock_and_dense_sparq):
-    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+@pytest.mark.parametrize("selection_cache", ["sparq", "sparq_int8"])
+def test_dense_limit_equals_stock_greedy(stock_and_dense_sparq, selection_cache):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq[selection_cache]
     assert sparq["first"] == stock["first"]
 
 
@@ -186,11 +194,40 @@ def test_dense_limit_equals_stock_in_mixed_batches(stock_and_dense_sparq):
 
 
 @pytest.mark.slow
+def test_compiled_engine_dense_limit_equals_stock(model_path):
+    """Without enforce_eager (vLLM compiles the model with torch.compile; attention stays an opaque
+    op that calls the backend) SparQ's dense limit still gives stock's greedy tokens."""
+    runs, decode_calls = {}, []
+    decode = sparq_cpu.SparQCPUBackendImpl._decode
+
+    def recording_decode(self, *args, **kwargs):
+        decode_calls.append(1)
+        return decode(self, *args, **kwargs)
+
+    sparq_cpu.SparQCPUBackendImpl._decode = recording_decode
+    try:
+        for name, extra in (("stock", None), ("sparq", DENSE)):
+            llm = make_llm(model_path, extra, enforce_eager=False, max_model_len=1024)
+            assert llm.llm_engine.vllm_config.compilation_config.mode > 0  # it did compile
+            runs[name] = generate_ids(llm, token_prompts(llm, [150, 300], seed=3))
+            del llm
+            gc.collect()
+    finally:
+        sparq_cpu.SparQCPUBackendImpl._decode = decode
+    assert decode_calls  # SparQ's decode ran inside the compiled model
+    assert runs["sparq"] == runs["stock"]
+
+
+@pytest.mark.slow
 def test_kv_capacity_with_sparq_pages(stock_and_dense_sparq):
     stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
     # fp32, D = 64, block 128: a stock page holds 2·D per token, SparQ's adds D per token + D per block
     expected = stock["blocks"] * (2 * 128 * 64) // (3 * 128 * 64 + 64)
     assert abs(sparq["blocks"] - expected) <= 1, (stock["blocks"], sparq["blocks"])
+    # in bytes: stock 2·4·D per token; + 4·D (key rows) + 4·D/128 (sums) + D + 4 (int8 key_t, scale)
+    int8 = stock_and_dense_sparq["sparq_int8"]
+    expected = stock["blocks"] * (2 * 4 * 128 * 64) // (3 * 4 * 128 * 64 + 4 * 64 + 128 * 64 + 4 * 128)
+    assert abs(int8["blocks"] - expected) <= 1, (stock["blocks"], int8["blocks"])
 
 
 def capture_decode_step(model_path, layer_name, additional_config, prompt_len):
@@ -229,16 +266,21 @@ def capture_decode_step(model_path, layer_name, additional_config, prompt_len):
     return key, value, step
 
 
-def assert_step_equals_attention(key, value, step, ratio, **softmax_variant):
+def assert_step_equals_attention(key, value, step, ratio, key_t_dtype=None, **softmax_variant):
     """The captured step equals sparq_ext.attention at ``ratio`` on the contiguous cache (and is a
-    real approximation: it differs from dense attention)."""
+    real approximation: it differs from dense attention). ``key_t_dtype=torch.int8``: with the
+    8-bit selection cache made from the same keys."""
     S, D = key.shape[0], key.shape[2]
     query = step["query"].view(1, -1, 1, D)
-    r, k = rk_for_ratio(ratio, -(-S // 128) * 128, D)  # chosen at the length rounded up to whole blocks
+    # chosen at the length rounded up to whole blocks
+    r, k = rk_for_ratio(ratio, -(-S // 128) * 128, D, dtype=key.dtype, key_t_dtype=key_t_dtype)
     assert k < S and r < D  # a real selection, not the dense limit
     key, value = key.transpose(0, 1)[None], value.transpose(0, 1)[None]
+    selection = {}
+    if key_t_dtype is not None:
+        selection["key_t"], selection["key_t_scale"] = sparq_ext.quantize_key_t(key)
     expected = sparq_ext.attention(query, key, value, r=r, k=k, local_window=k // 4,
-                                   scale=step["scale"], **softmax_variant)
+                                   scale=step["scale"], **selection, **softmax_variant)
     got = step["output"].view(1, -1, 1, D)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     dense = sparq_ext.attention(query, key, value, r=D, k=S, scale=step["scale"], **softmax_variant)
@@ -257,6 +299,19 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
     full = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
                                r=key.shape[2], k=key.shape[0], scale=step["scale"])
     torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_decode_step_with_the_8bit_selection_cache_equals_attention(model_path):
+    """The same with key_t_dtype='int8': step 1 reads the pages' 8-bit selection cache, which
+    equals sparq_ext.quantize_key_t of the keys the layer wrote (r from the same bytes: 28 at
+    ratio 8, fp32, D = 64, against 8 from a full-precision copy)."""
+    key, value, step = capture_decode_step(model_path, "model.layers.7.",
+                                           {"sparq": {"ratio": 8, "key_t_dtype": "int8"}}, 1200)
+    assert rk_for_ratio(8, 1280, 64, dtype=torch.float32, key_t_dtype=torch.int8)[0] == 28
+    assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8)
+    with pytest.raises(AssertionError):  # not the full-precision selection
+        assert_step_equals_attention(key, value, step, 8)
 
 
 # --- a hybrid model: sliding-window layers stay stock, full layers run SparQ with softcapping ---
