@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..budget import transfer_bytes
-from ..cache import SparQCache
-from ..integrations.transformers import SparQSettings, disable_sparq, enable_sparq
+from ..cache import SPARQ_LAYER_TYPE, SparQCache, SparQCacheLayer
+from ..integrations.transformers import DENSE_LAYER_TYPES, SparQSettings, disable_sparq, enable_sparq
 from ..split import Split
 from .baselines import budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward
 from .decode import prefill
@@ -52,26 +52,48 @@ def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> Spar
     return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
 
 
-def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, n_layers: int,
-                   split_file=DEFAULT_SPLIT) -> float:
-    """KV-cache bytes read per decode step relative to dense at ``seq_len`` (mean over layers)."""
+def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, layer_types,
+                   split_file=DEFAULT_SPLIT, sliding_window: int | None = None) -> float:
+    """KV-cache bytes the whole model reads per decode step relative to dense at ``seq_len``.
+
+    ``layer_types``: each layer's attention type (:func:`sparq_ext.cache.attention_layer_types`).
+    Full-attention layers run ``method``; sliding-window layers stay dense over
+    ``min(seq_len, sliding_window)`` positions in every method, so they dilute the saving.
+    """
     if method == "dense":
         return 1.0
     settings = method_settings(method, ratio, split_file)
-    if not method.startswith("sparq"):
-        return budget_positions(settings, seq_len, head_dim) / seq_len
-    fractions = []
-    for layer in range(n_layers):
+    per_position = 2 * kv_heads * head_dim  # elements of K and V per position, dense
+    dense = spent = 0.0
+    for layer, layer_type in enumerate(layer_types):
+        if layer_type != SPARQ_LAYER_TYPE:
+            if layer_type not in DENSE_LAYER_TYPES or sliding_window is None:
+                raise ValueError(f"layer {layer} is {layer_type!r}: bytes_fraction knows full-attention layers "
+                                 "and sliding-window layers with a sliding_window")
+            positions = min(seq_len, sliding_window)
+            dense += positions * per_position
+            spent += positions * per_position
+            continue
+        dense += seq_len * per_position
+        if not method.startswith("sparq"):
+            spent += budget_positions(settings, seq_len, head_dim) * per_position
+            continue
         r, k, _ = settings.resolve(seq_len, head_dim, layer)
         tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=torch.float32, query_heads=kv_heads)
         query_and_output = 2 * kv_heads * head_dim * 4
-        fractions.append((tb["sparq"] - query_and_output) / (tb["dense"] - query_and_output))
-    return sum(fractions) / len(fractions)
+        spent += (tb["sparq"] - query_and_output) / 4
+    return spent / dense
 
 
 class PrefilledCache:
     """One dense prefill reused by every method: :meth:`fresh` crops the cache back to the prompt
-    and restores its V sums (and forgets H2O's decode state)."""
+    and restores its V sums (and forgets H2O's decode state).
+
+    The layers of a hybrid model that stay dense are transformers' own cache layers; a sliding
+    window drops positions as it decodes, so cropping cannot undo a run. Those layers' attributes
+    are kept as they were after the prefill instead: their ``update`` rebinds ``keys``/``values``
+    to new tensors (``torch.cat``) and never writes into the old ones.
+    """
 
     def __init__(self, model, ids, h2o_scores: bool = True):
         # SDPA prefill; "h2o" also records H2O's prefill scores (a dense S x S softmax per layer:
@@ -80,13 +102,19 @@ class PrefilledCache:
         self.cache = SparQCache(config=model.config)
         self.last_logits = prefill(model, ids, self.cache)
         self.length = ids.shape[1]
-        self.sums = [layer.value_sum.clone() for layer in self.cache.layers]
+        self.sums = {i: layer.value_sum.clone() for i, layer in enumerate(self.cache.layers)
+                     if isinstance(layer, SparQCacheLayer)}
+        self.dense_layers = {i: dict(vars(layer)) for i, layer in enumerate(self.cache.layers)
+                             if not isinstance(layer, SparQCacheLayer)}
 
     def fresh(self):
-        for layer, saved in zip(self.cache.layers, self.sums):
+        for i, layer in enumerate(self.cache.layers):
+            if i in self.dense_layers:
+                vars(layer).update(self.dense_layers[i])
+                continue
             extra = layer.get_seq_length() - self.length
             if extra:
                 layer.crop(-extra)
-            layer.value_sum.copy_(saved)
+            layer.value_sum.copy_(self.sums[i])
         reset_h2o_state(self.cache)
         return self.cache
