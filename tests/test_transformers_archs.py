@@ -290,3 +290,53 @@ def test_enable_sparq_rejections():
             enable_sparq(model, **kwargs)
     with pytest.raises(ValueError, match="no attention modules"):
         enable_sparq(torch.nn.Linear(2, 2))
+
+
+# The accuracy benchmark's kit (sparq_ext.evaluation) on a hybrid model: every method changes the
+# full-attention layers only, and one prefill serves every method.
+
+@pytest.mark.parametrize("method", ["streaming", "h2o"])
+def test_baselines_keep_the_sliding_layers_dense(method, monkeypatch):
+    from sparq_ext.evaluation import baselines
+    from sparq_ext.evaluation.methods import set_method
+
+    model = _family("gemma3-text")
+    decoded = []  # the layer of every baseline decode step (the masked attention it runs)
+    real = baselines._masked_decode
+    monkeypatch.setattr(baselines, "_masked_decode", lambda query, key, *args: decoded.append(key) or
+                        real(query, key, *args))
+    ids, mask = _left_padded_batch()
+    set_method(model, method, 4)
+    out = _greedy(model, ids, mask, 4, return_dict_in_generate=True)
+    full = [out.past_key_values.layers[i] for i in FAMILIES["gemma3-text"][3]]
+    assert len(decoded) == 3 * len(full)  # one per decode step and full-attention layer
+    assert all(key._sparq_layer in full for key in decoded)
+
+
+def test_prefilled_cache_restores_a_hybrid_cache():
+    from sparq_ext.evaluation.decode import teacher_forced_decode
+    from sparq_ext.evaluation.methods import PrefilledCache
+
+    model = _family("gemma3-text")
+    ids = torch.randint(2, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    pre = PrefilledCache(model, ids[:, :20], h2o_scores=False)  # longer than the window: it slides
+    first = teacher_forced_decode(model, ids[:, 20:], pre.fresh())
+    assert pre.cache.get_seq_length() == 30
+    assert torch.equal(teacher_forced_decode(model, ids[:, 20:], pre.fresh()), first)
+    enable_sparq(model, ratio=2)
+    assert not torch.equal(teacher_forced_decode(model, ids[:, 20:], pre.fresh()), first)
+
+
+def test_bytes_fraction_counts_the_dense_sliding_layers():
+    from sparq_ext.budget import rk_for_ratio
+    from sparq_ext.evaluation.methods import bytes_fraction
+
+    D, seq_len, window = 64, 4096, 512
+    r, k = rk_for_ratio(8, seq_len, D)
+    sparq = seq_len * r + 2 * k * D + D  # elements one full-attention layer reads (docs/design.md)
+    assert bytes_fraction("sparq", 8, seq_len, D, 1, [F] * 4) == pytest.approx(sparq / (2 * seq_len * D))
+    hybrid = bytes_fraction("sparq", 8, seq_len, D, 1, [S] * 5 + [F], sliding_window=window)
+    assert hybrid == pytest.approx((sparq + 5 * 2 * window * D) / (2 * seq_len * D + 5 * 2 * window * D))
+    assert bytes_fraction("dense", 8, seq_len, D, 1, [S, F], sliding_window=window) == 1.0
+    with pytest.raises(ValueError, match="layer 0 is 'sliding_attention'"):
+        bytes_fraction("sparq", 8, seq_len, D, 1, [S, F])

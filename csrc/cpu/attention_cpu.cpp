@@ -180,7 +180,7 @@ struct Scratch {
   void* value_buffer;                // kPartitionLen value rows (when D * e <= kBufferedValueRowBytes)
   void* key_t_rows;  // r * kSub elements: key_t rows copied where a block of positions is not
                      // consecutive in memory (paged caches)
-  float* key_t_scales;  // kSub: a block's key_t_scale copied where not consecutive (paged)
+  float* key_t_scales;  // kSub: a block's key_t_scale copied where not consecutive in memory
 };
 
 // ---------------------------------------------------------------------------------------
@@ -887,7 +887,7 @@ void run(Problem<Pos>& P, int64_t local_window, const at::Tensor& seq_lens,
       per_task ? part_floats * 4 : 0,                // partials
       buffer_values ? kPartitionLen * D * int64_t{sizeof(T)} : 0,  // value_buffer
       P.key_t && std::is_same_v<Pos, PagedPositions> ? r * kSub * int64_t{sizeof(KT)} : 0,  // key_t_rows
-      P.key_t_scale && std::is_same_v<Pos, PagedPositions> ? kSub * 4 : 0,  // key_t_scales
+      P.key_t_scale ? kSub * 4 : 0,  // key_t_scales (paged, or a scale with strided positions)
   };
   for (const int64_t n : scratch_sizes) reserve(n);
   const int64_t scratch_bytes = bytes - scratch_begin;

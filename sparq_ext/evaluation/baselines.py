@@ -14,7 +14,8 @@ the same bytes per step:
   KV head's group); a position that drops out is evicted for good. Accumulation starts from the
   column sums of the dense prefill attention (computed in query chunks at prefill).
 
-These simulate the selection with masks over the full cache (accuracy only, not speed).
+These simulate the selection with masks over the full cache (accuracy only, not speed). Layers
+that ``enable_sparq`` keeps dense (the sliding-window layers of a hybrid model) stay dense here too.
 Prefill-time score accumulation assumes no padding (batch 1 in the benchmark).
 """
 
@@ -25,7 +26,7 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..integrations.transformers import _DEFAULT_SETTINGS, hf_mask_to_bool
+from ..integrations.transformers import _DEFAULT_SETTINGS, _dense_attention, hf_mask_to_bool
 
 N_SINKS = 4
 
@@ -58,7 +59,15 @@ def _valid(attention_mask, key):
     return mask[:, 0, 0, :][:, None, :].expand(B, Hkv, S)
 
 
+def _kept_dense(module, kwargs) -> bool:
+    """A layer enable_sparq keeps dense (a sliding window of a hybrid model): the baselines leave it
+    dense too, so that every method changes the same layers."""
+    return getattr(module, "_sparq_settings", _DEFAULT_SETTINGS) is None or kwargs.get("sliding_window") is not None
+
+
 def streaming_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if _kept_dense(module, kwargs):
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if query.shape[2] != 1 or module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -92,6 +101,8 @@ def _prefill_column_sums(query, key, scaling, chunk=256):
 
 
 def h2o_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if _kept_dense(module, kwargs):
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     layer = getattr(key, "_sparq_layer", None)
     state_owner = layer if layer is not None else module
     if query.shape[2] != 1 or module.training:

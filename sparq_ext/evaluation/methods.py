@@ -23,8 +23,8 @@ import dataclasses
 import torch
 
 from ..budget import k_on_budget, rk_for_ratio, transfer_bytes
-from ..cache import SparQCache
-from ..integrations.transformers import SparQSettings, disable_sparq, enable_sparq
+from ..cache import SPARQ_LAYER_TYPE, SparQCache, SparQCacheLayer
+from ..integrations.transformers import DENSE_LAYER_TYPES, SparQSettings, disable_sparq, enable_sparq
 from ..split import Split
 from .baselines import budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward
 from .decode import prefill
@@ -81,29 +81,46 @@ def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> Spar
 
 
 def method_key_t_dtype(method: str):
-    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8`` and ``sparq_int8_k``, else ``None``
-    (a full-precision copy of K)."""
+    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8`` and ``sparq_int8_k``,
+    else ``None`` (a full-precision copy of K)."""
     return torch.int8 if method in ("sparq_int8", "sparq_int8_k") else None
 
 
-def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, n_layers: int,
-                   split_file=DEFAULT_SPLIT, dtype=torch.float32) -> float:
-    """KV-cache bytes read per decode step relative to dense at ``seq_len`` (mean over layers),
-    for a cache of ``dtype``."""
+def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, layer_types,
+                   split_file=DEFAULT_SPLIT, sliding_window: int | None = None, dtype=torch.float32) -> float:
+    """KV-cache bytes the whole model reads per decode step relative to dense at ``seq_len``, for a
+    cache of ``dtype`` (the 8-bit selection cache's bytes for ``sparq_int8`` and ``sparq_int8_k``).
+
+    ``layer_types``: each layer's attention type (:func:`sparq_ext.cache.attention_layer_types`).
+    Full-attention layers run ``method``; sliding-window layers stay dense over
+    ``min(seq_len, sliding_window)`` positions in every method, so they dilute the saving.
+    """
     if method == "dense":
         return 1.0
     settings = method_settings(method, ratio, split_file)
-    if not method.startswith("sparq"):
-        return budget_positions(settings, seq_len, head_dim) / seq_len
     key_t_dtype = method_key_t_dtype(method)
-    fractions = []
-    for layer in range(n_layers):
+    e = torch.empty((), dtype=dtype).element_size()
+    per_position = 2 * kv_heads * head_dim  # elements of K and V per position, dense
+    dense = spent = 0.0
+    for layer, layer_type in enumerate(layer_types):
+        if layer_type != SPARQ_LAYER_TYPE:
+            if layer_type not in DENSE_LAYER_TYPES or sliding_window is None:
+                raise ValueError(f"layer {layer} is {layer_type!r}: bytes_fraction knows full-attention layers "
+                                 "and sliding-window layers with a sliding_window")
+            positions = min(seq_len, sliding_window)
+            dense += positions * per_position
+            spent += positions * per_position
+            continue
+        dense += seq_len * per_position
+        if not method.startswith("sparq"):
+            spent += budget_positions(settings, seq_len, head_dim) * per_position
+            continue
         r, k, _ = settings.resolve(seq_len, head_dim, layer, dtype=dtype, key_t_dtype=key_t_dtype)
         tb = transfer_bytes(1, kv_heads, seq_len, head_dim, r, k, dtype=dtype, query_heads=kv_heads,
                             key_t_dtype=key_t_dtype)
-        query_and_output = 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        fractions.append((tb["sparq"] - query_and_output) / (tb["dense"] - query_and_output))
-    return sum(fractions) / len(fractions)
+        query_and_output = 2 * kv_heads * head_dim * e
+        spent += (tb["sparq"] - query_and_output) / e
+    return spent / dense
 
 
 class PrefilledCache:
@@ -113,7 +130,13 @@ class PrefilledCache:
     After ``set_method(model, "sparq_int8", ...)`` :meth:`fresh` hands out a second cache with
     the same prefilled keys and values and an 8-bit selection cache instead of the full copy
     (built once from the first: the keys are quantized per position, so it holds what a prefill
-    into ``SparQCache(key_t_dtype=torch.int8)`` would)."""
+    into ``SparQCache(key_t_dtype=torch.int8)`` would).
+
+    The layers of a hybrid model that stay dense are transformers' own cache layers; a sliding
+    window drops positions as it decodes, so cropping cannot undo a run. Those layers' attributes
+    are kept as they were after the prefill instead: their ``update`` rebinds ``keys``/``values``
+    to new tensors (``torch.cat``) and never writes into the old ones. Both caches share them.
+    """
 
     def __init__(self, model, ids, h2o_scores: bool = True):
         # SDPA prefill; "h2o" also records H2O's prefill scores (a dense S x S softmax per layer:
@@ -123,16 +146,22 @@ class PrefilledCache:
         self.cache = SparQCache(config=model.config)
         self.last_logits = prefill(model, ids, self.cache)
         self.length = ids.shape[1]
-        self.sums = [layer.value_sum.clone() for layer in self.cache.layers]
+        self.sums = {i: layer.value_sum.clone() for i, layer in enumerate(self.cache.layers)
+                     if isinstance(layer, SparQCacheLayer)}
+        self.dense_layers = {i: dict(vars(layer)) for i, layer in enumerate(self.cache.layers)
+                             if not isinstance(layer, SparQCacheLayer)}
         self._int8 = None
 
     def _int8_cache(self) -> SparQCache:
         if self._int8 is None:
             self.fresh(torch.float32)  # crop the full cache back to the prompt first
             cache = SparQCache(config=self.model.config, key_t_dtype=torch.int8)
-            for source, target in zip(self.cache.layers, cache.layers, strict=True):
-                target.update(source.keys, source.values, valid=source.valid)
-            self._int8 = (cache, [layer.value_sum.clone() for layer in cache.layers])
+            for i, source in enumerate(self.cache.layers):
+                if i in self.dense_layers:
+                    cache.layers[i] = source
+                else:
+                    cache.layers[i].update(source.keys, source.values, valid=source.valid)
+            self._int8 = (cache, {i: cache.layers[i].value_sum.clone() for i in self.sums})
         return self._int8[0]
 
     def fresh(self, key_t_dtype=None):
@@ -145,10 +174,13 @@ class PrefilledCache:
             cache, sums = self._int8_cache(), self._int8[1]
         else:
             cache, sums = self.cache, self.sums
-        for layer, saved in zip(cache.layers, sums):
+        for i, layer in enumerate(cache.layers):
+            if i in self.dense_layers:
+                vars(layer).update(self.dense_layers[i])
+                continue
             extra = layer.get_seq_length() - self.length
             if extra:
                 layer.crop(-extra)
-            layer.value_sum.copy_(saved)
+            layer.value_sum.copy_(sums[i])
         reset_h2o_state(cache)
         return cache

@@ -77,6 +77,7 @@ class SparQSettings:
     min_k: int = 0  # floor on the ratio-derived k (short contexts); min_k >= S means dense
     split: Split | None = None  # None: the even split
     calibrator: PrefillCalibrator | None = None
+    key_t_dtype: torch.dtype | None = None  # an engine's selection cache (vLLM pages); None: full K
 
     def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None, *, dtype=None,
                 key_t_dtype=None) -> tuple[int, int, int]:

