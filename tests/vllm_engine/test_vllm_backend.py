@@ -368,6 +368,14 @@ def test_hybrid_model_runs_sparq_on_full_layers_only(gemma2_path):
 
 
 @pytest.mark.slow
+def test_hybrid_model_without_the_hybrid_manager_is_refused(gemma2_path):
+    """With vLLM's hybrid KV cache manager off, sliding and full layers share one group (one
+    metadata builder): SparQ refuses to start and says why, instead of running SparQ on all."""
+    with pytest.raises(NotImplementedError, match="hybrid KV cache manager"):
+        make_llm(gemma2_path, {"sparq": {"ratio": 8}}, disable_hybrid_kv_cache_manager=True)
+
+
+@pytest.mark.slow
 def test_hybrid_decode_step_with_softcap_equals_attention(gemma2_path):
     """At ratio 8 a full-attention layer of Gemma 2 runs SparQ with the model's logit softcapping:
     its decode step equals sparq_ext.attention(softcap=2) on the contiguous cache, not the same
