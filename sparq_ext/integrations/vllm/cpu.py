@@ -216,7 +216,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
 
         def region(shape, dtype):  # the next (num_blocks, *shape) of every page
             nonlocal at
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * dtype.itemsize
             view = storage.as_strided((num_blocks, size), (page * e, 1), at).view(dtype)
             at += size
             return view.view(num_blocks, *shape)
