@@ -45,7 +45,7 @@ from sparq_ext.cache import attention_layer_types
 from sparq_ext.evaluation.baselines import budget_positions
 from sparq_ext.evaluation.decode import cache_kwargs, nll_and_top1, teacher_forced_decode
 from sparq_ext.evaluation.methods import (DEFAULT_SPLIT, METHODS, PrefilledCache, bytes_fraction,
-                                          method_settings, set_method)
+                                          method_key_t_dtype, method_settings, set_method)
 from sparq_ext.evaluation.models import REAL_MODELS, SMOLLM2, load_model
 from sparq_ext.evaluation.texts import EVALUATION_TEXTS, gpl3_text, real_text_ids
 from sparq_ext.evaluation.timing import run_metadata
@@ -79,6 +79,7 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
     rows = []
     layer_types = attention_layer_types(cfg)
     window = getattr(cfg, "sliding_window", None)
+    cache_dtype = next(model.parameters()).dtype  # what the element size of a cache entry is
     total_ids = real_text_ids(tok, text=text)
     for context in contexts:
         if context + n_tokens + 1 > min(total_ids.shape[1], cfg.max_position_embeddings):
@@ -102,7 +103,8 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
             mid = context + n_tokens // 2
             row = dict(context=context, tokens=n_tokens, text=text, method=method, ratio=ratio,
                        bytes_fraction=bytes_fraction(method, ratio or 1, mid, D, cfg.num_key_value_heads,
-                                                     layer_types, split_file, sliding_window=window),
+                                                     layer_types, split_file, sliding_window=window,
+                                                     dtype=cache_dtype),
                        ppl=m["ppl"], nll=m["nll"], top1_agreement=m["top1_agreement"],
                        top1_acc=m["top1_acc"], seconds=seconds)
             if ratio:
@@ -114,8 +116,8 @@ def run_accuracy(model, tok, contexts, ratios, methods, n_tokens, log, on_contex
                     w = "k/4"
                     row["layer_r"] = {str(a): settings.resolve(mid, D, a)[0] for a in range(cfg.num_hidden_layers)}
                     row["layer_k"] = {str(a): settings.resolve(mid, D, a)[1] for a in range(cfg.num_hidden_layers)}
-                else:
-                    r, k, w = settings.resolve(mid, D)
+                else:  # the 8-bit selection cache's r and k where the method reads one
+                    r, k, w = settings.resolve(mid, D, dtype=cache_dtype, key_t_dtype=method_key_t_dtype(method))
                 row.update(r=r, k=k, local_window=w if method.startswith("sparq") else None,
                            budget_positions=budget_positions(SparQSettings(ratio=ratio), mid, D))
             rows.append(row)

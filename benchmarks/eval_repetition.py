@@ -129,14 +129,8 @@ def run_ppl(model, tok, args, log):
     spec = importlib.util.spec_from_file_location("eval_accuracy", HERE / "eval_accuracy.py")
     eval_accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_accuracy)
-    cfg = model.config
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rows = eval_accuracy.run_accuracy(model, tok, args.ppl_contexts, args.ratios, args.ppl_methods,
+    return eval_accuracy.run_accuracy(model, tok, args.ppl_contexts, args.ratios, args.ppl_methods,
                                       args.ppl_tokens, log, text=args.ppl_text)
-    for row in rows:  # run_accuracy reports the full copy's split for every method
-        if row["method"] != "dense":
-            row["r"], row["k"], _ = cell_settings(row["method"], row["ratio"], row["context"] + row["tokens"] // 2, D)
-    return rows
 
 
 def main():

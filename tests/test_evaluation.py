@@ -124,3 +124,32 @@ def test_sparq_int8_k_keeps_the_full_copys_r_and_spends_the_saved_bytes_on_k(tin
     assert {type(m._sparq_settings).__name__ for m in tiny_llama.modules()
             if getattr(m, "_sparq_settings", None) is not None} == {"FullRankMoreK"}
     set_method(tiny_llama, "dense", 8)
+
+
+def test_accuracy_rows_report_the_split_each_method_decodes_with(tiny_llama):
+    """benchmarks/eval_accuracy.py's rows carry each method's own r and k: the 8-bit selection
+    cache's larger r for sparq_int8 (it used to report the full copy's)."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    from sparq_ext.budget import rk_for_ratio
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_accuracy.py"
+    spec = importlib.util.spec_from_file_location("eval_accuracy", path)
+    eval_accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_accuracy)
+
+    def tokenizer(text, return_tensors="pt"):  # characters as token ids, inside the tiny vocabulary
+        return types.SimpleNamespace(input_ids=torch.tensor([[2 + ord(c) % 120 for c in text[:600]]]))
+
+    context, tokens = 256, 8
+    rows = eval_accuracy.run_accuracy(tiny_llama, tokenizer, [context], [4], ["sparq", "sparq_int8", "sparq_int8_k"],
+                                      tokens, log=lambda msg: None)
+    by_method = {row["method"]: row for row in rows}
+    mid = context + tokens // 2
+    assert (by_method["sparq"]["r"], by_method["sparq"]["k"]) == rk_for_ratio(4, mid, 16)
+    assert (by_method["sparq_int8"]["r"], by_method["sparq_int8"]["k"]) == \
+        rk_for_ratio(4, mid, 16, dtype=torch.float32, key_t_dtype=torch.int8)
+    assert by_method["sparq_int8"]["r"] == 12 and by_method["sparq"]["r"] == 4
+    assert by_method["sparq_int8_k"]["r"] == 4 and by_method["sparq_int8_k"]["k"] > by_method["sparq"]["k"]
