@@ -50,12 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--no-seed", action="store_true", help="skip the seed's pure-torch SparQ")
     p.add_argument("--key-t", choices=("full", "int8", "both"), default="full",
                    help="the selection cache sparq reads: a full-precision key_t (default), the "
-                        "8-bit one (int8 key_t + per-position scale, the 8-bit even split of the "
-                        "same ratio), or both, timed interleaved (sparq_int8_ms)")
-    p.add_argument("--int8-rk", choices=("even", "same"), default="even",
-                   help="r and k of the 8-bit selection cache: its even split of the ratio's bytes "
-                        "(a larger r, default), or the full copy's r and k (the same selection "
-                        "budget, fewer bytes read)")
+                        "8-bit one (int8 key_t + per-position scale, the 8-bit split of the same "
+                        "ratio), or both, timed interleaved (sparq_int8_ms)")
+    p.add_argument("--int8-rk", choices=("split", "same"), default="split",
+                   help="r and k of the 8-bit selection cache: rk_for_ratio's 8-bit split of the "
+                        "ratio's bytes (a larger r and k, default), or the full copy's r and k "
+                        "(the same selection budget, fewer bytes read)")
     p.add_argument("--seed-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the seed under torch.compile (default: on for cuda)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay sparq/SDPA calls as CUDA graphs")
@@ -117,7 +117,7 @@ def bench_config(args, device, dtype_name, B, Hkv, S, ratio, seed_compiled, pbar
     dtype = DTYPES[dtype_name]
     r, k = sparq_ext.rk_for_ratio(ratio, S, D)
     r8, k8 = (sparq_ext.rk_for_ratio(ratio, S, D, dtype=dtype, key_t_dtype=torch.int8)
-              if args.int8_rk == "even" else (r, k))
+              if args.int8_rk == "split" else (r, k))
     e = torch.empty((), dtype=dtype).element_size()
     full_t, int8_t = args.key_t in ("full", "both"), args.key_t in ("int8", "both")
     set_bytes = B * Hkv * S * ((2 + full_t) * D * e + int8_t * (D + 4))  # K, V, the key_t(s)

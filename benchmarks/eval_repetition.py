@@ -11,7 +11,8 @@ argmax is the passage's next token) and mean NLL over the passages' tokens.
 
 Methods (sparq_ext.evaluation.methods) at compression ratio rho, all reading the same bytes per
 decode step: sparq (full-precision selection cache, even split r = D/rho, k = S/(2 rho)),
-sparq_int8 (8-bit selection cache, its even split r = e*D/rho - 4, the same k), sparq_int8_k
+sparq_int8 (8-bit selection cache, rk_for_ratio's 8-bit split: r = (D/rho)(1 + e)/2 - 2, k on
+the budget), sparq_int8_k
 (8-bit selection cache at the full copy's r = D/rho, the saved bytes spent on k), streaming
 (StreamingLLM) and h2o (H2O), the baselines keeping W positions with 2*W*D = SparQ's bytes.
 

@@ -2,8 +2,9 @@
 
 At ratio rho, the 8-bit selection cache reads r + 4 bytes per position in step 1 (int8 rows and
 an fp32 scale) where the full copy reads r * e. Two ends of the same byte budget are library
-methods: ``sparq_int8`` (the even split: r = e*D/rho - 4, the full copy's k) and ``sparq_int8_k``
-(the full copy's r = D/rho, the rest on k). This probe runs the points between them, each at the
+methods: ``sparq_int8`` (then the 8-bit even split: r = e*D/rho - 4, the full copy's k; since this
+probe, rk_for_ratio's 8-bit split lies between) and ``sparq_int8_k`` (the full copy's r = D/rho,
+the rest on k). This probe runs the points between them, each at the
 same bytes (k from ``sparq_ext.budget.k_on_budget``, local window k/4), beside dense and the full
 copy, on benchmarks/eval_repetition.py's text-repetition task and on perplexity (teacher-forced
 decode after a dense prefill, as benchmarks/eval_accuracy.py), SmolLM2-135M-Instruct fp32.

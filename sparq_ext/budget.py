@@ -12,9 +12,11 @@ other in shares of the even per-layer budget (:data:`BUDGET_SHARES`), the model'
 With the 8-bit selection cache (``key_t_dtype=torch.int8``: an int8 ``key_t`` and one float32
 scale per position, :func:`sparq_ext.quantize_key_t`) step 1 reads ``S*(r + 4)`` bytes instead of
 ``S*r*e`` (``e`` the key/value element size): every function here takes ``key_t_dtype`` and
-counts those bytes, so ratio ``rho`` still reads ``1/rho`` of dense, now with a larger ``r``.
-The even split keeps step 1's byte share (half the budget): ``r = e*D/rho - 4``, ``k`` unchanged
-(docs/design.md, "The 8-bit selection cache").
+counts those bytes, so ratio ``rho`` still reads ``1/rho`` of dense, now with a larger ``r``
+and a larger ``k``. The 8-bit split gives half of what the 8-bit rows save at the full copy's
+``r`` to more components and half to more selected rows: ``r = (D/rho)*(1 + e)/2 - 2``, ``k`` on
+the budget (docs/design.md, "The 8-bit selection cache"; docs/accuracy.md for why not all to
+``r``).
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ def rk_for_ratio(ratio: float, seq_len: int, head_dim: int, *, dtype=None,
     about ``1/ratio`` of the bytes dense attention reads (see :func:`transfer_bytes`).
 
     With the 8-bit selection cache (``key_t_dtype=torch.int8``; ``dtype`` the key/value
-    cache's) step 1 keeps the same byte share, half the budget: ``r = e*D/ratio - 4`` (``e``
-    ``dtype``'s element size, 4 the scale's bytes), clamped to ``[1, D]``, and ``k`` spends the
-    rest (``S/(2 ratio)`` unless ``r`` was clamped; :func:`k_on_budget`).
+    cache's, ``e`` its element size) the 8-bit split: at the full copy's ``r0 = D/ratio`` the
+    int8 rows and the 4-byte scale read ``r0 + 4`` bytes per position instead of ``e*r0``; half of
+    that saving buys components, ``r = r0 + (e*r0 - r0 - 4)/2 = r0*(1 + e)/2 - 2`` (rounded,
+    clamped to ``[1, D]``), and ``k`` spends the rest of the budget (:func:`k_on_budget`), so it
+    grows too. fp32, ``D = 64``, ratio 8: ``r`` 18 and ``k`` about 0.082·S, against 8 and S/16.
     """
     if not ratio > 0:
         raise ValueError(f"ratio must be > 0, got {ratio}")
@@ -83,7 +87,8 @@ def rk_for_ratio(ratio: float, seq_len: int, head_dim: int, *, dtype=None,
         k = max(1, round(seq_len / (2 * ratio)))
         return r, k
     e, e_t, c = cache
-    r = min(head_dim, max(1, round((e * head_dim / ratio - c) / e_t)))
+    r0 = head_dim / ratio  # the full copy's r, unrounded
+    r = min(head_dim, max(1, round(r0 + (e * r0 - (r0 * e_t + c)) / (2 * e_t))))
     left = seq_len * (1.0 / ratio - _step1_elements(r, head_dim, dtype, key_t_dtype) / (2.0 * head_dim))
     return r, max(1, round(left))
 

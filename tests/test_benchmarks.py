@@ -78,17 +78,18 @@ def test_bench_attention_cpu_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_attention_int8_selection_cache_smoke(tmp_path):
-    """--key-t both: the 8-bit selection cache timed interleaved with the full copy, at its even
+    """--key-t both: the 8-bit selection cache timed interleaved with the full copy, at its 8-bit
     split of the same ratio; --int8-rk same: at the full copy's r and k."""
     bench_attention = load_script("bench_attention")
     args = ["--device", "cpu", "--seq-lens", "1024", "--kv-heads", "8", "--batch", "1",
             "--dtypes", "fp32", "--warmup", "1", "--repeats", "2", "--no-seed", "--threads", "1",
             "--no-plot", "--key-t", "both", "--out", str(tmp_path)]
     (row,) = bench_attention.main(args)
-    assert (row["r"], row["k"], row["r_int8"], row["k_int8"]) == (16, 64, 60, 64)  # fp32, D = 128
+    assert (row["r"], row["k"], row["r_int8"], row["k_int8"]) == (16, 64, 38, 86)  # fp32, D = 128
     assert row["sparq_int8_ms"] > 0
     assert row["speedup_int8_vs_full"] == pytest.approx(row["sparq_ms"] / row["sparq_int8_ms"])
-    assert row["sparq_int8_bytes"] == row["sparq_bytes"]  # the same bytes: the even split
+    # the same bytes (up to k's rounding, a K and a V row per KV head): the 8-bit split
+    assert abs(row["sparq_int8_bytes"] - row["sparq_bytes"]) <= 8 * 128 * 4
     (same,) = bench_attention.main(args + ["--int8-rk", "same"])
     assert (same["r_int8"], same["k_int8"]) == (16, 64) and same["sparq_int8_bytes"] < same["sparq_bytes"]
 

@@ -223,9 +223,9 @@ def test_int8_k_ge_s_is_dense_and_the_selection_matches_the_op():
                                        key_t_scale=key_t_scale)
         torch.testing.assert_close(cache.attention(q, 0, r=4, k=12, local_window=3), expected,
                                    rtol=1e-5, atol=1e-5)
-        # ratio: the 8-bit even split (fp32, D = 16, ratio 4: r = 4*16/4 - 4 = 12, k = 80/8)
+        # ratio: the 8-bit split (fp32, D = 16, ratio 4: r = 4*(1 + 4)/2 - 2 = 8, k = 80*(1/4 - 12/128))
         r, kk = sparq_ext.rk_for_ratio(4, 80, D, dtype=torch.float32, key_t_dtype=torch.int8)
-        assert r == 12 and kk == 10
+        assert r == 8 and kk == 12
         torch.testing.assert_close(cache.attention(q, 0, ratio=4),
                                    sparq_ext.attention(q, k, v, r=r, k=kk, local_window=kk // 4,
                                                        key_t=key_t, key_t_scale=key_t_scale),

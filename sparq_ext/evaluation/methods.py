@@ -2,8 +2,9 @@
 
 ``dense``        exact attention (SDPA).
 ``sparq``        SparQ at ``ratio``: the even split, local window k/4 (``enable_sparq``'s default).
-``sparq_int8``   SparQ at ``ratio`` with the 8-bit selection cache (``key_t_dtype=torch.int8``): its
-                 even split of the same bytes, ``r = e·D/ρ − 4`` components, the same ``k``.
+``sparq_int8``   SparQ at ``ratio`` with the 8-bit selection cache (``key_t_dtype=torch.int8``): the
+                 8-bit split of the same bytes (``rk_for_ratio``: ``r = (D/ρ)(1 + e)/2 − 2``
+                 components, ``k`` on the budget).
 ``sparq_int8_k`` the 8-bit selection cache at the full copy's ``r = D/ρ``, the step-1 bytes it
                  saves spent on ``k`` (``k = S·(1/ρ − (r + 4)/(2·e·D))``): the same bytes again.
 ``sparq_nowin``  the same without the local window.

@@ -305,11 +305,11 @@ def test_decode_step_equals_attention_on_the_contiguous_cache(model_path):
 @pytest.mark.slow
 def test_decode_step_with_the_8bit_selection_cache_equals_attention(model_path):
     """The same with key_t_dtype='int8': step 1 reads the pages' 8-bit selection cache, which
-    equals sparq_ext.quantize_key_t of the keys the layer wrote (r from the same bytes: 28 at
-    ratio 8, fp32, D = 64, against 8 from a full-precision copy)."""
+    equals sparq_ext.quantize_key_t of the keys the layer wrote (the 8-bit split of the same
+    bytes: r 18 at ratio 8, fp32, D = 64, against 8 from a full-precision copy)."""
     key, value, step = capture_decode_step(model_path, "model.layers.7.",
                                            {"sparq": {"ratio": 8, "key_t_dtype": "int8"}}, 1200)
-    assert rk_for_ratio(8, 1280, 64, dtype=torch.float32, key_t_dtype=torch.int8)[0] == 28
+    assert rk_for_ratio(8, 1280, 64, dtype=torch.float32, key_t_dtype=torch.int8)[0] == 18
     assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8)
     with pytest.raises(AssertionError):  # not the full-precision selection
         assert_step_equals_attention(key, value, step, 8)
