@@ -1,5 +1,6 @@
-"""The research tools still run: the auto-split window evaluation's statistics and pooling, and
-the CPU memory-floor program that docs/cpu-performance.md cites. No timing asserts."""
+"""The research tools still run: the auto-split window evaluation's statistics and pooling, the
+8-bit r-against-k sweep's points, and the CPU memory-floor program that docs/cpu-performance.md
+cites. No timing asserts."""
 
 from __future__ import annotations
 
@@ -142,3 +143,25 @@ def test_cpu_memory_floor_builds_and_reports_every_variant(tmp_path):
         rates = [float(line.split()[-2]) for line in out[1:]]
         assert len(rates) == 8 and all(r > 0 and math.isfinite(r) for r in rates)
         assert any(line.startswith("gather, V staged") for line in out)
+
+
+def test_int8_rk_sweep_points_spend_the_same_bytes():
+    """research/int8_rk_sweep.py's points: a fixed r, k on the ratio's budget, window k/4; every
+    point reads what the full copy's even split reads (up to k's rounding)."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("int8_rk_sweep", RESEARCH / "int8_rk_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    from sparq_ext.budget import rk_for_ratio, transfer_bytes
+    S, D = 4096, 64
+    full = transfer_bytes(1, 1, S, D, *rk_for_ratio(8, S, D), dtype=torch.float32)["sparq"]
+    for rank in (8, 12, 16, 20, 28):
+        r, k, window = module.RankOnBudget(ratio=8.0, rank=rank).resolve(S, D, dtype=torch.float32,
+                                                                         key_t_dtype=torch.int8)
+        assert r == rank and window == k // 4
+        spent = transfer_bytes(1, 1, S, D, r, k, dtype=torch.float32, key_t_dtype=torch.int8)["sparq"]
+        assert abs(spent - full) <= D * 4
+    # the library's 8-bit split is one of these points
+    r, k = rk_for_ratio(8, S, D, dtype=torch.float32, key_t_dtype=torch.int8)
+    assert module.RankOnBudget(ratio=8.0, rank=r).resolve(S, D, dtype=torch.float32, key_t_dtype=torch.int8)[:2] == (r, k)
