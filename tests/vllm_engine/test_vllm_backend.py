@@ -101,6 +101,13 @@ def test_settings_are_parsed():
     assert sparq_vllm.settings_from_config({"sparq": {"key_t_dtype": "int8"}}).key_t_dtype == torch.int8
 
 
+def test_settings_are_described_in_one_line():
+    describe = sparq_vllm.describe_settings
+    assert describe(sparq_vllm.settings_from_config({"sparq": {"ratio": 8}})) == "ratio 8, split even"
+    assert describe(sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "key_t_dtype": "int8"}})) == \
+        "ratio 8, 8-bit selection cache, split 8-bit"
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"ratio": 0}, r"\['ratio'\]"), ({"ratio": "8"}, r"\['ratio'\]"), ({"ratio": float("nan")}, r"\['ratio'\]"),
     ({"r": 0}, r"\['r'\]"), ({"k": 2.5}, r"\['k'\]"), ({"local_window": -1}, r"\['local_window'\]"),

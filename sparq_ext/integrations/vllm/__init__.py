@@ -130,8 +130,10 @@ def describe_settings(settings) -> str:
               if (value := getattr(settings, name))]
     if settings.key_t_dtype is not None:
         parts.append("8-bit selection cache")
-    parts.append("split " + ("auto (" + str(settings.split.meta.get("model", "saved")) + ")"
-                             if settings.split is not None else "even"))
+    if settings.split is not None:
+        parts.append("split auto (" + str(settings.split.meta.get("model", "saved")) + ")")
+    else:  # rk_for_ratio's: the paper's even split, or the 8-bit split with the 8-bit cache
+        parts.append("split " + ("8-bit" if settings.key_t_dtype is not None else "even"))
     return ", ".join(parts)
 
 
