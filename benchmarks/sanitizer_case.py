@@ -1,7 +1,7 @@
 """A small case for compute-sanitizer (memcheck, synccheck, initcheck, racecheck): every kernel of
 torch.ops.sparq_ext.attention once or twice, on shapes that exercise partial tiles, ragged
-seq_lens, a masked row, the local window, GQA group chunks, an odd head dim and both value-mean
-paths, and torch.ops.sparq_ext.paged_attention on a shuffled engine-layout cache. Exits non-zero
+seq_lens, a masked row, the local window, GQA group chunks, an odd head dim, both value-mean
+paths and softcap with sinks, and torch.ops.sparq_ext.paged_attention on a shuffled engine-layout cache. Exits non-zero
 when an output differs from the pure-torch reference.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py [--quick]
@@ -109,6 +109,9 @@ def main(argv=None) -> int:
         ok &= case(device, 1, 2, 1, 9000, 100, 100, 4000, torch.float16, 5)  # D % 8 != 0
         ok &= case(device, 2, 8, 2, 2000, 128, 16, 128, torch.float32, 6, local_window=16,
                    seq_lens=torch.tensor([2000, 1], device=device))
+        sinks = torch.linspace(-2.0, 6.0, 24, device=device)  # softcap and sinks, G = 12
+        ok &= case(device, 2, 24, 2, 1500, 64, 8, 100, torch.float32, 9, local_window=5,
+                   seq_lens=torch.tensor([1500, 0], device=device), softcap=3.0, sinks=sinks)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print("OK" if ok else "MISMATCH")

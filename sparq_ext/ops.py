@@ -252,9 +252,9 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     Returns:
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
 
-    The native CUDA kernel has neither ``softcap``, ``sinks`` nor an int8 ``key_t`` yet: a call
-    with any of them on a CUDA tensor runs the pure-torch reference (correct, not fast); calling
-    ``torch.ops.sparq_ext.attention`` directly there raises ``NotImplementedError``.
+    The native CUDA kernel has no int8 ``key_t`` yet: such a call on a CUDA tensor runs the
+    pure-torch reference (correct, not fast); calling ``torch.ops.sparq_ext.attention``
+    directly there raises ``NotImplementedError``.
 
     Inference-only: inputs that require grad are rejected unless grad mode is off.
     ``seq_lens`` values are checked only for CPU tensors in eager mode. On a GPU they are
@@ -266,9 +266,8 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
                            local_window, reallocate, scale, softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if (softcap is not None or sinks is not None or key_t_scale is not None) \
-            and query.device.type == "cuda" and has_native_kernel("cuda"):
-        # The CUDA kernels do not implement them (its registration refuses them): the reference.
+    if key_t_scale is not None and query.device.type == "cuda" and has_native_kernel("cuda"):
+        # The CUDA kernels do not implement it (its registration refuses it): the reference.
         return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
                                          attn_mask, local_window, reallocate, scale, softcap,
                                          sinks, key_t_scale)
@@ -492,9 +491,9 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
                                  softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if (softcap is not None or sinks is not None or key_t_scale is not None) \
-            and query.device.type == "cuda" and has_native_kernel("cuda", "paged_attention"):
-        # as in attention: a native CUDA kernel without them leaves such calls to the reference
+    if key_t_scale is not None and query.device.type == "cuda" \
+            and has_native_kernel("cuda", "paged_attention"):
+        # as in attention: a native CUDA kernel without it leaves such calls to the reference
         return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r,
                                          k, key_t_cache, value_mean, local_window, reallocate,
                                          scale, softcap, sinks, key_t_scale)

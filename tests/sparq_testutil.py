@@ -21,7 +21,7 @@ import os
 import torch
 
 import sparq_ext
-from sparq_ext.reference import local_window_positions, valid_positions
+from sparq_ext.reference import local_window_positions, softcap_logits, valid_positions
 
 BACKENDS = ("reference", "cpu", "cuda")
 NATIVE_BACKENDS = ("cpu", "cuda")
@@ -145,10 +145,10 @@ def untie_query(q: torch.Tensor, Hkv: int, r: int, seed: int = 0, rel: float = 1
 
 
 def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_window=0,
-                  scale=None) -> float:
+                  scale=None, softcap=None, key_t_scale=None) -> float:
     """Smallest relative gap, over rows, between the k-th and (k+1)-th group-summed
-    approximate logit (the reference's selection score); inf where k covers every valid
-    position."""
+    approximate logit (the reference's selection score: softcapped per head with ``softcap``,
+    an int8 ``key_t`` times ``key_t_scale``); inf where k covers every valid position."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -158,8 +158,11 @@ def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_
     q_hat = qf.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
     src = k.float() if key_t is None else key_t.float().transpose(-1, -2)
     k_hat = src.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r))
+    if key_t_scale is not None:  # the 8-bit selection cache: each position's scale
+        k_hat = k_hat * key_t_scale.float()[..., None]
     gamma = (q_hat.abs().sum(-1) / qf.abs().sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
     logits = (q_hat @ k_hat.transpose(-1, -2)) * (scale / gamma.sqrt())[..., None]
+    logits = softcap_logits(logits, softcap)
     valid = valid_positions(B, S, seq_lens, attn_mask, q.device)[:, None, :]
     window = local_window_positions(valid[:, 0], local_window)[:, None, :]
     score = logits.sum(2).masked_fill(~valid, -torch.inf).masked_fill(window, torch.inf)
@@ -175,14 +178,16 @@ def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_
 
 
 def separated_query(q, k, r, kk, *, key_t=None, seq_lens=None, attn_mask=None,
-                    local_window=0, scale=None, seed=0, rel_r=1e-4, rel_k=2e-6):
+                    local_window=0, scale=None, softcap=None, key_t_scale=None, seed=0,
+                    rel_r=1e-4, rel_k=2e-6):
     """``q``, or a fresh query of the same shape/dtype/device, such that neither the top-r
     nor the top-k boundary is a (near-)tie for these keys. The keys are kept as they are, so
     layout tests (strided, expanded, unaligned keys) keep their layouts."""
     Hkv = k.shape[1]
     for attempt in range(50):
         q = untie_query(q, Hkv, r, seed=seed + 7919 * attempt, rel=rel_r)
-        if selection_gap(q, k, r, kk, key_t, seq_lens, attn_mask, local_window, scale) > rel_k:
+        if selection_gap(q, k, r, kk, key_t, seq_lens, attn_mask, local_window, scale, softcap,
+                         key_t_scale) > rel_k:
             return q
         g = torch.Generator(device=q.device).manual_seed(2_000_003 * (seed + 1) + attempt)
         q = torch.randn(q.shape, generator=g, device=q.device).to(q.dtype)

@@ -34,7 +34,8 @@ def check_against_reference(q, K, V, r, k, **kwargs):
     top-r / top-k boundary is a near-tie."""
     q = separated_query(q, K, r, k, key_t=kwargs.get("key_t"), seq_lens=kwargs.get("seq_lens"),
                         attn_mask=kwargs.get("attn_mask"),
-                        local_window=kwargs.get("local_window", 0), scale=kwargs.get("scale"))
+                        local_window=kwargs.get("local_window", 0), scale=kwargs.get("scale"),
+                        softcap=kwargs.get("softcap"), key_t_scale=kwargs.get("key_t_scale"))
     with torch.no_grad():
         out = sparq_ext.attention(q, K, V, r=r, k=k, **kwargs)
         ref = sparq_attention_reference(q, K, V, r=r, k=k, **kwargs)
@@ -138,6 +139,27 @@ def test_torch_compile_fullgraph():
         got = torch.compile(step, fullgraph=True)(q, K, V, Kt, mask)
         eager = step(q, K, V, Kt, mask)
     torch.testing.assert_close(got, eager, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_softcap_and_sinks_without_host_sync(dtype):
+    # G = 12 (two group chunks: with softcap one approx_logits block forms both), rows over
+    # several topk blocks and partitions, a ragged batch with an empty row.
+    q, K, V, Kt = cuda_inputs(3, 24, 2, 9000, 128, dtype, seed=40)
+    q = (q.float() * 3).to(dtype)  # logits of a few units: softcap 5 bends them
+    sinks = torch.randn(24, generator=torch.Generator().manual_seed(41)).cuda() * 2 + 9
+    seq_lens = torch.tensor([9000, 4000, 0], device="cuda")
+    kwargs = dict(key_t=Kt, seq_lens=seq_lens, local_window=32, softcap=5.0, sinks=sinks)
+    out = check_against_reference(q, K, V, 16, 560, **kwargs)
+    assert not out[2].any()
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = sparq_ext.attention(q, K, V, r=16, k=560, reallocate=False, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(again).all()
 
 
 def test_opcheck():

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from sparq_ext import sparq_attention_reference
-from sparq_ext.reference import valid_positions
+from sparq_ext.reference import dense_attention_reference, valid_positions
 from sparq_testutil import page_table, separated_query, to_pages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,11 +108,12 @@ def emu():
         pytest.fail(f"emulation build failed:\n{error.stderr[-4000:]}")
     i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sparq_emu_attention.restype = i32
+    f32 = ctypes.c_float
     lib.sparq_emu_attention.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, i64, i32,
-                                        ctypes.c_float, i64, i64, vp, vp, vp, vp, vp, vp, vp,
+                                        f32, f32, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp,
                                         vp, vp, vp, vp, vp, i32]
     lib.sparq_emu_paged_attention.restype = i32
-    lib.sparq_emu_paged_attention.argtypes = [i32] + [i64] * 10 + [i32, ctypes.c_float, i64, i64] \
+    lib.sparq_emu_paged_attention.argtypes = [i32] + [i64] * 10 + [i32, f32, f32, vp, i64, i64] \
         + [vp] * 11 + [i64, vp, vp, i32]
     lib.sparq_emu_plan.restype = None
     lib.sparq_emu_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, vp, vp]
@@ -140,12 +141,12 @@ def _strides(t):
 
 
 def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None,
-                 attn_mask=None, local_window=0, reallocate=True, scale=None, sm_count=132,
-                 topk_blocks=0, repeats=1, return_topk=False):
+                 attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
+                 sinks=None, sm_count=132, topk_blocks=0, repeats=1, return_topk=False):
     """The emulated CUDA pipeline. ``q`` may sit at any storage offset (it must be contiguous,
     as the host glue makes it); ``k``/``v``/``key_t`` keep their strides (key_t needs a unit
-    S-stride). With ``return_topk`` also returns the selected positions, ``(B, Hkv, k_eff)``
-    int32 (-1 past each row's min(k, valid count))."""
+    S-stride); ``sinks`` fp32 ``(Hq,)``. With ``return_topk`` also returns the selected
+    positions, ``(B, Hkv, k_eff)`` int32 (-1 past each row's min(k, valid count))."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     assert q.is_contiguous() and (key_t is None or key_t.stride(-1) == 1 or S == 1)
@@ -157,9 +158,10 @@ def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None
     scale = D**-0.5 if scale is None else scale
     topk = torch.full((B, Hkv, min(kk, S)), -1, dtype=torch.int32)
     strides = [_strides(t) for t in (k, v, key_t)]
+    sinks = None if sinks is None else sinks.float().contiguous()
     err = lib.sparq_emu_attention(
         DTYPE_CODE[q.dtype], B, Hq, Hkv, S, D, r, kk, local_window, int(reallocate), scale,
-        sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]), _ptr(v), _ptr(strides[1]),
+        softcap or 0.0, _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]), _ptr(v), _ptr(strides[1]),
         _ptr(key_t), _ptr(strides[2]), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out),
         _ptr(topk), repeats)
     assert err == 0, f"launch error {err}"
@@ -184,12 +186,14 @@ def check(lib, q, k, v, r, kk, *, with_key_t=True, atol=None, exact_choice=True,
     if exact_choice:  # no ties at the top-r / top-k boundaries (see sparq_testutil)
         q = separated_query(q, k, r, kk, key_t=key_t, seq_lens=kw.get("seq_lens"),
                             attn_mask=kw.get("attn_mask"),
-                            local_window=kw.get("local_window", 0), scale=kw.get("scale"))
+                            local_window=kw.get("local_window", 0), scale=kw.get("scale"),
+                            softcap=kw.get("softcap"))
     got, topk = run_emulated(lib, q, k, v, r, kk, key_t=key_t, return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
                                         kw.get("seq_lens"), kw.get("attn_mask"),
                                         kw.get("local_window", 0), kw.get("reallocate", True),
-                                        kw.get("scale"), return_selection=True)
+                                        kw.get("scale"), kw.get("softcap"), kw.get("sinks"),
+                                        return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the emulated output (unwritten or bad math)"
     if exact_choice:
         valid = valid_positions(q.shape[0], k.shape[2], kw.get("seq_lens"), kw.get("attn_mask"))
@@ -322,7 +326,12 @@ def test_randomised_options(emu, case):
         kw["value_mean"] = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
     if pick([False, True]):
         kw["scale"] = float(torch.rand(1, generator=g)) + 0.01
-    check(emu, q, k, v, r, kk, with_key_t=pick([True, False]), **kw)
+    with_key_t = pick([True, False])
+    if pick([False, False, True]):
+        kw["softcap"] = pick([1.0, 5.0, 30.0])
+    if pick([False, False, True]):
+        kw["sinks"] = torch.randn(G * Hkv, generator=g) * 2 + 3
+    check(emu, q, k, v, r, kk, with_key_t=with_key_t, **kw)
 
 
 # ---- long rows: the selected sets exactly, with topk split over blocks from the SM count ----
@@ -425,11 +434,59 @@ def test_nan_rule(emu):
     assert torch.isnan(got[0, :2]).all() and torch.isfinite(got[0, 2:]).all()
 
 
+# ---- softcap (Gemma 2) and sinks (gpt-oss): docs/design.md section 1's softmax variants ----
+
+def sink_logits(Hq, seed, loc):
+    """fp32 sink logits around ``loc`` (near the logsumexp of a test's logits, so that each
+    sink takes a real share of its head's softmax and dropping it shows)."""
+    g = torch.Generator().manual_seed(seed + 101)
+    return torch.randn(Hq, generator=g) * 2 + loc
+
+
+SOFTMAX_VARIANTS = {"softcap": (4.0, False), "sinks": (None, True), "softcap_sinks": (4.0, True)}
+
+
+@pytest.mark.parametrize("variant", list(SOFTMAX_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# MHA; GQA in one group chunk; G = 12, two chunks of 8 heads (with softcap one block forms
+# both: the selection score sums every head's capped logit)
+@pytest.mark.parametrize("G", [1, 4, 12])
+def test_softcap_and_sinks(emu, variant, dtype, G):
+    softcap, with_sinks = SOFTMAX_VARIANTS[variant]
+    B, Hkv, S = 3, 2, 700
+    q, k, v = inputs(B, G * Hkv, Hkv, S, 64, dtype, 50 + G)
+    q = (q.float() * 3).to(dtype)  # logits of a few units (std 3): the cap bends them
+    g = torch.Generator().manual_seed(51)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.2
+    mask[1, ..., :300] = False
+    seq_lens = torch.tensor([700, 650, 0])  # an empty row: zeros, with a sink too
+    sinks = sink_logits(G * Hkv, G, loc=9.0) if with_sinks else None
+    for reallocate in (True, False):
+        got = check(emu, q, k, v, 12, 60, attn_mask=mask, seq_lens=seq_lens, local_window=8,
+                    softcap=softcap, sinks=sinks, reallocate=reallocate, topk_blocks=3)
+        assert not got[2].any(), "a row without valid positions gives zeros"
+
+
+@pytest.mark.parametrize("G", [1, 12])
+def test_softcap_and_sinks_dense_limit(emu, G):
+    # k >= the valid length: alpha = 1 exactly with the sink counted as selected, so the output
+    # is dense attention with the cap and the sink (float64 reference written independently).
+    q, k, v = inputs(2, G * 2, 2, 300, 64, torch.float32, 60 + G)
+    q = q * 3
+    sinks = sink_logits(G * 2, G, loc=7.0)
+    lens = torch.tensor([300, 117])
+    got = check(emu, q, k, v, 8, 400, seq_lens=lens, local_window=5, softcap=4.0, sinks=sinks)
+    dense = dense_attention_reference(q.double(), k.double(), v.double(), seq_lens=lens,
+                                      softcap=4.0, sinks=sinks)
+    torch.testing.assert_close(got.double(), dense, atol=2e-5, rtol=2e-5)
+
+
 # ---- paged_attention: the same kernels with the block table as their position policy ----
 
 def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r, kk,
                        key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                       scale=None, sm_count=132, topk_blocks=0, repeats=1):
+                       scale=None, softcap=None, sinks=None, sm_count=132, topk_blocks=0,
+                       repeats=1):
     """The emulated pipeline on a paged cache, as paged_attention_cuda calls it: ``q``
     ``(R, Hq, D)`` contiguous; caches, table and lengths keep their strides. Returns the output
     and the selected positions ``(R, Hkv, min(k, max_blocks * block_size))`` (-1 past each
@@ -442,10 +499,11 @@ def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r,
     topk = torch.full((R, Hkv, min(kk, max_blocks * block_size)), -1, dtype=torch.int32)
     strides = [_strides(t) for t in (key_cache, value_cache, key_t_cache, block_table)]
     vm = None if value_mean is None else value_mean.contiguous()
+    sinks = None if sinks is None else sinks.float().contiguous()
     err = lib.sparq_emu_paged_attention(
         DTYPE_CODE[q.dtype], R, Hq, Hkv, num_blocks, block_size, max_blocks, D, r, kk,
-        local_window, int(reallocate), D**-0.5 if scale is None else scale, sm_count,
-        topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]), _ptr(value_cache),
+        local_window, int(reallocate), D**-0.5 if scale is None else scale, softcap or 0.0,
+        _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]), _ptr(value_cache),
         _ptr(strides[1]), _ptr(key_t_cache), _ptr(strides[2]), _ptr(vm), _ptr(block_table),
         _ptr(strides[3]), _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats)
     assert err == 0, f"launch error {err}"
@@ -457,8 +515,8 @@ ENGINE_LAYOUT = (0, 2, 1, 3)  # (num_blocks, block_size, Hkv, D) storage seen th
 
 def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(None, 4, 2, 64),
                 r=8, kk=40, local_window=8, key_t="contiguous", storage_order=(0, 1, 2, 3),
-                shared_blocks=2, value_mean=False, reallocate=True, scale=None, topk_blocks=0,
-                repeats=1, seed=0):
+                shared_blocks=2, value_mean=False, reallocate=True, scale=None, softcap=None,
+                sinks=None, topk_blocks=0, repeats=1, seed=0):
     """paged_attention on the emulator against attention on the de-paged contiguous cache:
     the emulated contiguous pipeline (same selection exactly, outputs up to summation order)
     and the reference (same selection exactly, outputs within the dtype's tolerance).
@@ -475,7 +533,7 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     V[1:, :, :shared] = V[:1, :, :shared]
     K_t = K.transpose(-1, -2).contiguous()
     q = separated_query(q, K, r, kk, key_t=K_t, seq_lens=lens, local_window=local_window,
-                        scale=scale, seed=seed)
+                        scale=scale, softcap=softcap, seed=seed)
     key_cache = to_pages(K, table, lens, num_blocks, block_size, storage_order=storage_order)
     value_cache = to_pages(V, table, lens, num_blocks, block_size, storage_order=storage_order)
     key_t_cache = None
@@ -487,8 +545,8 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     vm = None
     if value_mean:  # any (R, Hkv, D) values
         vm = torch.randn(R, Hkv, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    kw = dict(local_window=local_window, reallocate=reallocate, scale=scale,
-              topk_blocks=topk_blocks)
+    kw = dict(local_window=local_window, reallocate=reallocate, scale=scale, softcap=softcap,
+              sinks=sinks, topk_blocks=topk_blocks)
     got, topk = run_emulated_paged(lib, q[:, :, 0].contiguous(), key_cache, value_cache, table,
                                    lens, r, kk, key_t_cache=key_t_cache, value_mean=vm,
                                    repeats=repeats, **kw)
@@ -496,7 +554,8 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     contiguous, topk_c = run_emulated(lib, q, K, V, r, kk, key_t=K_t if key_t else None,
                                       value_mean=vm4, seq_lens=lens, return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, K, V, r, kk, K_t if key_t else None, vm4, lens, None,
-                                        local_window, reallocate, scale, return_selection=True)
+                                        local_window, reallocate, scale, softcap, sinks,
+                                        return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the paged output (an unowned slot read?)"
     assert_same_selection(topk, i2, lens)
     assert_same_selection(topk, topk_c.long(), lens)
@@ -581,3 +640,14 @@ def test_paged_long_row_multi_block_topk(emu):
     check_paged(emu, seq_lens=(S, 1000), block_size=block_size, dtype=torch.bfloat16,
                 R_G_Hkv_D=(None, 4, 2, 64), r=16, kk=S // 16, local_window=S // 64, seed=40)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size,G", [(16, 4), (20, 9)])  # G = 9: two group chunks
+def test_paged_softcap_and_sinks(emu, dtype, block_size, G):
+    # logits of std 1 here: softcap 1 bends them; sinks near their logsumexp
+    check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=block_size, dtype=dtype,
+                R_G_Hkv_D=(None, G, 2, 64), softcap=1.0, sinks=sink_logits(2 * G, G, loc=5.0),
+                key_t=ENGINE_LAYOUT, seed=block_size)
+    check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=block_size, dtype=dtype,
+                R_G_Hkv_D=(None, G, 2, 64), sinks=sink_logits(2 * G, G, loc=5.0),
+                reallocate=False, seed=block_size + 1)

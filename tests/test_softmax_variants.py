@@ -282,13 +282,28 @@ def test_native_cpu_kernel_checks_them_too():
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and sparq_ext.has_native_kernel("cuda")),
                     reason="needs the native CUDA kernel and a GPU")
-def test_cuda_kernel_refuses_them_and_the_wrapper_runs_the_reference():
-    q, K, V, _, sinks = (t.cuda() if t is not None else None for t in _case(sinks=True))
-    for kwargs, name in ((dict(softcap=2.0), "softcap"), (dict(sinks=sinks), "sinks")):
-        with pytest.raises(NotImplementedError, match=name):
-            torch.ops.sparq_ext.attention(q, K, V, r=4, k=20, **kwargs)
-        out = sparq_ext.attention(q, K, V, r=4, k=20, **kwargs)
-        torch.testing.assert_close(out, sparq_attention_reference(q, K, V, 4, 20, **kwargs))
+def test_cuda_kernels_implement_them():
+    """The CUDA kernels take softcap and sinks themselves: a direct torch.ops call (no Python
+    wrapper, so no reference behind it) equals the reference, contiguous and paged."""
+    q0, K, V, Kt, sinks = _case(sinks=True)
+    lens = torch.tensor([300, 300], dtype=torch.int32)
+    table = torch.arange(2 * 300 // 20, dtype=torch.int32).reshape(2, 15)
+    key_cache = to_pages(K, table, lens, 30, 20)
+    value_cache = to_pages(V, table, lens, 30, 20)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    for softcap, with_sinks in ((8.0, False), (None, True), (8.0, True)):
+        kwargs = dict(softcap=softcap, sinks=sinks if with_sinks else None)
+        q = _separated(q0, K, 4, 20, softcap=softcap)
+        ref = sparq_attention_reference(q, K, V, 4, 20, key_t=Kt, local_window=2, **kwargs)
+        with torch.no_grad():
+            out = torch.ops.sparq_ext.attention(cuda(q), cuda(K), cuda(V), r=4, k=20,
+                                                key_t=cuda(Kt), local_window=2,
+                                                **{n: cuda(t) for n, t in kwargs.items()})
+            paged = torch.ops.sparq_ext.paged_attention(
+                cuda(q[:, :, 0]), cuda(key_cache), cuda(value_cache), cuda(table), cuda(lens),
+                r=4, k=20, local_window=2, **{n: cuda(t) for n, t in kwargs.items()})
+        torch.testing.assert_close(out.cpu(), ref, **tolerance(torch.float32, "cuda"))
+        torch.testing.assert_close(paged.cpu(), ref[:, :, 0], **tolerance(torch.float32, "cuda"))
 
 
 # --- Registration -------------------------------------------------------------------------------

@@ -22,6 +22,10 @@
 // All G query heads of a group are formed in registers from the same loads (GC at a time;
 // with G > 8 the further chunks re-read the tile through L2, never DRAM twice in practice).
 // The group sum uses the summed coefficients, so it costs one FMA per component and position.
+// With softcap each head's logit is capped before it enters the statistics and the group sum
+// (docs/design.md section 1), so the group sum is formed from the capped heads instead, and
+// one block forms every chunk of its tile (grid.z = 1; the chunks run in turn, the tile's
+// rows re-read through L1/L2).
 #include <type_traits>
 
 #include "sparq/cuda_common.cuh"
@@ -78,15 +82,21 @@ __global__ void __launch_bounds__(kApproxThreads)
 
   const int64_t row = blockIdx.y;
   const int64_t b = row / p.Hkv, h = row % p.Hkv;
-  const int64_t g0 = static_cast<int64_t>(blockIdx.z) * GC;
   const int64_t tile = blockIdx.x;
   const int64_t len = p.row_len[b];
   const int64_t tile_start = tile * TILE;
   const int64_t G = p.G, r = p.r;
+  // The head chunks this block forms: its own (grid.z = group chunks), or with softcap all of
+  // them (grid.z = 1): the selection score then sums the capped logits of every head, which
+  // the summed coefficients cannot give (tanh is not linear), so one block forms them all.
+  const bool capped = p.softcap > 0.f;
+  const int64_t chunk_first = blockIdx.z;
+  const int64_t chunk_end = capped ? ceil_div(G, GC) : chunk_first + 1;
+  const int64_t heads_end = chunk_end * GC < G ? chunk_end * GC : G;
 
   if (tile_start >= len) {  // beyond the valid length: empty statistics only
-    if (threadIdx.x < GC && g0 + threadIdx.x < G) {
-      float* st = p.tile_stats + (((row * G) + g0 + threadIdx.x) * p.n_tiles + tile) * 2;
+    for (int64_t g = chunk_first * GC + threadIdx.x; g < heads_end; g += blockDim.x) {
+      float* st = p.tile_stats + ((row * G + g) * p.n_tiles + tile) * 2;
       st[0] = -INFINITY;
       st[1] = 0.f;
     }
@@ -96,64 +106,11 @@ __global__ void __launch_bounds__(kApproxThreads)
   for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
     comp[j] = p.i1[row * r + j];
     coef_sum[j] = p.coef_sum[row * r + j];
-#pragma unroll
-    for (int g = 0; g < GC; ++g)
-      coef[g][j] = g0 + g < G ? p.coef[((row * G) + g0 + g) * r + j] : 0.f;
   }
   for (int i = threadIdx.x; i < kTopkDigitBuckets; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
 
   const int64_t s0 = tile_start + static_cast<int64_t>(threadIdx.x) * VEC;
   const bool full_run = s0 + VEC <= len;
-  float acc[GC][VEC];
-  float acc_sum[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    acc_sum[v] = 0.f;
-#pragma unroll
-    for (int g = 0; g < GC; ++g) acc[g][v] = 0.f;
-  }
-
-  if (s0 < len) {
-    const Pos pos = Pos::of(p.pages, b);
-    // A contiguous key_t has unit position stride (the host makes it so): a constant here, so
-    // the contiguous instantiation addresses key_t with no stride arithmetic at all.
-    const int64_t kt_ss = std::is_same_v<Pos, StridedPositions> ? 1 : p.kt_ss;
-    const PositionRun<Pos, VEC> run(pos, s0, len, kKeyT ? p.kt_sb : p.k_sb,
-                                    kKeyT ? kt_ss : p.k_ss);
-    const T* base;
-    if constexpr (kKeyT) {
-      base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh + run.start;
-    } else {
-      base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + run.start;
-    }
-#pragma unroll 4
-    for (int64_t j = 0; j < r; ++j) {
-      float x[VEC];
-      if constexpr (kKeyT) {
-        const T* src = base + comp[j] * p.kt_sd;
-        if (full_run && p.kt_vec) {
-          load_as_float<T, VEC>(src + run.at(0), x);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
-        }
-      } else {
-        const T* src = base + comp[j];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
-      }
-      const float cs = coef_sum[j];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        acc_sum[v] = fmaf(cs, x[v], acc_sum[v]);
-#pragma unroll
-        for (int g = 0; g < GC; ++g) acc[g][v] = fmaf(coef[g][j], x[v], acc[g][v]);
-      }
-    }
-  }
-
-  // Validity and the local window, then the selection score and statistics.
   const int64_t win_start = p.win_start[b];
   bool valid[VEC];
 #pragma unroll
@@ -161,13 +118,113 @@ __global__ void __launch_bounds__(kApproxThreads)
     const int64_t s = s0 + v;
     valid[v] = s < len && (p.mask == nullptr || p.mask[b * p.S + s] != 0);
   }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float group_sum[VEC];  // the selection score before masking: sum_g of the heads' logits
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) group_sum[v] = 0.f;
 
+  for (int64_t chunk = chunk_first; chunk < chunk_end; ++chunk) {
+    // Barriers of the previous chunk order the reuse of coef and warp_stats: its coef reads
+    // precede its warp_stats barrier, its warp_stats reads precede the coef barrier below.
+    const int64_t g0 = chunk * GC;
+    for (int64_t j = threadIdx.x; j < r; j += blockDim.x) {
+#pragma unroll
+      for (int g = 0; g < GC; ++g)
+        coef[g][j] = g0 + g < G ? p.coef[((row * G) + g0 + g) * r + j] : 0.f;
+    }
+    __syncthreads();
+
+    float acc[GC][VEC];
+    float acc_sum[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      acc_sum[v] = 0.f;
+#pragma unroll
+      for (int g = 0; g < GC; ++g) acc[g][v] = 0.f;
+    }
+
+    if (s0 < len) {
+      const Pos pos = Pos::of(p.pages, b);
+      // A contiguous key_t has unit position stride (the host makes it so): a constant here,
+      // so the contiguous instantiation addresses key_t with no stride arithmetic at all.
+      const int64_t kt_ss = std::is_same_v<Pos, StridedPositions> ? 1 : p.kt_ss;
+      const PositionRun<Pos, VEC> run(pos, s0, len, kKeyT ? p.kt_sb : p.k_sb,
+                                      kKeyT ? kt_ss : p.k_ss);
+      const T* base;
+      if constexpr (kKeyT) {
+        base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh +
+               run.start;
+      } else {
+        base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + run.start;
+      }
+#pragma unroll 4
+      for (int64_t j = 0; j < r; ++j) {
+        float x[VEC];
+        if constexpr (kKeyT) {
+          const T* src = base + comp[j] * p.kt_sd;
+          if (full_run && p.kt_vec) {
+            load_as_float<T, VEC>(src + run.at(0), x);
+          } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v)
+              x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
+          }
+        } else {
+          const T* src = base + comp[j];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
+        }
+        const float cs = coef_sum[j];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          acc_sum[v] = fmaf(cs, x[v], acc_sum[v]);
+#pragma unroll
+          for (int g = 0; g < GC; ++g) acc[g][v] = fmaf(coef[g][j], x[v], acc[g][v]);
+        }
+      }
+    }
+
+    if (capped) {  // each head's logit capped, then summed (heads past G have logit 0: cap 0)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+#pragma unroll
+        for (int g = 0; g < GC; ++g) {
+          acc[g][v] = softcap_logit(acc[g][v], p.softcap);
+          group_sum[v] += acc[g][v];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) group_sum[v] = acc_sum[v];
+    }
+
+#pragma unroll
+    for (int g = 0; g < GC; ++g) {
+      SoftmaxState st = softmax_empty();
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        if (valid[v]) st = softmax_push(st, acc[g][v]);
+      st = warp_merge(st);
+      if (lane == 0) warp_stats[g][warp] = st;
+    }
+    __syncthreads();
+    if (threadIdx.x < GC && g0 + threadIdx.x < G) {
+      SoftmaxState st = softmax_empty();
+      for (int w = 0; w < kApproxThreads / 32; ++w)
+        st = softmax_merge(st, warp_stats[threadIdx.x][w]);
+      float* out = p.tile_stats + (((row * G) + g0 + threadIdx.x) * p.n_tiles + tile) * 2;
+      out[0] = st.m;
+      out[1] = st.l;
+    }
+  }
+
+  // Validity and the local window: the selection score, the histogram and the valid count.
   if (blockIdx.z == 0) {
     float score[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       score[v] = !valid[v] ? kInvalidScore
-                 : (s0 + v >= win_start ? kWindowScore : selection_score(acc_sum[v]));
+                 : (s0 + v >= win_start ? kWindowScore : selection_score(group_sum[v]));
     }
     float* out = p.sel_score + row * p.S_pad + s0;
     if (full_run) {  // S_pad and s0 are multiples of 4: aligned float4 stores
@@ -177,7 +234,7 @@ __global__ void __launch_bounds__(kApproxThreads)
         *reinterpret_cast<float4*>(out + v) = make_float4(score[v], score[v + 1], score[v + 2],
                                                           score[v + 3]);
       }
-    } else {
+    } else if (s0 < len) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
         if (s0 + v < len) out[v] = score[v];
@@ -194,28 +251,7 @@ __global__ void __launch_bounds__(kApproxThreads)
     for (int off = 16; off > 0; off >>= 1) n_valid += __shfl_xor_sync(kFullMask, n_valid, off);
     if ((threadIdx.x & 31) == 0 && n_valid != 0)
       atomicAdd(&p.counters[row * p.counter_stride + kValidCount], n_valid);
-  }
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int g = 0; g < GC; ++g) {
-    SoftmaxState st = softmax_empty();
-#pragma unroll
-    for (int v = 0; v < VEC; ++v)
-      if (valid[v]) st = softmax_push(st, acc[g][v]);
-    st = warp_merge(st);
-    if (lane == 0) warp_stats[g][warp] = st;
-  }
-  __syncthreads();
-  if (threadIdx.x < GC && g0 + threadIdx.x < G) {
-    SoftmaxState st = softmax_empty();
-    for (int w = 0; w < kApproxThreads / 32; ++w)
-      st = softmax_merge(st, warp_stats[threadIdx.x][w]);
-    float* out = p.tile_stats + (((row * G) + g0 + threadIdx.x) * p.n_tiles + tile) * 2;
-    out[0] = st.m;
-    out[1] = st.l;
-  }
-  if (blockIdx.z == 0) {
+    __syncthreads();  // the tile's histogram complete
     uint32_t* global_hist = p.hist + row * kTopkDigitBuckets;
     for (int i = threadIdx.x; i < kTopkDigitBuckets; i += blockDim.x)
       if (hist[i] != 0) atomicAdd(&global_hist[i], hist[i]);
@@ -226,8 +262,9 @@ __global__ void __launch_bounds__(kApproxThreads)
 cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (p.r > kMaxHeadDim || p.rows > 65535) return cudaErrorInvalidValue;
+  // With softcap one block forms every head of its tile (the kernel's comment says why).
   const dim3 grid(static_cast<unsigned>(p.n_tiles), static_cast<unsigned>(p.rows),
-                  static_cast<unsigned>(group_chunks(p.G)));
+                  static_cast<unsigned>(p.softcap > 0.f ? 1 : group_chunks(p.G)));
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
       SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {

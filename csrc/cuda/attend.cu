@@ -12,14 +12,16 @@
 //   latency per partition instead of one per group. With G > 8 the further group chunks
 //   re-read the rows through L2. It forms all heads' exact logits and, from the same K row,
 //   their approximate logits (the dot product restricted to the i1 components, times the
-//   head's scale), so alpha needs no per-head logits from approx_logits. The query slice of
-//   each lane (prep's aligned fp32 copy) lives in registers.
+//   head's scale), so alpha needs no per-head logits from approx_logits; with softcap both
+//   logits are capped (tanhf) before they enter the softmaxes. The query slice of each lane
+//   (prep's aligned fp32 copy) lives in registers.
 //   Writes per partition and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the
 //   exact and approximate softmax (flash-decoding partials).
 // merge: the last block of each (row, group chunk) to finish (a done counter per chunk)
 //   reads the partials ((D + 4) * 4 B per partition and head), the approx_logits tile
 //   statistics (8 B per tile and head) and v_mean (D values), and writes the output (D*e B
-//   per head): no separate merge launch.
+//   per head): no separate merge launch. A head's sink (4 B) joins its exact softmax (the
+//   denominator of y) and both sides of alpha, as one more always-selected entry.
 // Paged caches (PagedPositions): each selected position's block is looked up with its index,
 // two pipeline steps ahead of the rows (one 4-byte table read per position, shared by K and
 // V), so the extra dependency costs no latency on the critical path; value_sum looks up each
@@ -133,6 +135,15 @@ __device__ void merge_chunk(const AttendParams& p, int64_t row, int64_t g0, int6
     }
     exact = block_merge(exact);
     selected = block_merge(selected);
+    if (p.sinks != nullptr && n_valid > 0) {
+      // The sink, one more entry of the head's softmaxes with no value: in the exact softmax's
+      // denominator, and in alpha as selected mass (docs/design.md): k >= the valid length
+      // stays dense attention with the sink. An empty row stays zeros.
+      const float sink = p.sinks[(row % p.Hkv) * G + g];
+      exact = softmax_push(exact, sink);
+      selected = softmax_push(selected, sink);
+      full = softmax_push(full, sink);
+    }
     const float alpha = softmax_mass_ratio(selected, full);
 
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -216,6 +227,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
   const T* k_base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + d0;
   const T* v_base = static_cast<const T*>(p.value) + pos.row_offset(p.v_sb) + h * p.v_sh + d0;
   const int32_t* idx = p.topk_idx + row * p.k_eff;
+  const bool capped = p.softcap > 0.f;
 
   float acc[GC][EPL];
   SoftmaxState exact[GC], approx[GC];
@@ -296,7 +308,12 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
       if (!active) continue;
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
-        const float logit = x[g] * p.scale;
+        float logit = x[g] * p.scale, approx_logit = xa[g] * head_scale[g];
+        if (capped) {
+          logit = softcap_logit(logit, p.softcap);
+          approx_logit = softcap_logit(approx_logit, p.softcap);
+        }
+        approx[g] = softmax_push(approx[g], approx_logit);
         if (logit == -INFINITY) continue;  // only with -inf in the inputs; keeps m finite
         const float m_new = fmaxf(exact[g].m, logit);
         const float c = softmax_rescale(exact[g].m, m_new);
@@ -304,7 +321,6 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
         exact[g] = {m_new, exact[g].l * c + w};
 #pragma unroll
         for (int e = 0; e < EPL; ++e) acc[g][e] = fmaf(acc[g][e], c, w * vv[e]);
-        approx[g] = softmax_push(approx[g], xa[g] * head_scale[g]);
       }
     }
 #pragma unroll

@@ -70,7 +70,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
                                const std::optional<at::Tensor>& value_mean,
                                const std::optional<at::Tensor>& seq_lens,
                                const std::optional<at::Tensor>& attn_mask, int64_t local_window,
-                               bool reallocate, double scale) {
+                               bool reallocate, double scale, std::optional<double> softcap,
+                               const std::optional<at::Tensor>& sinks) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
   const int64_t Hkv = key.size(1), S = key.size(2);
   const DType dtype = kernel_dtype(query.scalar_type());
@@ -95,6 +96,7 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+  const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
 
   cuda::AttentionProblem prob{};
   prob.dtype = dtype;
@@ -108,6 +110,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   prob.window = local_window;
   prob.reallocate = reallocate;
   prob.scale = static_cast<float>(scale);
+  prob.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  prob.sinks = sinks ? sink_logits.data_ptr<float>() : nullptr;
   prob.sm_count = sm_count(query.get_device());
   prob.query = q.data_ptr();
   prob.key = key_rows.data_ptr();
@@ -154,9 +158,10 @@ void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows, const c
 
 }  // namespace
 
-at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
   const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
                                                seq_lens, attn_mask, local_window);
+  check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.B * d.Hkv, "B * Hkv");
   TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
               "the CUDA kernels support S < 2^30 positions, got ", d.S);
@@ -174,12 +179,13 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
     if (key_t) kt = at::constant_pad_nd(*key_t, {0, 0, 0, pad});
     if (value_mean) vm = pad_last(*value_mean);
     return attention_cuda_impl(pad_last(query), pad_last(key), pad_last(value), r, k, kt, vm,
-                               seq_lens, attn_mask, local_window, reallocate, logit_scale)
+                               seq_lens, attn_mask, local_window, reallocate, logit_scale,
+                               softcap, sinks)
         .narrow(3, 0, d.D)
         .contiguous();
   }
   return attention_cuda_impl(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                             local_window, reallocate, logit_scale);
+                             local_window, reallocate, logit_scale, softcap, sinks);
 }
 
 // The paged cache is read in place: K / V rows with unit D-stride and 16-byte aligned rows
@@ -189,10 +195,11 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS) {
 // comes from the shapes (S = max_blocks * block_size, the table's capacity), so the call is
 // CUDA-graph capturable; each row's work is bounded by its seq_lens on the device (blocks of
 // approx_logits, topk and value_sum past a row's length return at once).
-at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS) {
+at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
                                                  local_window);
+  check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
   // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
   TORCH_CHECK(d.D % 8 == 0, "paged_attention on CUDA needs head_dim (D) a multiple of 8 (the "
@@ -215,6 +222,7 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS) {
   const at::Tensor key_rows = with_aligned_rows(key_cache);
   const at::Tensor value_rows = with_aligned_rows(value_cache);
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+  const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
 
   cuda::AttentionProblem prob{};
   prob.dtype = dtype;
@@ -228,6 +236,8 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS) {
   prob.window = local_window;
   prob.reallocate = reallocate;
   prob.scale = static_cast<float>(logit_scale);
+  prob.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  prob.sinks = sinks ? sink_logits.data_ptr<float>() : nullptr;
   prob.sm_count = sm_count(query.get_device());
   prob.pages = {block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.stride(1),
                 static_cast<int32_t>(d.block_size), static_cast<int32_t>(d.num_blocks)};

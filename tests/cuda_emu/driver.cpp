@@ -34,10 +34,11 @@ std::vector<unsigned char>* contiguous_copy(const void* src, int64_t e, int64_t 
 // topk_idx_out: (B*Hkv, min(k, S)) int32 or nullptr, the positions topk selected (the
 // first min(k, valid count) of each row are meaningful; the rest stay -1).
 // repeats > 1 enqueues the call again on the same, now dirty, workspace (as a CUDA-graph
-// replay does): the output must not change.
+// replay does): the output must not change. softcap 0: none; sinks (Hq,) fp32 or nullptr.
 extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                                    int64_t D, int64_t r, int64_t k, int64_t window,
-                                   int reallocate, float scale, int64_t sm_count,
+                                   int reallocate, float scale, float softcap, const float* sinks,
+                                   int64_t sm_count,
                                    int64_t topk_blocks, const void* query, const void* key,
                                    const int64_t* k_strides, const void* value,
                                    const int64_t* v_strides, const void* key_t,
@@ -58,6 +59,8 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   a.window = window;
   a.reallocate = reallocate != 0;
   a.scale = scale;
+  a.softcap = softcap;
+  a.sinks = sinks;
   a.sm_count = sm_count;
   a.topk_blocks = topk_blocks;
   a.query = query;
@@ -117,9 +120,9 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
 extern "C" int sparq_emu_paged_attention(
     int dtype, int64_t R, int64_t Hq, int64_t Hkv, int64_t num_blocks, int64_t block_size,
     int64_t max_blocks, int64_t D, int64_t r, int64_t k, int64_t window, int reallocate,
-    float scale, int64_t sm_count, int64_t topk_blocks, const void* query, const void* key,
-    const int64_t* k_strides, const void* value, const int64_t* v_strides, const void* key_t,
-    const int64_t* kt_strides, const void* value_mean, const int32_t* block_table,
+    float scale, float softcap, const float* sinks, int64_t sm_count, int64_t topk_blocks,
+    const void* query, const void* key, const int64_t* k_strides, const void* value,
+    const int64_t* v_strides, const void* key_t, const int64_t* kt_strides, const void* value_mean, const int32_t* block_table,
     const int64_t* bt_strides, const int32_t* seq_lens, int64_t seq_lens_stride, void* out,
     int32_t* topk_idx_out, int repeats) {
   using namespace sparq::cuda;
@@ -136,6 +139,8 @@ extern "C" int sparq_emu_paged_attention(
   a.window = window;
   a.reallocate = reallocate != 0;
   a.scale = scale;
+  a.softcap = softcap;
+  a.sinks = sinks;
   a.sm_count = sm_count;
   a.topk_blocks = topk_blocks;
   a.pages = {block_table, bt_strides[0], bt_strides[1], static_cast<int32_t>(block_size),

@@ -84,11 +84,14 @@ struct Workspace {
 template <typename T>
 static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
                      int64_t r, int64_t k, int64_t window, bool with_key_t, bool with_mask,
-                     bool reallocate, bool with_mean) {
+                     bool reallocate, bool with_mean, float softcap = 0.0f,
+                     bool with_sinks = false) {
   std::mt19937 gen(static_cast<unsigned>(S * 31 + D));
   std::normal_distribution<float> normal;
   std::vector<T> q(B * Hq * D), key(B * Hkv * S * D), value(key.size()), key_t(key.size());
   std::vector<T> out(B * Hq * D, cast<T>(NAN)), mean(B * Hkv * D);
+  std::vector<float> sinks(Hq);
+  for (auto& x : sinks) x = 2.0f * normal(gen) + 4.0f;
   for (auto& x : q) x = cast<T>(normal(gen));
   for (auto& x : key) x = cast<T>(normal(gen));
   for (auto& x : value) x = cast<T>(normal(gen));
@@ -113,6 +116,8 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   a.window = window;
   a.reallocate = reallocate;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.softcap = softcap;
+  a.sinks = with_sinks ? sinks.data() : nullptr;
   a.sm_count = 132;
   a.topk_blocks = g_topk_blocks;
   a.query = q.data();
@@ -142,11 +147,12 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
   bool finite = err == cudaSuccess;
   for (T x : out) finite = finite && std::isfinite(to_f(x));
-  std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%d mask=%d: %s\n",
+  std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%d mask=%d "
+              "softcap=%g sinks=%d: %s\n",
               static_cast<int>(dtype), static_cast<long>(B), static_cast<long>(Hq),
               static_cast<long>(Hkv), static_cast<long>(S), static_cast<long>(D),
               static_cast<long>(r), static_cast<long>(k), static_cast<long>(window), with_key_t,
-              with_mask, finite ? "ok" : "NOT FINITE");
+              with_mask, static_cast<double>(softcap), with_sinks, finite ? "ok" : "NOT FINITE");
   return finite;
 }
 
@@ -155,7 +161,8 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
 // (num_blocks, Hkv, D, block_size) or absent, a shuffled block table whose unused entries hold
 // an out-of-range id (never followed), lengths with an empty row and partial last blocks.
 template <typename T>
-static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with_key_t) {
+static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with_key_t,
+                           float softcap = 0.0f, bool with_sinks = false) {
   const int64_t R = 3, Hq = 4, Hkv = 2, r = 8, k = 60;
   const int32_t lens[R] = {700, 0, 229};
   const int64_t max_blocks = (700 + block_size - 1) / block_size + 1;
@@ -174,6 +181,8 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
   const int64_t cache_elems = num_blocks * block_size * Hkv * D;
   std::vector<T> q(R * Hq * D), key(cache_elems), value(cache_elems), key_t(cache_elems);
   std::vector<T> out(R * Hq * D, cast<T>(NAN));
+  std::vector<float> sinks(Hq);
+  for (auto& x : sinks) x = 2.0f * normal(gen) + 4.0f;
   for (auto& x : q) x = cast<T>(normal(gen));
   for (auto& x : key) x = cast<T>(normal(gen));
   for (auto& x : value) x = cast<T>(normal(gen));
@@ -197,6 +206,8 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
   a.window = 5;
   a.reallocate = true;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.softcap = softcap;
+  a.sinks = with_sinks ? sinks.data() : nullptr;
   a.sm_count = 132;
   a.topk_blocks = g_topk_blocks;
   a.pages = {table.data(), max_blocks, 1, static_cast<int32_t>(block_size),
@@ -228,9 +239,9 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
   const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
   bool finite = err == cudaSuccess;
   for (T x : out) finite = finite && std::isfinite(to_f(x));
-  std::printf("paged dtype=%d block_size=%ld D=%ld key_t=%d: %s\n", static_cast<int>(dtype),
-              static_cast<long>(block_size), static_cast<long>(D), with_key_t,
-              finite ? "ok" : "NOT FINITE");
+  std::printf("paged dtype=%d block_size=%ld D=%ld key_t=%d softcap=%g sinks=%d: %s\n",
+              static_cast<int>(dtype), static_cast<long>(block_size), static_cast<long>(D),
+              with_key_t, static_cast<double>(softcap), with_sinks, finite ? "ok" : "NOT FINITE");
   return finite;
 }
 
@@ -252,5 +263,11 @@ int main() {
   ok &= run_paged_case<float>(DType::kFloat32, 48, 64, true);
   ok &= run_paged_case<__nv_bfloat16>(DType::kBFloat16, 20, 128, true);
   ok &= run_paged_case<__half>(DType::kFloat16, 16, 64, false);
+  std::printf("softcap and sinks:\n");
+  ok &= run_case<float>(DType::kFloat32, 2, 24, 2, 1500, 64, 8, 200, 7, true, true, true, false,
+                        2.0f, true);  // G = 12: one approx_logits block forms both head chunks
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 128, 16, 300, 5, true, false,
+                                false, false, 30.0f, true);
+  ok &= run_paged_case<__nv_bfloat16>(DType::kBFloat16, 20, 64, true, 1.0f, true);
   return ok ? 0 : 1;
 }

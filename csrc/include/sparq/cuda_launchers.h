@@ -9,14 +9,16 @@
 //   prep          zeroes the row's counters and histogram, the batch row's valid length and
 //                 local-window start, i1 = top-r of sum_g |q_g|, per-head approximate
 //                 scales, an fp32 copy of the query in aligned workspace
-//   approx_logits group-summed approximate logits (selection scores), per-tile softmax
-//                 statistics per head, the 12-bit first-digit histogram, the valid count
+//   approx_logits group-summed approximate logits (selection scores; softcapped per head
+//                 first when softcap is set), per-tile softmax statistics per head, the
+//                 12-bit first-digit histogram, the valid count
 //   topk          exact top-k: several blocks per row take every key above the pivot
 //                 digit and collect the pivot digit's candidates; the last block of the
 //                 row to finish refines the candidates on the remaining 20 bits
 //   value_sum     sum of V over valid positions (only when value_mean is not given)
 //   attend        exact attention over the selected rows, split over blocks; the last
-//                 block of each (row, group chunk) to finish does the merge (alpha, output)
+//                 block of each (row, group chunk) to finish does the merge (alpha, output;
+//                 a head's sink joins both softmaxes there)
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -120,6 +122,7 @@ struct ApproxParams {
   int64_t rows, Hkv, G, S, r;
   int64_t S_pad;            // row stride of sel_score (multiple of 4)
   int64_t n_tiles;
+  float softcap;            // logit softcapping of the approximate logits; 0 when absent
   float* sel_score;         // (rows, S_pad): sum_g approx logit, +inf window, -inf invalid
   float* tile_stats;        // (rows, G, n_tiles, 2): softmax (max, sum exp) of approx logits
   uint32_t* hist;           // (rows, kTopkDigitBuckets), zeroed: first-digit histogram
@@ -161,6 +164,7 @@ struct AttendParams {
   const int32_t* i1;        // (rows, r)
   const float* head_scale;  // (rows, G)
   float scale;              // exact-logit scale
+  float softcap;            // logit softcapping, exact and approximate logits; 0 when absent
   int64_t r;
   const int32_t* topk_idx;
   uint32_t* counters;       // kValidCount read; kAttendDone + chunk counts finished blocks
@@ -174,6 +178,7 @@ struct AttendParams {
   int64_t n_tiles;
   const float* value_sum;   // (rows, D) or nullptr when value_mean is given
   const void* value_mean;   // (B, Hkv, 1, D) contiguous, or nullptr
+  const float* sinks;       // (Hq,) sink logits, or nullptr: one more softmax entry per head
   bool reallocate;
   void* out;                // (B, Hq, 1, D) contiguous, query dtype
 };

@@ -47,6 +47,8 @@ struct AttentionProblem {
   int64_t B, Hq, Hkv, S, D, r, k, window;
   bool reallocate;
   float scale;
+  float softcap;        // logit softcapping (approximate and exact logits); 0 when absent
+  const float* sinks;   // (Hq,) fp32 sink logits, or nullptr
   int64_t sm_count;     // multiprocessors of the device (sizes partitions and topk blocks)
   int64_t topk_blocks;  // 0: from sm_count (tests force several blocks per row at small S)
   PageTable pages;      // block_table nullptr: a contiguous cache
@@ -239,6 +241,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   ap.r = a.r;
   ap.S_pad = plan.S_pad;
   ap.n_tiles = plan.n_tiles;
+  ap.softcap = a.softcap;
   ap.sel_score = sel_score;
   ap.tile_stats = tile_stats;
   ap.hist = hist;
@@ -295,6 +298,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   at.i1 = i1;
   at.head_scale = head_scale;
   at.scale = a.scale;
+  at.softcap = a.softcap;
   at.r = a.r;
   at.topk_idx = topk_idx;
   at.counters = counters;
@@ -313,6 +317,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   at.n_tiles = plan.n_tiles;
   at.value_sum = value_sum;
   at.value_mean = a.value_mean;
+  at.sinks = a.sinks;
   at.reallocate = a.reallocate;
   at.out = a.out;
   check(launch_attend(at, a.dtype, head_bucket, stream), "attend");
