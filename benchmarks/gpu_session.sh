@@ -4,8 +4,9 @@
 # repository root:
 #   1. ninja present? then the in-place build for sm_90 with every core
 #   2. the CUDA tests: tests/test_cuda.py and the cuda entries of the backend-parametrised tests
-#      (tests/test_paged.py's included: the paged kernel's first run; tests/test_softmax_variants.py:
-#      softcap and sinks, small shapes)
+#      (tests/test_paged.py's included: the paged kernel's first run; softcap, sinks and the
+#      8-bit selection cache: tests/test_softmax_variants.py and tests/test_int8_key_t.py, small
+#      shapes)
 #   3. benchmarks/profile_stages.py: kernel time per call at B=1, S=32K and 128K
 #   4. benchmarks/bench_attention.py: B 1/8, Hq 32, Hkv 8, D 128, S 4K/32K/128K, bf16, against
 #      the best SDPA backend, eager and then with CUDA graphs (JSON written after every shape);
@@ -82,7 +83,7 @@ fi
 
 # 2. The CUDA tests (the slow long-cache ones too); a per-test limit where pytest-timeout is there.
 TESTS=(tests/test_cuda.py tests/test_backends.py tests/test_semantics.py tests/test_paged.py
-       tests/test_softmax_variants.py -k cuda)
+       tests/test_softmax_variants.py tests/test_int8_key_t.py -k cuda)
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=90)
 if (( DRY )); then

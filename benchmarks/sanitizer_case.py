@@ -1,8 +1,9 @@
 """A small case for compute-sanitizer (memcheck, synccheck, initcheck, racecheck): every kernel of
 torch.ops.sparq_ext.attention once or twice, on shapes that exercise partial tiles, ragged
 seq_lens, a masked row, the local window, GQA group chunks, an odd head dim, both value-mean
-paths and softcap with sinks, and torch.ops.sparq_ext.paged_attention on a shuffled engine-layout cache. Exits non-zero
-when an output differs from the pure-torch reference.
+paths, softcap with sinks and the 8-bit selection cache, and torch.ops.sparq_ext.paged_attention
+on a shuffled engine-layout cache (the 8-bit selection cache too). Exits non-zero when an output
+differs from the pure-torch reference.
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py [--quick]
     python benchmarks/sanitizer_case.py --device cpu      # the same cases on the CPU kernel
@@ -25,23 +26,27 @@ from sparq_ext import sparq_attention_reference
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
-def case(device, B, Hq, Hkv, S, D, r, k, dtype, seed, with_key_t=True, **kwargs) -> bool:
+def case(device, B, Hq, Hkv, S, D, r, k, dtype, seed, with_key_t=True, int8_key_t=False,
+         **kwargs) -> bool:
     gen = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, Hq, 1, D, generator=gen, device=device).to(dtype)
     key = torch.randn(B, Hkv, S, D, generator=gen, device=device).to(dtype)
     value = torch.randn(B, Hkv, S, D, generator=gen, device=device).to(dtype)
     key_t = key.transpose(-1, -2).contiguous() if with_key_t else None
+    if int8_key_t:  # the 8-bit selection cache
+        key_t, kwargs["key_t_scale"] = sparq_ext.quantize_key_t(key)
     with torch.no_grad():
         got = sparq_ext.attention(q, key, value, r=r, k=k, key_t=key_t, **kwargs)
         ref = sparq_attention_reference(q, key, value, r=r, k=k, key_t=key_t, **kwargs)
     err = (got.float() - ref.float()).abs().max().item()
     ok = bool(torch.isfinite(got).all()) and err <= TOLERANCE[dtype]
-    print(f"B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} r={r} k={k} {dtype}: max |err| = {err:.2e}"
+    print(f"B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} r={r} k={k} {dtype}"
+          + (" int8 key_t" if int8_key_t else "") + f": max |err| = {err:.2e}"
           + ("" if ok else "  MISMATCH"))
     return ok
 
 
-def paged_case(device, block_size, dtype, seed, with_key_t=True) -> bool:
+def paged_case(device, block_size, dtype, seed, with_key_t=True, int8_key_t=False) -> bool:
     """paged_attention on (num_blocks, block_size, Hkv, D) caches seen through transpose(1, 2),
     blocks shuffled, rows of 1000, 0 and 333 positions, against the reference on the same rows
     laid out contiguously. Only the blocks the rows use exist: a read past them is out of bounds."""
@@ -70,15 +75,22 @@ def paged_case(device, block_size, dtype, seed, with_key_t=True) -> bool:
 
     key_cache, value_cache = to_pages(key), to_pages(value)
     key_t_cache = key_cache.transpose(2, 3).contiguous() if with_key_t else None
+    int8 = {}  # the 8-bit selection cache: paged, and of the contiguous rows for the reference
+    if int8_key_t:
+        key_t_cache, int8["key_t_scale"] = sparq_ext.quantize_key_t(key_cache)
+        ref_key_t, ref_scale = sparq_ext.quantize_key_t(key)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     with torch.no_grad():
         got = sparq_ext.paged_attention(q, key_cache, value_cache, table, seq_lens, r=r, k=k,
-                                        key_t_cache=key_t_cache, local_window=8)
+                                        key_t_cache=key_t_cache, local_window=8, **int8)
         ref = sparq_attention_reference(q[:, :, None], key, value, r=r, k=k, seq_lens=seq_lens,
-                                        local_window=8)[:, :, 0]
+                                        local_window=8,
+                                        key_t=ref_key_t if int8_key_t else None,
+                                        key_t_scale=ref_scale if int8_key_t else None)[:, :, 0]
     err = (got.float() - ref.float()).abs().max().item()
     ok = bool(torch.isfinite(got).all()) and err <= TOLERANCE[dtype]
-    print(f"paged R={R} Hq={Hq} Hkv={Hkv} block_size={block_size} D={D} r={r} k={k} {dtype}: "
+    print(f"paged R={R} Hq={Hq} Hkv={Hkv} block_size={block_size} D={D} r={r} k={k} {dtype}"
+          + (" int8 key_t" if int8_key_t else "") + ": "
           f"max |err| = {err:.2e}" + ("" if ok else "  MISMATCH"))
     return ok
 
@@ -112,6 +124,10 @@ def main(argv=None) -> int:
         sinks = torch.linspace(-2.0, 6.0, 24, device=device)  # softcap and sinks, G = 12
         ok &= case(device, 2, 24, 2, 1500, 64, 8, 100, torch.float32, 9, local_window=5,
                    seq_lens=torch.tensor([1500, 0], device=device), softcap=3.0, sinks=sinks)
+        ok &= case(device, 2, 8, 2, 1001, 128, 28, 100, torch.float32, 10, int8_key_t=True,
+                   local_window=8, sinks=sinks[:8])  # S % 4 != 0: elementwise int8 loads
+        ok &= case(device, 1, 4, 4, 2048, 64, 16, 128, torch.float32, 11, int8_key_t=True)
+        ok &= paged_case(device, 16, torch.float32, 12, int8_key_t=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print("OK" if ok else "MISMATCH")

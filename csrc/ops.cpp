@@ -36,36 +36,9 @@ TORCH_LIBRARY_IMPL(sparq_ext, CPU, m) {
 }
 #endif
 #ifdef SPARQ_WITH_CUDA
-namespace {
-// The CUDA kernels do not implement an int8 key_t (key_t_scale) yet: refused here, by name, so
-// that no direct torch.ops call can have it silently ignored (sparq_ext.attention and
-// sparq_ext.paged_attention send such calls on a CUDA tensor to the pure-torch reference).
-void refuse_key_t_scale(const char* op, const std::optional<at::Tensor>& key_t_scale) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!key_t_scale.has_value(),
-                              "key_t_scale (an int8 key_t) is not implemented by the CUDA kernel of "
-                              "sparq_ext::", op, " (sparq_ext.", op, " runs the reference)");
-}
-
-at::Tensor attention_cuda_refusing_key_t_scale(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                                               SPARQ_KEY_T_SCALE_ARG) {
-  refuse_key_t_scale("attention", key_t_scale);
-  return sparq::attention_cuda(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                               local_window, reallocate, scale, softcap, sinks);
-}
-
-at::Tensor paged_attention_cuda_refusing_key_t_scale(SPARQ_PAGED_ATTENTION_ARGS,
-                                                     SPARQ_SOFTMAX_VARIANT_ARGS,
-                                                     SPARQ_KEY_T_SCALE_ARG) {
-  refuse_key_t_scale("paged_attention", key_t_scale);
-  return sparq::paged_attention_cuda(query, key_cache, value_cache, block_table, seq_lens, r, k,
-                                     key_t_cache, value_mean, local_window, reallocate, scale,
-                                     softcap, sinks);
-}
-}  // namespace
-
 TORCH_LIBRARY_IMPL(sparq_ext, CUDA, m) {
-  m.impl("attention", &attention_cuda_refusing_key_t_scale);
-  m.impl("paged_attention", &paged_attention_cuda_refusing_key_t_scale);
+  m.impl("attention", &sparq::attention_cuda);
+  m.impl("paged_attention", &sparq::paged_attention_cuda);
 }
 #endif
 

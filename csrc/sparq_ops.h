@@ -217,9 +217,8 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
   }
 }
 
-// Backend entry points. SPARQ_ATTENTION_ARGS: the schema in csrc/ops.cpp up to `scale`; the
-// kernels take SPARQ_SOFTMAX_VARIANT_ARGS (and the CPU kernel SPARQ_KEY_T_SCALE_ARG; csrc/ops.cpp
-// refuses key_t_scale for the CUDA kernels) after them.
+// Backend entry points: SPARQ_ATTENTION_ARGS (the schema in csrc/ops.cpp up to `scale`), then
+// SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG.
 #define SPARQ_SOFTMAX_VARIANT_ARGS \
   std::optional<double> softcap, const std::optional<at::Tensor>&sinks
 #define SPARQ_KEY_T_SCALE_ARG const std::optional<at::Tensor>&key_t_scale
@@ -236,8 +235,8 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
 // Test hook: the CPU kernel's exact top-k of a 1-D float32 CPU tensor (positions, ascending);
 // `histogram_only` skips the sampled fast path.
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
-at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS,
-                          SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                          SPARQ_KEY_T_SCALE_ARG);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
 
 #define SPARQ_PAGED_ATTENTION_ARGS                                                          \
   const at::Tensor &query, const at::Tensor &key_cache, const at::Tensor &value_cache,      \
@@ -247,7 +246,7 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS,
 
 at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
                                SPARQ_KEY_T_SCALE_ARG);  // csrc/cpu/
-at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS,
-                                SPARQ_SOFTMAX_VARIANT_ARGS);  // csrc/cuda/ (SPARQ_WITH_CUDA)
+at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                                SPARQ_KEY_T_SCALE_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

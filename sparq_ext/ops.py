@@ -252,9 +252,10 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     Returns:
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
 
-    The native CUDA kernel has no int8 ``key_t`` yet: such a call on a CUDA tensor runs the
-    pure-torch reference (correct, not fast); calling ``torch.ops.sparq_ext.attention``
-    directly there raises ``NotImplementedError``.
+    Backends: native CPU and CUDA kernels, every argument above included (the CUDA kernels:
+    compiled with nvcc 13.0, tested through the emulator; never run on a GPU), and the
+    pure-torch reference wherever the extension is not built; ``sparq_ext.has_native_kernel``
+    says which runs.
 
     Inference-only: inputs that require grad are rejected unless grad mode is off.
     ``seq_lens`` values are checked only for CPU tensors in eager mode. On a GPU they are
@@ -266,11 +267,6 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
                            local_window, reallocate, scale, softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if key_t_scale is not None and query.device.type == "cuda" and has_native_kernel("cuda"):
-        # The CUDA kernels do not implement it (its registration refuses it): the reference.
-        return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
-                                         attn_mask, local_window, reallocate, scale, softcap,
-                                         sinks, key_t_scale)
     return torch.ops.sparq_ext.attention(
         query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
         attn_mask=attn_mask, local_window=local_window, reallocate=reallocate, scale=scale,
@@ -476,12 +472,13 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
         ``(R, Hq, D)`` in the query's dtype.
 
     Backends: native CPU and CUDA kernels, each the same kernels as :func:`attention`'s with
-    the block table as their addressing (the CUDA kernels are tested on a CPU emulation of
-    the CUDA execution model and have never run on a GPU; on CUDA, ``D`` must be a multiple
-    of 8); wherever the extension is not built (or built without CUDA), the pure-torch
-    :func:`paged_attention_reference`, which is correct but gathers the whole table into a
-    contiguous cache first (slow). ``sparq_ext.has_native_kernel(device, "paged_attention")``
-    says which runs. Inference-only; ``seq_lens`` and ``block_table`` values are checked
+    the block table as their addressing, every argument above included (the CUDA kernels:
+    compiled with nvcc 13.0, tested through the emulator; never run on a GPU; on CUDA, ``D``
+    must be a multiple of 8); wherever the extension is not built (or built without CUDA),
+    the pure-torch :func:`paged_attention_reference`, which is correct but gathers the whole
+    table into a contiguous cache first (slow).
+    ``sparq_ext.has_native_kernel(device, "paged_attention")`` says which runs.
+    Inference-only; ``seq_lens`` and ``block_table`` values are checked
     eagerly for CPU tensors, not under ``torch.compile`` or CUDA-graph capture; the CUDA
     kernel never reads them on the host (CUDA graphs work): it clamps each length to
     ``[0, max_blocks * block_size]`` and each block id it follows into ``[0, num_blocks)``.
@@ -491,12 +488,6 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
                                  softcap, sinks, key_t_scale)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
-    if key_t_scale is not None and query.device.type == "cuda" \
-            and has_native_kernel("cuda", "paged_attention"):
-        # as in attention: a native CUDA kernel without it leaves such calls to the reference
-        return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r,
-                                         k, key_t_cache, value_mean, local_window, reallocate,
-                                         scale, softcap, sinks, key_t_scale)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
         value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,

@@ -221,7 +221,8 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
     The definition of the paged operator: the cache gathered into a contiguous one
     (:func:`gather_pages`, ``max_blocks * block_size`` positions per row, so correct but slow)
     and :func:`sparq_attention_reference` with ``seq_lens``. Also the fallback backend wherever
-    no native paged kernel exists (CUDA so far). Inputs are assumed validated.
+    no native paged kernel exists (the extension not built, or built without CUDA for a CUDA
+    tensor). Inputs are assumed validated.
     """
     R, _, D = query.shape
     Hkv = key_cache.shape[1]

@@ -240,10 +240,11 @@ def to_pages(x, block_table, seq_lens, num_blocks, block_size, *, storage_order=
     """``x`` ``(R, H, S, D)`` written into a paged cache ``(num_blocks, H, block_size, D)`` by
     ``block_table``, its storage holding the dims in ``storage_order`` (e.g. ``(0, 2, 1, 3)``:
     an engine's ``(num_blocks, block_size, H, D)`` seen through a transpose). Slots no row
-    writes are NaN, so a kernel that reads one is caught."""
+    writes are NaN (an integer type's minimum), so a kernel that reads one is caught."""
     _, H, S, D = x.shape
     shape = (num_blocks, H, block_size, D)
-    storage = torch.full([shape[i] for i in storage_order], float("nan"), dtype=x.dtype)
+    fill = float("nan") if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
+    storage = torch.full([shape[i] for i in storage_order], fill, dtype=x.dtype)
     cache = storage.permute(*[storage_order.index(i) for i in range(4)])
     rows, positions = (torch.arange(S)[None, :] < seq_lens[:, None].long()).nonzero(as_tuple=True)
     blocks = block_table[rows, positions // block_size].long()

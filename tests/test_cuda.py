@@ -3,8 +3,10 @@ synchronisation, ``torch.compile`` and the operator checks on the device, and ca
 to take the kernels' multi-block and large-shared-memory paths.
 
 Correctness on every option, dtype, head dim, GQA group and layout is tested for every backend,
-CUDA included, in tests/test_backends.py and tests/test_semantics.py. Skipped without a CUDA
-device or the compiled CUDA kernels (failed where SPARQ_EXT_REQUIRE_NATIVE names cuda).
+CUDA included, in tests/test_backends.py and tests/test_semantics.py (softcap and sinks in
+tests/test_softmax_variants.py, the 8-bit selection cache in tests/test_int8_key_t.py).
+Skipped without a CUDA device or the compiled CUDA kernels (failed where SPARQ_EXT_REQUIRE_NATIVE
+names cuda).
 """
 
 from __future__ import annotations
@@ -142,14 +144,18 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_softcap_and_sinks_without_host_sync(dtype):
+@pytest.mark.parametrize("key_t_dtype", ["cache", "int8"])
+def test_softcap_sinks_and_int8_key_t_without_host_sync(dtype, key_t_dtype):
     # G = 12 (two group chunks: with softcap one approx_logits block forms both), rows over
-    # several topk blocks and partitions, a ragged batch with an empty row.
+    # several topk blocks and partitions, a ragged batch with an empty row; the key_t in the
+    # cache's dtype or the 8-bit selection cache.
     q, K, V, Kt = cuda_inputs(3, 24, 2, 9000, 128, dtype, seed=40)
     q = (q.float() * 3).to(dtype)  # logits of a few units: softcap 5 bends them
     sinks = torch.randn(24, generator=torch.Generator().manual_seed(41)).cuda() * 2 + 9
     seq_lens = torch.tensor([9000, 4000, 0], device="cuda")
     kwargs = dict(key_t=Kt, seq_lens=seq_lens, local_window=32, softcap=5.0, sinks=sinks)
+    if key_t_dtype == "int8":
+        kwargs["key_t"], kwargs["key_t_scale"] = sparq_ext.quantize_key_t(K)
     out = check_against_reference(q, K, V, 16, 560, **kwargs)
     assert not out[2].any()
     with torch.no_grad():
@@ -160,6 +166,38 @@ def test_softcap_and_sinks_without_host_sync(dtype):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(again).all()
+
+
+def test_int8_key_t_cuda_graph_capture_and_replay():
+    B, Hq, Hkv, S, D = 2, 8, 2, 4000, 128
+    q, K, V, _ = cuda_inputs(B, Hq, Hkv, S, D, seed=42)
+    Kt, kscale = sparq_ext.quantize_key_t(K)
+    seq_lens = torch.tensor([4000, 2500], device="cuda")
+    kwargs = dict(r=28, k=256, key_t=Kt, key_t_scale=kscale, seq_lens=seq_lens, local_window=64)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up the allocator on the side stream
+            for _ in range(2):
+                sparq_ext.attention(q, K, V, **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = sparq_ext.attention(q, K, V, **kwargs)
+        # New data in the captured buffers, the 8-bit keys, scales and lengths included.
+        q2, K2, V2, _ = cuda_inputs(B, Hq, Hkv, S, D, seed=43)
+        Kt2, kscale2 = sparq_ext.quantize_key_t(K2)
+        new_lens = torch.tensor([1000, 3999], device="cuda")
+        q2 = separated_query(q2, K2, 28, 256, key_t=Kt2, key_t_scale=kscale2, seq_lens=new_lens,
+                             local_window=64)
+        for buffer, new in ((q, q2), (K, K2), (V, V2), (Kt, Kt2), (kscale, kscale2),
+                            (seq_lens, new_lens)):
+            buffer.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = sparq_attention_reference(q, K, V, 28, 256, Kt, None, seq_lens, None, 64,
+                                        key_t_scale=kscale)
+    torch.testing.assert_close(static_out.float(), ref.float(), **tolerance(q.dtype, "cuda"))
 
 
 def test_opcheck():

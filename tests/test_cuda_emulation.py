@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparq_ext import sparq_attention_reference
+from sparq_ext import quantize_key_t, sparq_attention_reference
 from sparq_ext.reference import dense_attention_reference, valid_positions
 from sparq_testutil import page_table, separated_query, to_pages
 
@@ -110,11 +110,10 @@ def emu():
     lib.sparq_emu_attention.restype = i32
     f32 = ctypes.c_float
     lib.sparq_emu_attention.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, i64, i32,
-                                        f32, f32, vp, i64, i64, vp, vp, vp, vp, vp, vp, vp,
-                                        vp, vp, vp, vp, vp, i32]
+                                        f32, f32, vp, i64, i64] + [vp] * 14 + [i32]
     lib.sparq_emu_paged_attention.restype = i32
     lib.sparq_emu_paged_attention.argtypes = [i32] + [i64] * 10 + [i32, f32, f32, vp, i64, i64] \
-        + [vp] * 11 + [i64, vp, vp, i32]
+        + [vp] * 13 + [i64, vp, vp, i32]
     lib.sparq_emu_plan.restype = None
     lib.sparq_emu_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, vp, vp]
     lib.sparq_emu_set_smem_optin.argtypes = [i32]
@@ -142,11 +141,13 @@ def _strides(t):
 
 def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None,
                  attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-                 sinks=None, sm_count=132, topk_blocks=0, repeats=1, return_topk=False):
+                 sinks=None, key_t_scale=None, sm_count=132, topk_blocks=0, repeats=1,
+                 return_topk=False):
     """The emulated CUDA pipeline. ``q`` may sit at any storage offset (it must be contiguous,
     as the host glue makes it); ``k``/``v``/``key_t`` keep their strides (key_t needs a unit
-    S-stride); ``sinks`` fp32 ``(Hq,)``. With ``return_topk`` also returns the selected
-    positions, ``(B, Hkv, k_eff)`` int32 (-1 past each row's min(k, valid count))."""
+    S-stride; int8 with ``key_t_scale``, any strides); ``sinks`` fp32 ``(Hq,)``. With
+    ``return_topk`` also returns the selected positions, ``(B, Hkv, k_eff)`` int32 (-1 past each
+    row's min(k, valid count))."""
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     assert q.is_contiguous() and (key_t is None or key_t.stride(-1) == 1 or S == 1)
@@ -157,12 +158,13 @@ def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None
     lens = None if seq_lens is None else seq_lens.to(torch.int64).contiguous()
     scale = D**-0.5 if scale is None else scale
     topk = torch.full((B, Hkv, min(kk, S)), -1, dtype=torch.int32)
-    strides = [_strides(t) for t in (k, v, key_t)]
+    strides = [_strides(t) for t in (k, v, key_t, key_t_scale)]
     sinks = None if sinks is None else sinks.float().contiguous()
     err = lib.sparq_emu_attention(
         DTYPE_CODE[q.dtype], B, Hq, Hkv, S, D, r, kk, local_window, int(reallocate), scale,
-        softcap or 0.0, _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]), _ptr(v), _ptr(strides[1]),
-        _ptr(key_t), _ptr(strides[2]), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out),
+        softcap or 0.0, _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]),
+        _ptr(v), _ptr(strides[1]), _ptr(key_t), _ptr(strides[2]), _ptr(key_t_scale),
+        _ptr(strides[3]), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out),
         _ptr(topk), repeats)
     assert err == 0, f"launch error {err}"
     return (out, topk) if return_topk else out
@@ -181,19 +183,25 @@ def assert_same_selection(topk, i2, valid_count):
             assert (topk[b, h, n:] == -1).all()
 
 
-def check(lib, q, k, v, r, kk, *, with_key_t=True, atol=None, exact_choice=True, **kw):
+def check(lib, q, k, v, r, kk, *, with_key_t=True, int8_key_t=False, atol=None,
+          exact_choice=True, **kw):
+    """The emulated pipeline against the reference: selected sets exactly (unless
+    ``exact_choice`` is off), outputs within the dtype's tolerance. ``int8_key_t``: the 8-bit
+    selection cache (``sparq_ext.quantize_key_t``) as key_t."""
     key_t = k.transpose(-1, -2).contiguous() if with_key_t else None
+    if int8_key_t:
+        key_t, kw["key_t_scale"] = quantize_key_t(k)
     if exact_choice:  # no ties at the top-r / top-k boundaries (see sparq_testutil)
         q = separated_query(q, k, r, kk, key_t=key_t, seq_lens=kw.get("seq_lens"),
                             attn_mask=kw.get("attn_mask"),
                             local_window=kw.get("local_window", 0), scale=kw.get("scale"),
-                            softcap=kw.get("softcap"))
+                            softcap=kw.get("softcap"), key_t_scale=kw.get("key_t_scale"))
     got, topk = run_emulated(lib, q, k, v, r, kk, key_t=key_t, return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
                                         kw.get("seq_lens"), kw.get("attn_mask"),
                                         kw.get("local_window", 0), kw.get("reallocate", True),
                                         kw.get("scale"), kw.get("softcap"), kw.get("sinks"),
-                                        return_selection=True)
+                                        kw.get("key_t_scale"), return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the emulated output (unwritten or bad math)"
     if exact_choice:
         valid = valid_positions(q.shape[0], k.shape[2], kw.get("seq_lens"), kw.get("attn_mask"))
@@ -331,7 +339,8 @@ def test_randomised_options(emu, case):
         kw["softcap"] = pick([1.0, 5.0, 30.0])
     if pick([False, False, True]):
         kw["sinks"] = torch.randn(G * Hkv, generator=g) * 2 + 3
-    check(emu, q, k, v, r, kk, with_key_t=with_key_t, **kw)
+    int8_key_t = with_key_t and pick([False, False, True])
+    check(emu, q, k, v, r, kk, with_key_t=with_key_t, int8_key_t=int8_key_t, **kw)
 
 
 # ---- long rows: the selected sets exactly, with topk split over blocks from the SM count ----
@@ -481,14 +490,79 @@ def test_softcap_and_sinks_dense_limit(emu, G):
     torch.testing.assert_close(got.double(), dense, atol=2e-5, rtol=2e-5)
 
 
+# ---- the 8-bit selection cache: int8 key_t with key_t_scale (docs/design.md) ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("G", [1, 4, 12])
+def test_int8_key_t(emu, dtype, G):
+    # S = 704: whole runs of 4 / 8 positions, so approx_logits reads key_t with 4- or 8-byte
+    # loads; alpha comes from key_t's column at each selected position, not from K.
+    B, Hkv, S = 3, 2, 704
+    q, k, v = inputs(B, G * Hkv, Hkv, S, 64, dtype, 70 + G)
+    g = torch.Generator().manual_seed(71)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.2
+    mask[1, ..., :300] = False
+    seq_lens = torch.tensor([704, 650, 0])
+    for reallocate in (True, False):
+        got = check(emu, q, k, v, 12, 60, int8_key_t=True, attn_mask=mask, seq_lens=seq_lens,
+                    local_window=8, reallocate=reallocate, topk_blocks=3)
+        assert not got[2].any(), "a row without valid positions gives zeros"
+    # k beyond every row: dense attention whatever the 8-bit keys rank
+    got = check(emu, q, k, v, 12, 1000, int8_key_t=True, attn_mask=mask, seq_lens=seq_lens)
+    dense = sparq_attention_reference(q, k, v, 64, 1000, seq_lens=seq_lens, attn_mask=mask)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), dense.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("G", [1, 12])
+def test_int8_key_t_with_softcap_and_sinks(emu, dtype, G):
+    q, k, v = inputs(2, G * 2, 2, 1500, 128, dtype, 80 + G)
+    q = (q.float() * 3).to(dtype)
+    sinks = sink_logits(G * 2, G, loc=9.0)
+    for reallocate in (True, False):
+        check(emu, q, k, v, 28, 100, int8_key_t=True, seq_lens=torch.tensor([1500, 999]),
+              local_window=25, softcap=4.0, sinks=sinks, reallocate=reallocate)
+
+
+@pytest.mark.parametrize("D,dtype", [(32, torch.float32), (80, torch.float16),
+                                     (256, torch.float32), (256, torch.bfloat16)])
+def test_int8_key_t_head_dims(emu, D, dtype):
+    # every lane layout of attend (4 or 8 components per lane, lanes without components)
+    q, k, v = inputs(2, 4, 2, 400, D, dtype, D + 3)
+    check(emu, q, k, v, max(1, D // 4), 64, int8_key_t=True, local_window=4,
+          seq_lens=torch.tensor([400, 333]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_key_t_strided_and_unaligned(emu, dtype):
+    # S = 701: rows that are not whole runs (elementwise loads); key_t a view of a wider cache
+    # (rows at an odd stride), key_t_scale a strided view (positions outer to heads).
+    B, Hkv, S, D = 2, 2, 701, 64
+    q, k, v = inputs(B, 4, Hkv, S, D, dtype, 90)
+    kt8, scale = quantize_key_t(k)
+    key_t = torch.zeros(B, Hkv, D, S + 5, dtype=torch.int8)[..., :S].copy_(kt8)
+    key_t_scale = torch.zeros(B, S, Hkv).transpose(1, 2).copy_(scale)
+    assert key_t_scale.stride(-1) != 1 and key_t.stride(2) % 4 != 0
+    q = separated_query(q, k, 12, 60, key_t=kt8, key_t_scale=scale, local_window=3)
+    got, topk = run_emulated(emu, q, k, v, 12, 60, key_t=key_t, key_t_scale=key_t_scale,
+                             local_window=3, return_topk=True)
+    ref, i2 = sparq_attention_reference(q, k, v, 12, 60, kt8, local_window=3, key_t_scale=scale,
+                                        return_selection=True)
+    assert_same_selection(topk, i2, torch.full((B,), S))
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
 # ---- paged_attention: the same kernels with the block table as their position policy ----
 
 def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r, kk,
                        key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                       scale=None, softcap=None, sinks=None, sm_count=132, topk_blocks=0,
-                       repeats=1):
+                       scale=None, softcap=None, sinks=None, key_t_scale=None, sm_count=132,
+                       topk_blocks=0, repeats=1):
     """The emulated pipeline on a paged cache, as paged_attention_cuda calls it: ``q``
-    ``(R, Hq, D)`` contiguous; caches, table and lengths keep their strides. Returns the output
+    ``(R, Hq, D)`` contiguous; caches, table, lengths and ``key_t_scale`` (with an int8
+    ``key_t_cache``) keep their strides. Returns the output
     and the selected positions ``(R, Hkv, min(k, max_blocks * block_size))`` (-1 past each
     row's min(k, length))."""
     R, Hq, D = q.shape
@@ -497,15 +571,17 @@ def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r,
     assert q.is_contiguous() and block_table.dtype == seq_lens.dtype == torch.int32
     out = torch.full_like(q, float("nan"))
     topk = torch.full((R, Hkv, min(kk, max_blocks * block_size)), -1, dtype=torch.int32)
-    strides = [_strides(t) for t in (key_cache, value_cache, key_t_cache, block_table)]
+    strides = [_strides(t) for t in (key_cache, value_cache, key_t_cache, block_table,
+                                     key_t_scale)]
     vm = None if value_mean is None else value_mean.contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
     err = lib.sparq_emu_paged_attention(
         DTYPE_CODE[q.dtype], R, Hq, Hkv, num_blocks, block_size, max_blocks, D, r, kk,
         local_window, int(reallocate), D**-0.5 if scale is None else scale, softcap or 0.0,
-        _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]), _ptr(value_cache),
-        _ptr(strides[1]), _ptr(key_t_cache), _ptr(strides[2]), _ptr(vm), _ptr(block_table),
-        _ptr(strides[3]), _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats)
+        _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]),
+        _ptr(value_cache), _ptr(strides[1]), _ptr(key_t_cache), _ptr(strides[2]),
+        _ptr(key_t_scale), _ptr(strides[4]), _ptr(vm), _ptr(block_table), _ptr(strides[3]),
+        _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats)
     assert err == 0, f"launch error {err}"
     return out, topk
 
@@ -516,12 +592,14 @@ ENGINE_LAYOUT = (0, 2, 1, 3)  # (num_blocks, block_size, Hkv, D) storage seen th
 def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(None, 4, 2, 64),
                 r=8, kk=40, local_window=8, key_t="contiguous", storage_order=(0, 1, 2, 3),
                 shared_blocks=2, value_mean=False, reallocate=True, scale=None, softcap=None,
-                sinks=None, topk_blocks=0, repeats=1, seed=0):
+                sinks=None, int8_key_t=False, topk_blocks=0, repeats=1, seed=0):
     """paged_attention on the emulator against attention on the de-paged contiguous cache:
     the emulated contiguous pipeline (same selection exactly, outputs up to summation order)
     and the reference (same selection exactly, outputs within the dtype's tolerance).
     ``key_t``: None, "contiguous" (a contiguous (num_blocks, Hkv, D, block_size) cache) or a
-    storage order of the keys whose transpose(2, 3) view is passed (any strides)."""
+    storage order of the keys whose transpose(2, 3) view is passed (any strides). With
+    ``int8_key_t`` it is the 8-bit selection cache, its scales paged in the same storage order
+    (an engine layout gives a strided ``key_t_scale`` view)."""
     _, G, Hkv, D = R_G_Hkv_D
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     R = len(seq_lens)
@@ -531,17 +609,25 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     shared = min(shared_blocks * block_size, S)
     K[1:, :, :shared] = K[:1, :, :shared]  # rows sharing blocks share those positions
     V[1:, :, :shared] = V[:1, :, :shared]
-    K_t = K.transpose(-1, -2).contiguous()
+    K_t, kt_scale = K.transpose(-1, -2).contiguous(), None
+    if int8_key_t:
+        K_t, kt_scale = quantize_key_t(K)
     q = separated_query(q, K, r, kk, key_t=K_t, seq_lens=lens, local_window=local_window,
-                        scale=scale, softcap=softcap, seed=seed)
+                        scale=scale, softcap=softcap, key_t_scale=kt_scale, seed=seed)
     key_cache = to_pages(K, table, lens, num_blocks, block_size, storage_order=storage_order)
     value_cache = to_pages(V, table, lens, num_blocks, block_size, storage_order=storage_order)
-    key_t_cache = None
+    key_t_rows = K_t.transpose(-1, -2)  # (R, Hkv, S, D) in key_t's dtype
+    key_t_cache = scale_cache = None
     if key_t == "contiguous":
-        key_t_cache = to_pages(K, table, lens, num_blocks, block_size).transpose(2, 3).contiguous()
+        key_t_cache = to_pages(key_t_rows, table, lens, num_blocks,
+                               block_size).transpose(2, 3).contiguous()
     elif key_t is not None:
-        key_t_cache = to_pages(K, table, lens, num_blocks, block_size,
+        key_t_cache = to_pages(key_t_rows, table, lens, num_blocks, block_size,
                                storage_order=key_t).transpose(2, 3)
+    if int8_key_t:  # (num_blocks, Hkv, block_size), stored in key_t's order
+        order = key_t if isinstance(key_t, tuple) else (0, 1, 2, 3)
+        scale_cache = to_pages(kt_scale[..., None], table, lens, num_blocks, block_size,
+                               storage_order=order)[..., 0]
     vm = None
     if value_mean:  # any (R, Hkv, D) values
         vm = torch.randn(R, Hkv, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -549,12 +635,13 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
               sinks=sinks, topk_blocks=topk_blocks)
     got, topk = run_emulated_paged(lib, q[:, :, 0].contiguous(), key_cache, value_cache, table,
                                    lens, r, kk, key_t_cache=key_t_cache, value_mean=vm,
-                                   repeats=repeats, **kw)
+                                   key_t_scale=scale_cache, repeats=repeats, **kw)
     vm4 = None if vm is None else vm[:, :, None]
     contiguous, topk_c = run_emulated(lib, q, K, V, r, kk, key_t=K_t if key_t else None,
-                                      value_mean=vm4, seq_lens=lens, return_topk=True, **kw)
+                                      value_mean=vm4, seq_lens=lens, key_t_scale=kt_scale,
+                                      return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, K, V, r, kk, K_t if key_t else None, vm4, lens, None,
-                                        local_window, reallocate, scale, softcap, sinks,
+                                        local_window, reallocate, scale, softcap, sinks, kt_scale,
                                         return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the paged output (an unowned slot read?)"
     assert_same_selection(topk, i2, lens)
@@ -651,3 +738,17 @@ def test_paged_softcap_and_sinks(emu, dtype, block_size, G):
     check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=block_size, dtype=dtype,
                 R_G_Hkv_D=(None, G, 2, 64), sinks=sink_logits(2 * G, G, loc=5.0),
                 reallocate=False, seed=block_size + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size,key_t", [(16, "contiguous"), (20, "contiguous"),
+                                              (16, ENGINE_LAYOUT)],
+                         ids=["vector_loads", "elementwise", "engine_layout"])
+def test_paged_int8_key_t(emu, dtype, block_size, key_t):
+    # block size 16: whole runs per block (4- / 8-byte loads); 20: not for bf16's 8 positions;
+    # the engine layout: key_t_cache and key_t_scale as strided views, read in place.
+    check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=block_size, dtype=dtype,
+                key_t=key_t, int8_key_t=True, kk=40, seed=block_size + 100)
+    check_paged(emu, seq_lens=(200, 77), block_size=block_size, dtype=dtype, key_t=key_t,
+                R_G_Hkv_D=(None, 9, 2, 64), int8_key_t=True, softcap=1.0,
+                sinks=sink_logits(18, 9, loc=5.0), kk=24, local_window=4, seed=block_size + 101)

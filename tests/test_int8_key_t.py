@@ -376,13 +376,30 @@ def test_native_cpu_kernel_checks_them_too(case):
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and sparq_ext.has_native_kernel("cuda")),
                     reason="needs the native CUDA kernel and a GPU")
-def test_cuda_kernel_refuses_it_and_the_wrapper_runs_the_reference():
-    q, K, V, key_t, kscale, _ = (t.cuda() if t is not None else None for t in _case())
-    with pytest.raises(NotImplementedError, match="key_t_scale"):
-        torch.ops.sparq_ext.attention(q, K, V, r=4, k=20, key_t=key_t, key_t_scale=kscale)
-    out = sparq_ext.attention(q, K, V, r=4, k=20, key_t=key_t, key_t_scale=kscale)
-    torch.testing.assert_close(out, sparq_attention_reference(q, K, V, 4, 20, key_t,
-                                                              key_t_scale=kscale))
+def test_cuda_kernels_implement_it():
+    """The CUDA kernels read the 8-bit selection cache themselves: a direct torch.ops call (no
+    Python wrapper, so no reference behind it) equals the reference, contiguous and paged
+    (block size 20: elementwise key_t reads), with and without reallocation."""
+    q, K, V, key_t, kscale, _ = _case()
+    q = _separated(q, key_t, kscale, 4, 20, local_window=2)
+    lens = torch.tensor([300, 300], dtype=torch.int32)
+    table = torch.arange(30, dtype=torch.int32).reshape(2, 15)
+    _, _, key_t_cache, scale_cache = _paged_int8(K, table, lens, 30, 20)
+    cuda = lambda t: t.cuda()  # noqa: E731
+    for reallocate in (True, False):
+        ref = sparq_attention_reference(q, K, V, 4, 20, key_t, local_window=2,
+                                        reallocate=reallocate, key_t_scale=kscale)
+        with torch.no_grad():
+            out = torch.ops.sparq_ext.attention(cuda(q), cuda(K), cuda(V), r=4, k=20,
+                                                key_t=cuda(key_t), local_window=2,
+                                                reallocate=reallocate, key_t_scale=cuda(kscale))
+            paged = torch.ops.sparq_ext.paged_attention(
+                cuda(q[:, :, 0]), cuda(to_pages(K, table, lens, 30, 20)),
+                cuda(to_pages(V, table, lens, 30, 20)), cuda(table), cuda(lens), r=4, k=20,
+                key_t_cache=cuda(key_t_cache), key_t_scale=cuda(scale_cache), local_window=2,
+                reallocate=reallocate)
+        torch.testing.assert_close(out.cpu(), ref, **tolerance(torch.float32, "cuda"))
+        torch.testing.assert_close(paged.cpu(), ref[:, :, 0], **tolerance(torch.float32, "cuda"))
 
 
 # --- Registration -------------------------------------------------------------------------------

@@ -14,6 +14,11 @@
 // v_mean's count need no pass over the mask. Positions at or beyond the row's length are
 // neither read nor written.
 //
+// The 8-bit selection cache (an int8 key_t, docs/design.md): the same VEC positions per
+// thread, r bytes per position in 4-byte (fp32 cache) or 8-byte (16-bit cache) loads, plus the
+// 4-byte scale of each position (read once per tile, not per component), which multiplies
+// every head's dot product and the group sum before anything else sees them.
+//
 // Paged caches (PagedPositions): the same, with each run's positions looked up in the block
 // table (VEC table reads per thread, L1 hits: a run lies in one block but for odd block
 // sizes). key_t is read with 16-byte loads where a run is VEC consecutive elements (unit
@@ -66,9 +71,12 @@ struct PositionRun<PagedPositions, N> {
   __device__ __forceinline__ int64_t at(int v) const { return off[v]; }
 };
 
-template <typename T, int GC, bool kKeyT, typename Pos>
+// KT: key_t's element type, T or int8_t (the 8-bit selection cache: each logit times its
+// position's scale); unused without key_t (kKeyT false: gathered from key).
+template <typename T, int GC, bool kKeyT, typename KT, typename Pos>
 __global__ void __launch_bounds__(kApproxThreads)
     approx_logits_kernel(const ApproxParams p) {
+  constexpr bool kInt8 = kKeyT && std::is_same_v<KT, int8_t>;
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   constexpr int TILE = kApproxThreads * VEC;
   __shared__ float coef[GC][kMaxHeadDim];
@@ -122,6 +130,16 @@ __global__ void __launch_bounds__(kApproxThreads)
   float group_sum[VEC];  // the selection score before masking: sum_g of the heads' logits
 #pragma unroll
   for (int v = 0; v < VEC; ++v) group_sum[v] = 0.f;
+  float position_scale[VEC];  // the 8-bit selection cache's scale of each position of the run
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) position_scale[v] = 1.f;
+  if constexpr (kInt8) {
+    const Pos pos = Pos::of(p.pages, b);
+    const PositionRun<Pos, VEC> run(pos, s0, len, p.kts_sb, p.kts_ss);
+    const float* scales = p.key_t_scale + pos.row_offset(p.kts_sb) + h * p.kts_sh + run.start;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) position_scale[v] = s0 + v < len ? scales[run.at(v)] : 0.f;
+  }
 
   for (int64_t chunk = chunk_first; chunk < chunk_end; ++chunk) {
     // Barriers of the previous chunk order the reuse of coef and warp_stats: its coef reads
@@ -150,24 +168,26 @@ __global__ void __launch_bounds__(kApproxThreads)
       const int64_t kt_ss = std::is_same_v<Pos, StridedPositions> ? 1 : p.kt_ss;
       const PositionRun<Pos, VEC> run(pos, s0, len, kKeyT ? p.kt_sb : p.k_sb,
                                       kKeyT ? kt_ss : p.k_ss);
-      const T* base;
+      using Elem = std::conditional_t<kKeyT, KT, T>;  // what the loop below reads
+      const Elem* base;
       if constexpr (kKeyT) {
-        base = static_cast<const T*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh +
+        base = static_cast<const Elem*>(p.key_t) + pos.row_offset(p.kt_sb) + h * p.kt_sh +
                run.start;
       } else {
-        base = static_cast<const T*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh + run.start;
+        base = static_cast<const Elem*>(p.key) + pos.row_offset(p.k_sb) + h * p.k_sh +
+               run.start;
       }
 #pragma unroll 4
       for (int64_t j = 0; j < r; ++j) {
         float x[VEC];
-        if constexpr (kKeyT) {
-          const T* src = base + comp[j] * p.kt_sd;
+        if constexpr (kKeyT) {  // VEC positions: 16 bytes in T, 4 or 8 in int8
+          const Elem* src = base + comp[j] * p.kt_sd;
           if (full_run && p.kt_vec) {
-            load_as_float<T, VEC>(src + run.at(0), x);
+            load_as_float<Elem, VEC>(src + run.at(0), x);
           } else {
 #pragma unroll
             for (int v = 0; v < VEC; ++v)
-              x[v] = s0 + v < len ? to_float<T>(src[run.at(v)]) : 0.f;
+              x[v] = s0 + v < len ? to_float<Elem>(src[run.at(v)]) : 0.f;
           }
         } else {
           const T* src = base + comp[j];
@@ -184,6 +204,14 @@ __global__ void __launch_bounds__(kApproxThreads)
       }
     }
 
+    if constexpr (kInt8) {  // scale[s] * (q[i1] . key_t[i1, s]), then as any logit
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        acc_sum[v] *= position_scale[v];
+#pragma unroll
+        for (int g = 0; g < GC; ++g) acc[g][v] *= position_scale[v];
+      }
+    }
     if (capped) {  // each head's logit capped, then summed (heads past G have logit 0: cap 0)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
@@ -268,12 +296,15 @@ cudaError_t launch_approx_logits(const ApproxParams& p, DType dtype, cudaStream_
   SPARQ_DISPATCH_DTYPE(dtype, T, {
     SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
       SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {
-        if (p.key_t != nullptr) {
-          SPARQ_LAUNCH((approx_logits_kernel<T, GC, true, Pos>), grid, kApproxThreads, stream,
-                       p);
+        if (p.key_t == nullptr) {
+          SPARQ_LAUNCH((approx_logits_kernel<T, GC, false, T, Pos>), grid, kApproxThreads,
+                       stream, p);
+        } else if (p.key_t_int8) {
+          SPARQ_LAUNCH((approx_logits_kernel<T, GC, true, int8_t, Pos>), grid, kApproxThreads,
+                       stream, p);
         } else {
-          SPARQ_LAUNCH((approx_logits_kernel<T, GC, false, Pos>), grid, kApproxThreads, stream,
-                       p);
+          SPARQ_LAUNCH((approx_logits_kernel<T, GC, true, T, Pos>), grid, kApproxThreads,
+                       stream, p);
         }
       });
     });

@@ -15,6 +15,11 @@
 //   head's scale), so alpha needs no per-head logits from approx_logits; with softcap both
 //   logits are capped (tanhf) before they enter the softmaxes. The query slice of each lane
 //   (prep's aligned fp32 copy) lives in registers.
+//   With the 8-bit selection cache (an int8 key_t) and reallocate, alpha's approximate logits
+//   are step 1's: the i1 components of key_t's column at each selected position (r bytes per
+//   position, one byte load per component, over the row's lanes; in L2 in practice, as
+//   approx_logits has just streamed those r rows) times the position's scale (4 B), loaded
+//   in the same pipeline step as the K/V rows.
 //   Writes per partition and head (D + 4) fp32: the unnormalised p.V sum and (m, l) for the
 //   exact and approximate softmax (flash-decoding partials).
 // merge: the last block of each (row, group chunk) to finish (a done counter per chunk)
@@ -58,6 +63,25 @@ __device__ __forceinline__ void raw_to_float(const RawSlice<T, N>& in, float (&o
   const T* e = reinterpret_cast<const T*>(in.v);
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float<T>(e[i]);
+}
+
+// A lane's bytes of an int8 key_t column at one selected position (its components in i1,
+// zeros elsewhere; four per word) and the position's scale: with the 8-bit selection cache,
+// alpha's approximate logit is step 1's, from these, not from the K row. No registers
+// otherwise.
+template <int EPL, bool kInt8Alpha>
+struct KeyTColumn {
+  static_assert(EPL % 4 == 0, "whole words of bytes");
+  uint32_t bytes[EPL / 4];
+  float scale;
+};
+template <int EPL>
+struct KeyTColumn<EPL, false> {};
+
+template <int EPL>
+__device__ __forceinline__ float key_t_component(const KeyTColumn<EPL, true>& c, int e) {
+  const uint8_t byte = static_cast<uint8_t>(c.bytes[e / 4] >> (8 * (e % 4)));
+  return static_cast<float>(static_cast<int8_t>(byte));
 }
 
 // Merge one softmax state per thread over the block; every thread gets the result.
@@ -169,7 +193,8 @@ __device__ void merge_chunk(const AttendParams& p, int64_t row, int64_t g0, int6
   }
 }
 
-template <typename T, int KD, int GC, typename Pos>
+// kInt8Alpha: alpha's approximate logits from an int8 key_t (p.key_t) and its scales.
+template <typename T, int KD, int GC, typename Pos, bool kInt8Alpha>
 __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendParams p) {
   using Layout = RowLayout<T, KD>;
   constexpr int LPR = Layout::kLanesPerRow, EPL = Layout::kElemsPerLane;
@@ -247,9 +272,10 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     if (i >= end) return -1;
     return pos.slot(min(max(static_cast<int64_t>(idx[i]), int64_t{0}), p.S - 1));
   };
+  using Column = KeyTColumn<EPL, kInt8Alpha>;
   auto load_rows = [&](const int64_t (&slot)[kAttendUnroll],
                        RawSlice<T, EPL> (&kr)[kAttendUnroll],
-                       RawSlice<T, EPL> (&vr)[kAttendUnroll]) {
+                       RawSlice<T, EPL> (&vr)[kAttendUnroll], Column (&col)[kAttendUnroll]) {
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) {
       if (slot[u] >= 0 && has_d) {
@@ -259,23 +285,43 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
 #pragma unroll
         for (int c = 0; c < RawSlice<T, EPL>::kChunks; ++c) kr[u].v[c] = vr[u].v[c] = uint4{};
       }
+      if constexpr (kInt8Alpha) {  // r bytes per position over the row's lanes, and its scale
+#pragma unroll
+        for (int c = 0; c < EPL / 4; ++c) col[u].bytes[c] = 0u;
+        col[u].scale = 0.f;
+        if (slot[u] >= 0) {
+          const int8_t* column = p.key_t + pos.row_offset(p.kt_sb) + h * p.kt_sh +
+                                 pos.slot_offset(slot[u], p.kt_sb, p.kt_ss) + d0 * p.kt_sd;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) {
+            if ((i1_bits >> e) & 1u) {
+              const uint8_t byte = static_cast<uint8_t>(column[e * p.kt_sd]);
+              col[u].bytes[e / 4] |= static_cast<uint32_t>(byte) << (8 * (e % 4));
+            }
+          }
+          col[u].scale = p.key_t_scale[pos.row_offset(p.kts_sb) + h * p.kts_sh +
+                                       pos.slot_offset(slot[u], p.kts_sb, p.kts_ss)];
+        }
+      }
     }
   };
   const int64_t first = begin + warp * RPW;
   int64_t slot_cur[kAttendUnroll], slot_next[kAttendUnroll];
   RawSlice<T, EPL> k_cur[kAttendUnroll], v_cur[kAttendUnroll];
+  Column col_cur[kAttendUnroll];
 #pragma unroll
   for (int u = 0; u < kAttendUnroll; ++u) {
     slot_cur[u] = load_index(first, u);
     slot_next[u] = load_index(first + kStep, u);
   }
-  load_rows(slot_cur, k_cur, v_cur);
+  load_rows(slot_cur, k_cur, v_cur, col_cur);
 
   // The trip count depends on the warp only, so whole warps run the shuffles together.
   for (int64_t base = first; base < end; base += kStep) {
     RawSlice<T, EPL> k_next[kAttendUnroll], v_next[kAttendUnroll];
+    Column col_next[kAttendUnroll];
     int64_t slot_after[kAttendUnroll];
-    load_rows(slot_next, k_next, v_next);  // in flight while this step is reduced
+    load_rows(slot_next, k_next, v_next, col_next);  // in flight while this step is reduced
 #pragma unroll
     for (int u = 0; u < kAttendUnroll; ++u) slot_after[u] = load_index(base + 2 * kStep, u);
 #pragma unroll
@@ -292,7 +338,11 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
         for (int e = 0; e < EPL; ++e) {
           const float prod = q[g][e] * kv[e];
           dot += prod;
-          dot_i1 += (i1_bits >> e) & 1u ? prod : 0.f;
+          if constexpr (kInt8Alpha) {
+            dot_i1 += (i1_bits >> e) & 1u ? q[g][e] * key_t_component(col_cur[u], e) : 0.f;
+          } else {
+            dot_i1 += (i1_bits >> e) & 1u ? prod : 0.f;
+          }
         }
         x[g] = dot;
         xa[g] = dot_i1;
@@ -309,6 +359,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
 #pragma unroll
       for (int g = 0; g < GC; ++g) {
         float logit = x[g] * p.scale, approx_logit = xa[g] * head_scale[g];
+        if constexpr (kInt8Alpha) approx_logit *= col_cur[u].scale;
         if (capped) {
           logit = softcap_logit(logit, p.softcap);
           approx_logit = softcap_logit(approx_logit, p.softcap);
@@ -327,6 +378,7 @@ __global__ void __launch_bounds__(kAttendThreads) attend_kernel(const AttendPara
     for (int u = 0; u < kAttendUnroll; ++u) {
       k_cur[u] = k_next[u];
       v_cur[u] = v_next[u];
+      col_cur[u] = col_next[u];
       slot_cur[u] = slot_next[u];
       slot_next[u] = slot_after[u];
     }
@@ -430,7 +482,12 @@ cudaError_t launch_attend(const AttendParams& p, DType dtype, int head_dim_bucke
     SPARQ_DISPATCH_HEAD_DIM(head_dim_bucket, KD, {
       SPARQ_DISPATCH_GROUP_CHUNK(p.G, GC, {
         SPARQ_DISPATCH_POSITIONS(p.pages, Pos, {
-          SPARQ_LAUNCH((attend_kernel<T, KD, GC, Pos>), grid, kAttendThreads, stream, p);
+          if (p.key_t != nullptr && p.reallocate) {  // alpha from the 8-bit selection cache
+            SPARQ_LAUNCH((attend_kernel<T, KD, GC, Pos, true>), grid, kAttendThreads, stream, p);
+          } else {
+            SPARQ_LAUNCH((attend_kernel<T, KD, GC, Pos, false>), grid, kAttendThreads, stream,
+                         p);
+          }
         });
       });
     });

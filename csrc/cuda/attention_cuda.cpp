@@ -71,7 +71,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
                                const std::optional<at::Tensor>& seq_lens,
                                const std::optional<at::Tensor>& attn_mask, int64_t local_window,
                                bool reallocate, double scale, std::optional<double> softcap,
-                               const std::optional<at::Tensor>& sinks) {
+                               const std::optional<at::Tensor>& sinks,
+                               const std::optional<at::Tensor>& key_t_scale) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
   const int64_t Hkv = key.size(1), S = key.size(2);
   const DType dtype = kernel_dtype(query.scalar_type());
@@ -90,8 +91,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   bool kt_vec = false;
   if (key_t) {
     kt = key_t->stride(3) == 1 || S == 1 ? *key_t : key_t->contiguous();
-    kt_vec = cuda::rows_aligned16(kt.data_ptr(), kt.element_size(), kt.stride(0),
-                                  kt.stride(1), kt.stride(2));
+    kt_vec = cuda::key_t_vec(kt.data_ptr(), dtype, kt.element_size(), kt.stride(0),
+                             kt.stride(1), kt.stride(2));
   }
   const at::Tensor lens = seq_lens ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
@@ -130,6 +131,13 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
     prob.kt_ss = 1;  // unit S-stride (made so above; with S = 1 no stride is ever used)
     prob.kt_vec = kt_vec;
   }
+  if (key_t_scale) {  // an int8 key_t's scales, read in place whatever their strides
+    prob.key_t_int8 = true;
+    prob.key_t_scale = key_t_scale->data_ptr<float>();
+    prob.kts_sb = key_t_scale->stride(0);
+    prob.kts_sh = key_t_scale->stride(1);
+    prob.kts_ss = key_t_scale->stride(2);
+  }
   prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
   prob.seq_lens = seq_lens ? lens.data_ptr<int64_t>() : nullptr;
   prob.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
@@ -158,9 +166,10 @@ void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows, const c
 
 }  // namespace
 
-at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                          SPARQ_KEY_T_SCALE_ARG) {
   const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
-                                               seq_lens, attn_mask, local_window);
+                                               seq_lens, attn_mask, local_window, key_t_scale);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.B * d.Hkv, "B * Hkv");
   TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
@@ -180,12 +189,12 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
     if (value_mean) vm = pad_last(*value_mean);
     return attention_cuda_impl(pad_last(query), pad_last(key), pad_last(value), r, k, kt, vm,
                                seq_lens, attn_mask, local_window, reallocate, logit_scale,
-                               softcap, sinks)
+                               softcap, sinks, key_t_scale)
         .narrow(3, 0, d.D)
         .contiguous();
   }
   return attention_cuda_impl(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                             local_window, reallocate, logit_scale, softcap, sinks);
+                             local_window, reallocate, logit_scale, softcap, sinks, key_t_scale);
 }
 
 // The paged cache is read in place: K / V rows with unit D-stride and 16-byte aligned rows
@@ -195,10 +204,11 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
 // comes from the shapes (S = max_blocks * block_size, the table's capacity), so the call is
 // CUDA-graph capturable; each row's work is bounded by its seq_lens on the device (blocks of
 // approx_logits, topk and value_sum past a row's length return at once).
-at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS) {
+at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
+                                SPARQ_KEY_T_SCALE_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window);
+                                                 local_window, key_t_scale);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
   // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
@@ -257,8 +267,15 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
     prob.kt_sh = kt.stride(1);
     prob.kt_sd = kt.stride(2);
     prob.kt_ss = kt.stride(3);
-    prob.kt_vec = cuda::paged_key_t_vec(kt.data_ptr(), kt.element_size(), prob.kt_sb,
+    prob.kt_vec = cuda::paged_key_t_vec(kt.data_ptr(), dtype, kt.element_size(), prob.kt_sb,
                                         prob.kt_sh, prob.kt_sd, prob.kt_ss, d.block_size);
+  }
+  if (key_t_scale) {  // an int8 key_t_cache's scales, read in place whatever their strides
+    prob.key_t_int8 = true;
+    prob.key_t_scale = key_t_scale->data_ptr<float>();
+    prob.kts_sb = key_t_scale->stride(0);
+    prob.kts_sh = key_t_scale->stride(1);
+    prob.kts_ss = key_t_scale->stride(2);
   }
   prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
   prob.seq_lens_i32 = seq_lens.data_ptr<int32_t>();

@@ -35,6 +35,8 @@ std::vector<unsigned char>* contiguous_copy(const void* src, int64_t e, int64_t 
 // first min(k, valid count) of each row are meaningful; the rest stay -1).
 // repeats > 1 enqueues the call again on the same, now dirty, workspace (as a CUDA-graph
 // replay does): the output must not change. softcap 0: none; sinks (Hq,) fp32 or nullptr.
+// key_t_scale non-null: key_t is int8 (the 8-bit selection cache), key_t_scale (B, Hkv, S)
+// fp32 with strides kts_strides (3).
 extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                                    int64_t D, int64_t r, int64_t k, int64_t window,
                                    int reallocate, float scale, float softcap, const float* sinks,
@@ -42,7 +44,8 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
                                    int64_t topk_blocks, const void* query, const void* key,
                                    const int64_t* k_strides, const void* value,
                                    const int64_t* v_strides, const void* key_t,
-                                   const int64_t* kt_strides, const void* value_mean,
+                                   const int64_t* kt_strides, const float* key_t_scale,
+                                   const int64_t* kts_strides, const void* value_mean,
                                    const int64_t* seq_lens, const uint8_t* mask, void* out,
                                    int32_t* topk_idx_out, int repeats) {
   using namespace sparq::cuda;
@@ -90,7 +93,15 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
     a.kt_sh = kt_strides[1];
     a.kt_sd = kt_strides[2];
     a.kt_ss = 1;  // unit S-stride (the tests pass it so)
-    a.kt_vec = rows_aligned16(key_t, e, a.kt_sb, a.kt_sh, a.kt_sd);
+    a.kt_vec = key_t_vec(key_t, a.dtype, key_t_scale != nullptr ? 1 : e, a.kt_sb, a.kt_sh,
+                         a.kt_sd);
+  }
+  if (key_t_scale != nullptr) {
+    a.key_t_int8 = true;
+    a.key_t_scale = key_t_scale;
+    a.kts_sb = kts_strides[0];
+    a.kts_sh = kts_strides[1];
+    a.kts_ss = kts_strides[2];
   }
   a.value_mean = value_mean;
   a.seq_lens = seq_lens;
@@ -115,16 +126,18 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
 // paged_attention on the emulated pipeline, with the host glue of attention_cuda.cpp: caches
 // (num_blocks, Hkv, block_size, D) and key_t_cache (num_blocks, Hkv, D, block_size) with
 // element strides (4 each); K / V rows failing the 16-byte rule are copied, key_t_cache is read
-// in place whatever its strides. block_table int32 with strides (2), seq_lens int32 with an
+// in place whatever its strides (int8 when key_t_scale, (num_blocks, Hkv, block_size) fp32 with
+// strides kts_strides (3), is given). block_table int32 with strides (2), seq_lens int32 with an
 // element stride. topk_idx_out: (R*Hkv, min(k, max_blocks * block_size)) or nullptr.
 extern "C" int sparq_emu_paged_attention(
     int dtype, int64_t R, int64_t Hq, int64_t Hkv, int64_t num_blocks, int64_t block_size,
     int64_t max_blocks, int64_t D, int64_t r, int64_t k, int64_t window, int reallocate,
     float scale, float softcap, const float* sinks, int64_t sm_count, int64_t topk_blocks,
     const void* query, const void* key, const int64_t* k_strides, const void* value,
-    const int64_t* v_strides, const void* key_t, const int64_t* kt_strides, const void* value_mean, const int32_t* block_table,
-    const int64_t* bt_strides, const int32_t* seq_lens, int64_t seq_lens_stride, void* out,
-    int32_t* topk_idx_out, int repeats) {
+    const int64_t* v_strides, const void* key_t, const int64_t* kt_strides,
+    const float* key_t_scale, const int64_t* kts_strides, const void* value_mean,
+    const int32_t* block_table, const int64_t* bt_strides, const int32_t* seq_lens,
+    int64_t seq_lens_stride, void* out, int32_t* topk_idx_out, int repeats) {
   using namespace sparq::cuda;
   AttentionProblem a{};
   a.dtype = static_cast<DType>(dtype);
@@ -172,7 +185,15 @@ extern "C" int sparq_emu_paged_attention(
     a.kt_sh = kt_strides[1];
     a.kt_sd = kt_strides[2];
     a.kt_ss = kt_strides[3];
-    a.kt_vec = paged_key_t_vec(key_t, e, a.kt_sb, a.kt_sh, a.kt_sd, a.kt_ss, block_size);
+    a.kt_vec = paged_key_t_vec(key_t, a.dtype, key_t_scale != nullptr ? 1 : e, a.kt_sb, a.kt_sh,
+                               a.kt_sd, a.kt_ss, block_size);
+  }
+  if (key_t_scale != nullptr) {
+    a.key_t_int8 = true;
+    a.key_t_scale = key_t_scale;
+    a.kts_sb = kts_strides[0];
+    a.kts_sh = kts_strides[1];
+    a.kts_ss = kts_strides[2];
   }
   a.value_mean = value_mean;
   a.seq_lens_i32 = seq_lens;

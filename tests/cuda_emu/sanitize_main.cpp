@@ -62,6 +62,25 @@ float to_f<__half>(__half x) { return __half2float(x); }
 template <>
 float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// The 8-bit selection cache of n_pos positions of one head of `key` (component d of position
+// p at key[start + p * s_pos + d]) as sparq_ext.quantize_key_t makes it: key_t8[pos_t(p) + d *
+// t_d] and one scale per position at scale[pos_s(p)].
+template <typename T, typename PosT, typename PosS>
+static void quantize(const std::vector<T>& key, int64_t start, int64_t n_pos, int64_t D,
+                     int64_t s_pos, std::vector<int8_t>& key_t8, PosT pos_t, int64_t t_d,
+                     std::vector<float>& scale, PosS pos_s) {
+  for (int64_t p = 0; p < n_pos; ++p) {
+    const T* row = key.data() + start + p * s_pos;
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f(row[d])));
+    const float sc = amax / 127.0f, div = sc > 0.f ? sc : 1.f;
+    scale[pos_s(p)] = sc;
+    for (int64_t d = 0; d < D; ++d)
+      key_t8[pos_t(p) + d * t_d] =
+          static_cast<int8_t>(std::clamp(std::nearbyint(to_f(row[d]) / div), -127.f, 127.f));
+  }
+}
+
 // The workspace with poisoned gaps between the plan's regions (and after the last one),
 // filled with 0xFF bytes: prep must clear what the later kernels accumulate into.
 struct Workspace {
@@ -85,7 +104,7 @@ template <typename T>
 static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
                      int64_t r, int64_t k, int64_t window, bool with_key_t, bool with_mask,
                      bool reallocate, bool with_mean, float softcap = 0.0f,
-                     bool with_sinks = false) {
+                     bool with_sinks = false, bool int8_key_t = false) {
   std::mt19937 gen(static_cast<unsigned>(S * 31 + D));
   std::normal_distribution<float> normal;
   std::vector<T> q(B * Hq * D), key(B * Hkv * S * D), value(key.size()), key_t(key.size());
@@ -99,6 +118,12 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   for (int64_t bh = 0; bh < B * Hkv; ++bh)
     for (int64_t s = 0; s < S; ++s)
       for (int64_t d = 0; d < D; ++d) key_t[(bh * D + d) * S + s] = key[(bh * S + s) * D + d];
+  std::vector<int8_t> key_t8(int8_key_t ? key.size() : 0);  // (B, Hkv, D, S)
+  std::vector<float> key_t_scale(int8_key_t ? B * Hkv * S : 0);  // (B, Hkv, S)
+  if (int8_key_t)
+    for (int64_t bh = 0; bh < B * Hkv; ++bh)
+      quantize(key, bh * S * D, S, D, D, key_t8, [&](int64_t s) { return bh * D * S + s; }, S,
+               key_t_scale, [&](int64_t s) { return bh * S + s; });
   std::vector<int64_t> lens(B);
   std::vector<uint8_t> mask(B * S);
   for (int64_t b = 0; b < B; ++b) lens[b] = b == B - 1 ? S / 3 : S;
@@ -130,12 +155,19 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   a.v_sh = a.k_sh;
   a.v_ss = D;
   if (with_key_t) {
-    a.key_t = key_t.data();
+    a.key_t = int8_key_t ? static_cast<const void*>(key_t8.data()) : key_t.data();
     a.kt_sb = Hkv * D * S;
     a.kt_sh = D * S;
     a.kt_sd = S;
     a.kt_ss = 1;
-    a.kt_vec = rows_aligned16(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd);
+    a.kt_vec = key_t_vec(a.key_t, dtype, int8_key_t ? 1 : sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd);
+  }
+  if (with_key_t && int8_key_t) {
+    a.key_t_int8 = true;
+    a.key_t_scale = key_t_scale.data();
+    a.kts_sb = Hkv * S;
+    a.kts_sh = S;
+    a.kts_ss = 1;
   }
   a.value_mean = with_mean ? mean.data() : nullptr;
   a.seq_lens = lens.data();
@@ -147,12 +179,13 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
   const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
   bool finite = err == cudaSuccess;
   for (T x : out) finite = finite && std::isfinite(to_f(x));
-  std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%d mask=%d "
+  std::printf("dtype=%d B=%ld Hq=%ld Hkv=%ld S=%ld D=%ld r=%ld k=%ld w=%ld key_t=%s mask=%d "
               "softcap=%g sinks=%d: %s\n",
               static_cast<int>(dtype), static_cast<long>(B), static_cast<long>(Hq),
               static_cast<long>(Hkv), static_cast<long>(S), static_cast<long>(D),
-              static_cast<long>(r), static_cast<long>(k), static_cast<long>(window), with_key_t,
-              with_mask, static_cast<double>(softcap), with_sinks, finite ? "ok" : "NOT FINITE");
+              static_cast<long>(r), static_cast<long>(k), static_cast<long>(window),
+              with_key_t ? (int8_key_t ? "int8" : "1") : "0", with_mask,
+              static_cast<double>(softcap), with_sinks, finite ? "ok" : "NOT FINITE");
   return finite;
 }
 
@@ -162,7 +195,8 @@ static bool run_case(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
 // an out-of-range id (never followed), lengths with an empty row and partial last blocks.
 template <typename T>
 static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with_key_t,
-                           float softcap = 0.0f, bool with_sinks = false) {
+                           float softcap = 0.0f, bool with_sinks = false,
+                           bool int8_key_t = false) {
   const int64_t R = 3, Hq = 4, Hkv = 2, r = 8, k = 60;
   const int32_t lens[R] = {700, 0, 229};
   const int64_t max_blocks = (700 + block_size - 1) / block_size + 1;
@@ -193,6 +227,16 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
         for (int64_t s = 0; s < block_size; ++s)
           key_t[((blk * Hkv + h) * D + d) * block_size + s] =
               key[((blk * block_size + s) * Hkv + h) * D + d];
+  // int8: key_t8 (num_blocks, Hkv, D, block_size) contiguous; the scales in an engine's layout
+  // (num_blocks, block_size, Hkv), passed with those strides
+  std::vector<int8_t> key_t8(int8_key_t ? cache_elems : 0);
+  std::vector<float> key_t_scale(int8_key_t ? num_blocks * block_size * Hkv : 0);
+  if (int8_key_t)
+    for (int64_t h = 0; h < Hkv; ++h)
+      quantize(  // position p = block * block_size + offset; key stored (block, offset, h, d)
+          key, h * D, num_blocks * block_size, D, Hkv * D, key_t8,
+          [&](int64_t p) { return ((p / block_size) * Hkv + h) * D * block_size + p % block_size; },
+          block_size, key_t_scale, [&](int64_t p) { return p * Hkv + h; });
 
   AttentionProblem a{};
   a.dtype = dtype;
@@ -222,13 +266,20 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
   a.v_sh = a.k_sh;
   a.v_ss = a.k_ss;
   if (with_key_t) {
-    a.key_t = key_t.data();
+    a.key_t = int8_key_t ? static_cast<const void*>(key_t8.data()) : key_t.data();
     a.kt_sb = Hkv * D * block_size;
     a.kt_sh = D * block_size;
     a.kt_sd = block_size;
     a.kt_ss = 1;
-    a.kt_vec = paged_key_t_vec(key_t.data(), sizeof(T), a.kt_sb, a.kt_sh, a.kt_sd, a.kt_ss,
-                               block_size);
+    a.kt_vec = paged_key_t_vec(a.key_t, dtype, int8_key_t ? 1 : sizeof(T), a.kt_sb, a.kt_sh,
+                               a.kt_sd, a.kt_ss, block_size);
+  }
+  if (with_key_t && int8_key_t) {
+    a.key_t_int8 = true;
+    a.key_t_scale = key_t_scale.data();
+    a.kts_sb = block_size * Hkv;
+    a.kts_sh = 1;
+    a.kts_ss = Hkv;
   }
   a.seq_lens_i32 = lens;
   a.seq_lens_i32_stride = 1;
@@ -239,9 +290,10 @@ static bool run_paged_case(DType dtype, int64_t block_size, int64_t D, bool with
   const cudaError_t err = enqueue_attention(a, plan, workspace.base, nullptr, &stage);
   bool finite = err == cudaSuccess;
   for (T x : out) finite = finite && std::isfinite(to_f(x));
-  std::printf("paged dtype=%d block_size=%ld D=%ld key_t=%d softcap=%g sinks=%d: %s\n",
+  std::printf("paged dtype=%d block_size=%ld D=%ld key_t=%s softcap=%g sinks=%d: %s\n",
               static_cast<int>(dtype), static_cast<long>(block_size), static_cast<long>(D),
-              with_key_t, static_cast<double>(softcap), with_sinks, finite ? "ok" : "NOT FINITE");
+              with_key_t ? (int8_key_t ? "int8" : "1") : "0", static_cast<double>(softcap),
+              with_sinks, finite ? "ok" : "NOT FINITE");
   return finite;
 }
 
@@ -269,5 +321,12 @@ int main() {
   ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 8, 2, 4500, 128, 16, 300, 5, true, false,
                                 false, false, 30.0f, true);
   ok &= run_paged_case<__nv_bfloat16>(DType::kBFloat16, 20, 64, true, 1.0f, true);
+  std::printf("the 8-bit selection cache (int8 key_t):\n");
+  ok &= run_case<float>(DType::kFloat32, 2, 4, 1, 600, 64, 8, 50, 7, true, true, true, false,
+                        0.0f, false, true);
+  ok &= run_case<__nv_bfloat16>(DType::kBFloat16, 2, 24, 2, 1503, 128, 28, 200, 5, true, true,
+                                true, false, 5.0f, true, true);  // S % 8 != 0: scalar loads
+  ok &= run_paged_case<__nv_bfloat16>(DType::kBFloat16, 16, 64, true, 0.0f, false, true);
+  ok &= run_paged_case<float>(DType::kFloat32, 20, 128, true, 2.0f, true, true);
   return ok ? 0 : 1;
 }

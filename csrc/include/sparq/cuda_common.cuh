@@ -28,6 +28,8 @@ template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
+template <>  // the 8-bit selection cache (exact: every int8 is an fp32)
+__device__ __forceinline__ float to_float<int8_t>(int8_t x) { return static_cast<float>(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

@@ -59,10 +59,12 @@ enum RowCounter : int {
   kAttendDone = 4,    // attend: blocks finished, one counter per group chunk from here
 };
 
-// Positions per approx_logits tile for a dtype: 16-byte loads, one per thread and key_t row.
-inline int approx_tile(DType dtype) {
-  return kApproxThreads * (dtype == DType::kFloat32 ? 4 : 8);
-}
+// Positions each approx_logits thread reads per key_t row: one 16-byte load in the cache dtype
+// (an int8 key_t reads the same positions: a 4- or 8-byte load).
+inline int approx_run(DType dtype) { return dtype == DType::kFloat32 ? 4 : 8; }
+
+// Positions per approx_logits tile for a dtype.
+inline int approx_tile(DType dtype) { return kApproxThreads * approx_run(dtype); }
 
 // Query heads per block (1, 4 or 8) for a group of G query heads, and the number of chunks.
 inline int group_chunk(int64_t G) { return G <= 1 ? 1 : G <= 4 ? 4 : kMaxGroupChunk; }
@@ -109,8 +111,12 @@ struct ApproxParams {
   PageTable pages;
   const void* key_t;        // (B, Hkv, D, S), or nullptr (then gather from key)
   int64_t kt_sb, kt_sh, kt_sd, kt_ss;  // kt_ss: read for paged caches only (contiguous: 1)
-  bool kt_vec;              // 16-byte loads of VEC positions: unit kt_ss, 16-byte aligned rows
-                            // and (paged) block_size a multiple of VEC
+  bool kt_vec;              // vector loads of a run of VEC positions (approx_run): unit kt_ss,
+                            // rows aligned to the run's bytes and (paged) block_size a multiple
+                            // of VEC (sparq/cuda_pipeline.h: key_t_vec, paged_key_t_vec)
+  bool key_t_int8;          // key_t is the 8-bit selection cache, key_t_scale beside it
+  const float* key_t_scale; // (B or blocks, Hkv, positions) fp32, any strides, or nullptr
+  int64_t kts_sb, kts_sh, kts_ss;
   const void* key;          // (B, Hkv, S, D), D-stride 1
   int64_t k_sb, k_sh, k_ss;
   const int32_t* i1;
@@ -166,6 +172,12 @@ struct AttendParams {
   float scale;              // exact-logit scale
   float softcap;            // logit softcapping, exact and approximate logits; 0 when absent
   int64_t r;
+  // The 8-bit selection cache (int8 key_t, else nullptr): alpha's approximate logits come from
+  // its i1 components at each selected position times the position's scale, as in step 1.
+  const int8_t* key_t;
+  int64_t kt_sb, kt_sh, kt_sd, kt_ss;
+  const float* key_t_scale;
+  int64_t kts_sb, kts_sh, kts_ss;
   const int32_t* topk_idx;
   uint32_t* counters;       // kValidCount read; kAttendDone + chunk counts finished blocks
   int64_t counter_stride;

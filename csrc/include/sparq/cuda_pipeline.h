@@ -15,29 +15,43 @@
 namespace sparq {
 namespace cuda {
 
-// Whether a tensor's rows may be read with 16-byte loads: a 16-byte aligned start and every
-// stride but the unit one a multiple of 16 bytes (stride 0, an expanded dim, is fine).
-// K / V rows (strides batch, head, position) and key_t rows (batch, head, component) alike;
-// the host glue copies a tensor that fails this (or falls back to scalar loads for key_t).
-inline bool rows_aligned16(const void* ptr, int64_t elem_bytes, int64_t s0, int64_t s1,
-                           int64_t s2) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * elem_bytes) % 16 == 0 &&
-         (s1 * elem_bytes) % 16 == 0 && (s2 * elem_bytes) % 16 == 0;
+// Whether a tensor's rows may be read with `bytes`-byte vector loads: an aligned start and
+// every stride but the unit one a multiple of `bytes` (stride 0, an expanded dim, is fine).
+inline bool rows_aligned(const void* ptr, int64_t elem_bytes, int64_t s0, int64_t s1, int64_t s2,
+                         int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0 && (s0 * elem_bytes) % bytes == 0 &&
+         (s1 * elem_bytes) % bytes == 0 && (s2 * elem_bytes) % bytes == 0;
 }
 
-// Whether approx_logits may read a paged key_t_cache (num_blocks, Hkv, D, block_size) with
-// 16-byte loads: each thread's run of 16 / e positions must be 16 consecutive bytes, so unit
-// position stride, 16-byte aligned rows and whole runs per block (block_size a multiple of
-// 16 / e). Otherwise it reads elementwise, in place (a paged cache is never copied for key_t).
-inline bool paged_key_t_vec(const void* ptr, int64_t elem_bytes, int64_t s_block,
+// 16-byte loads: K / V rows (strides batch, head, position); the host glue copies a tensor
+// that fails this.
+inline bool rows_aligned16(const void* ptr, int64_t elem_bytes, int64_t s0, int64_t s1,
+                           int64_t s2) {
+  return rows_aligned(ptr, elem_bytes, s0, s1, s2, 16);
+}
+
+// Whether approx_logits may read a contiguous cache's key_t (unit position stride; strides
+// batch, head, component) with vector loads: each thread's run of approx_run(dtype) positions,
+// approx_run * kt_elem_bytes bytes (16 for a key_t in the cache dtype, 4 or 8 for an int8 one),
+// must be aligned. Otherwise it reads elementwise.
+inline bool key_t_vec(const void* ptr, DType dtype, int64_t kt_elem_bytes, int64_t s_b,
+                      int64_t s_h, int64_t s_comp) {
+  return rows_aligned(ptr, kt_elem_bytes, s_b, s_h, s_comp, approx_run(dtype) * kt_elem_bytes);
+}
+
+// The same for a paged key_t_cache (num_blocks, Hkv, D, block_size): a run must also be
+// consecutive bytes within one block, so unit position stride and block_size a multiple of the
+// run. Otherwise it reads elementwise, in place (a paged cache is never copied for key_t).
+inline bool paged_key_t_vec(const void* ptr, DType dtype, int64_t kt_elem_bytes, int64_t s_block,
                             int64_t s_head, int64_t s_comp, int64_t s_pos, int64_t block_size) {
-  return s_pos == 1 && block_size % (16 / elem_bytes) == 0 &&
-         rows_aligned16(ptr, elem_bytes, s_block, s_head, s_comp);
+  return s_pos == 1 && block_size % approx_run(dtype) == 0 &&
+         key_t_vec(ptr, dtype, kt_elem_bytes, s_block, s_head, s_comp);
 }
 
 // One call, in the layouts the kernels read: query (any alignment) and value_mean contiguous;
 // key / value rows with unit D-stride and 16-byte aligned rows; key_t with unit S-stride
-// (paged: any strides). Element strides (outer, head, position); the outer index is the batch
+// (paged: any strides), in the cache dtype or int8 (key_t_int8, with key_t_scale, any
+// strides). Element strides (outer, head, position); the outer index is the batch
 // row, or with a block table (pages.block_table) the block: then B is the number of request
 // rows R, S the table's capacity max_blocks * block_size (every size a function of the shapes,
 // as for a contiguous cache), and each row's work is bounded by its seq_lens.
@@ -60,6 +74,9 @@ struct AttentionProblem {
   const void* key_t;
   int64_t kt_sb, kt_sh, kt_sd, kt_ss;
   bool kt_vec;
+  bool key_t_int8;          // the 8-bit selection cache
+  const float* key_t_scale;  // its per-position scale (outer, head, position strides below)
+  int64_t kts_sb, kts_sh, kts_ss;
   const void* value_mean;
   const int64_t* seq_lens;
   const int32_t* seq_lens_i32;  // instead of seq_lens (paged_attention's), element stride below
@@ -224,6 +241,11 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   ap.kt_sd = a.kt_sd;
   ap.kt_ss = a.kt_ss;
   ap.kt_vec = a.kt_vec;
+  ap.key_t_int8 = a.key_t_int8;
+  ap.key_t_scale = a.key_t_scale;
+  ap.kts_sb = a.kts_sb;
+  ap.kts_sh = a.kts_sh;
+  ap.kts_ss = a.kts_ss;
   ap.key = a.key;
   ap.k_sb = a.k_sb;
   ap.k_sh = a.k_sh;
@@ -300,6 +322,17 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
   at.scale = a.scale;
   at.softcap = a.softcap;
   at.r = a.r;
+  if (a.key_t_int8) {
+    at.key_t = static_cast<const int8_t*>(a.key_t);
+    at.kt_sb = a.kt_sb;
+    at.kt_sh = a.kt_sh;
+    at.kt_sd = a.kt_sd;
+    at.kt_ss = a.kt_ss;
+    at.key_t_scale = a.key_t_scale;
+    at.kts_sb = a.kts_sb;
+    at.kts_sh = a.kts_sh;
+    at.kts_ss = a.kts_ss;
+  }
   at.topk_idx = topk_idx;
   at.counters = counters;
   at.counter_stride = plan.counter_stride;
