@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 import sparq_ext
@@ -105,6 +106,20 @@ def make_inputs(B=2, Hq=4, Hkv=2, S=64, D=32, dtype=torch.float32, seed=0, with_
     if with_key_t:
         return q, K, V, K.transpose(-1, -2).contiguous()
     return q, K, V
+
+
+def assert_both_operators_refuse(error, match, kwargs, paged_kwargs=None):
+    """``attention`` on a small cache (B 1, Hq 4, Hkv 2, S 16, D 8) and ``paged_attention`` on the
+    same cache as one block both raise ``error`` matching ``match`` given these keyword
+    arguments (``paged_kwargs``: the paged operator's, when its names differ)."""
+    q, K, V = make_inputs(1, 4, 2, 16, 8)
+    with pytest.raises(error, match=match):
+        sparq_ext.attention(q, K, V, r=2, k=4, **kwargs)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    lens = torch.tensor([16], dtype=torch.int32)
+    with pytest.raises(error, match=match):
+        sparq_ext.paged_attention(q[:, :, 0], K, V, table, lens, r=2, k=4,
+                                  **(kwargs if paged_kwargs is None else paged_kwargs))
 
 
 def untied_query(B, Hq, Hkv, D, dtype, gen):

@@ -46,6 +46,21 @@ def check_against_reference(q, K, V, r, k, **kwargs):
     return out
 
 
+def capture_attention(q, K, V, **kwargs):
+    """``sparq_ext.attention(q, K, V, **kwargs)`` captured in a CUDA graph, after warming the
+    allocator up on a side stream: the graph and its output buffer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            sparq_ext.attention(q, K, V, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparq_ext.attention(q, K, V, **kwargs)
+    return graph, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 # Around the single-block top-k's shared-memory limit (12000, 12288), the multi-block threshold
@@ -104,15 +119,7 @@ def test_cuda_graph_capture_and_replay():
     kwargs = dict(r=16, k=256, key_t=Kt, seq_lens=seq_lens, local_window=64)
     with torch.no_grad():
         eager = sparq_ext.attention(q, K, V, **kwargs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up the allocator on the side stream
-            for _ in range(2):
-                sparq_ext.attention(q, K, V, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = sparq_ext.attention(q, K, V, **kwargs)
+        graph, static_out = capture_attention(q, K, V, **kwargs)
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static_out, eager, atol=1e-2, rtol=0)
@@ -175,15 +182,7 @@ def test_int8_key_t_cuda_graph_capture_and_replay():
     seq_lens = torch.tensor([4000, 2500], device="cuda")
     kwargs = dict(r=28, k=256, key_t=Kt, key_t_scale=kscale, seq_lens=seq_lens, local_window=64)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up the allocator on the side stream
-            for _ in range(2):
-                sparq_ext.attention(q, K, V, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = sparq_ext.attention(q, K, V, **kwargs)
+        graph, static_out = capture_attention(q, K, V, **kwargs)
         # New data in the captured buffers, the 8-bit keys, scales and lengths included.
         q2, K2, V2, _ = cuda_inputs(B, Hq, Hkv, S, D, seed=43)
         Kt2, kscale2 = sparq_ext.quantize_key_t(K2)

@@ -16,8 +16,8 @@ import sparq_ext
 from sparq_ext import quantize_key_t
 from sparq_ext.reference import (approximate_selection, dense_attention_reference,
                                  sparq_attention_reference, valid_positions)
-from sparq_testutil import (DTYPES, attention, make_inputs, page_table, paged_attention, to_pages,
-                            tolerance, untie_query)
+from sparq_testutil import (DTYPES, assert_both_operators_refuse, attention, make_inputs, page_table,
+                            paged_attention, to_pages, tolerance, untie_query)
 
 RATIO = 8
 
@@ -335,13 +335,7 @@ def _bad_key_t():
 @pytest.mark.parametrize("case", range(len(_bad_key_t())))
 def test_bad_selection_cache_is_refused_by_name(case):
     kwargs, paged_kwargs, error, match = _bad_key_t()[case]
-    q, K, V = make_inputs(1, 4, 2, 16, 8)
-    with pytest.raises(error, match=match):
-        sparq_ext.attention(q, K, V, r=2, k=4, **kwargs)
-    table = torch.zeros(1, 1, dtype=torch.int32)
-    lens = torch.tensor([16], dtype=torch.int32)
-    with pytest.raises(error, match=match):
-        sparq_ext.paged_attention(q[:, :, 0], K, V, table, lens, r=2, k=4, **paged_kwargs)
+    assert_both_operators_refuse(error, match, kwargs, paged_kwargs)
 
 
 def test_scale_that_requires_grad_is_refused():

@@ -14,8 +14,8 @@ import torch
 import sparq_ext
 from sparq_ext.reference import (approximate_selection, dense_attention_reference,
                                  softcap_logits, sparq_attention_reference, valid_positions)
-from sparq_testutil import (DTYPES, attention, make_inputs, paged_attention, page_table, to_pages,
-                            tolerance)
+from sparq_testutil import (DTYPES, assert_both_operators_refuse, attention, make_inputs, paged_attention,
+                            page_table, to_pages, tolerance)
 
 RATIO = 8
 
@@ -247,13 +247,7 @@ def _bad_variants():
 @pytest.mark.parametrize("case", range(len(_bad_variants())))
 def test_bad_softcap_and_sinks_are_refused_by_name(case):
     kwargs, error, match = _bad_variants()[case]
-    q, K, V = make_inputs(1, 4, 2, 16, 8)
-    with pytest.raises(error, match=match):
-        sparq_ext.attention(q, K, V, r=2, k=4, **kwargs)
-    table = torch.zeros(1, 1, dtype=torch.int32)
-    lens = torch.tensor([16], dtype=torch.int32)
-    with pytest.raises(error, match=match):
-        sparq_ext.paged_attention(q[:, :, 0], K, V, table, lens, r=2, k=4, **kwargs)
+    assert_both_operators_refuse(error, match, kwargs)
 
 
 def test_sinks_that_require_grad_are_refused():

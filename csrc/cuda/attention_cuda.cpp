@@ -64,6 +64,62 @@ int64_t sm_count(int device) {
   return counts[device];
 }
 
+// The fields both operators fill alike: shapes, budget, softmax variants, the query, the K / V
+// rows and an int8 key_t's scales (read in place whatever their strides). `S`: positions per
+// batch row (for the paged cache, its table's capacity).
+cuda::AttentionProblem make_problem(DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+                                    int64_t D, int64_t r, int64_t k, int64_t local_window,
+                                    bool reallocate, double scale, std::optional<double> softcap,
+                                    const at::Tensor& sink_logits, const at::Tensor& q,
+                                    const at::Tensor& key_rows, const at::Tensor& value_rows,
+                                    const std::optional<at::Tensor>& key_t_scale) {
+  cuda::AttentionProblem prob{};
+  prob.dtype = dtype;
+  prob.B = B;
+  prob.Hq = Hq;
+  prob.Hkv = Hkv;
+  prob.S = S;
+  prob.D = D;
+  prob.r = r;
+  prob.k = k;
+  prob.window = local_window;
+  prob.reallocate = reallocate;
+  prob.scale = static_cast<float>(scale);
+  prob.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
+  prob.sinks = sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr;
+  prob.sm_count = sm_count(q.get_device());
+  prob.query = q.data_ptr();
+  prob.key = key_rows.data_ptr();
+  prob.k_sb = key_rows.stride(0);
+  prob.k_sh = key_rows.stride(1);
+  prob.k_ss = key_rows.stride(2);
+  prob.value = value_rows.data_ptr();
+  prob.v_sb = value_rows.stride(0);
+  prob.v_sh = value_rows.stride(1);
+  prob.v_ss = value_rows.stride(2);
+  if (key_t_scale) {
+    prob.key_t_int8 = true;
+    prob.key_t_scale = key_t_scale->data_ptr<float>();
+    prob.kts_sb = key_t_scale->stride(0);
+    prob.kts_sh = key_t_scale->stride(1);
+    prob.kts_ss = key_t_scale->stride(2);
+  }
+  return prob;
+}
+
+// One workspace from the caching allocator (prep clears what needs clearing on the stream),
+// then the kernels on the current stream; `op` names the operator in a launch error.
+void enqueue(const cuda::AttentionProblem& prob, const at::Tensor& query, const char* op) {
+  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)},
+                                   query.options().dtype(at::kByte));
+  const char* stage = "";
+  const cudaError_t err = cuda::enqueue_attention(
+      prob, plan, workspace.data_ptr(), at::cuda::getCurrentCUDAStream().stream(), &stage);
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): launching ", stage, " failed: ",
+              cudaGetErrorString(err));
+}
+
 at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
                                const at::Tensor& value, int64_t r, int64_t k,
                                const std::optional<at::Tensor>& key_t,
@@ -76,7 +132,6 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
   const int64_t Hkv = key.size(1), S = key.size(2);
   const DType dtype = kernel_dtype(query.scalar_type());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
 
   at::Tensor out = at::empty({B, Hq, 1, D}, query.options());
   if (B == 0) return out;
@@ -99,30 +154,9 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
 
-  cuda::AttentionProblem prob{};
-  prob.dtype = dtype;
-  prob.B = B;
-  prob.Hq = Hq;
-  prob.Hkv = Hkv;
-  prob.S = S;
-  prob.D = D;
-  prob.r = r;
-  prob.k = k;
-  prob.window = local_window;
-  prob.reallocate = reallocate;
-  prob.scale = static_cast<float>(scale);
-  prob.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
-  prob.sinks = sinks ? sink_logits.data_ptr<float>() : nullptr;
-  prob.sm_count = sm_count(query.get_device());
-  prob.query = q.data_ptr();
-  prob.key = key_rows.data_ptr();
-  prob.k_sb = key_rows.stride(0);
-  prob.k_sh = key_rows.stride(1);
-  prob.k_ss = key_rows.stride(2);
-  prob.value = value_rows.data_ptr();
-  prob.v_sb = value_rows.stride(0);
-  prob.v_sh = value_rows.stride(1);
-  prob.v_ss = value_rows.stride(2);
+  cuda::AttentionProblem prob =
+      make_problem(dtype, B, Hq, Hkv, S, D, r, k, local_window, reallocate, scale, softcap,
+                   sink_logits, q, key_rows, value_rows, key_t_scale);
   if (key_t) {
     prob.key_t = kt.data_ptr();
     prob.kt_sb = kt.stride(0);
@@ -131,27 +165,12 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
     prob.kt_ss = 1;  // unit S-stride (made so above; with S = 1 no stride is ever used)
     prob.kt_vec = kt_vec;
   }
-  if (key_t_scale) {  // an int8 key_t's scales, read in place whatever their strides
-    prob.key_t_int8 = true;
-    prob.key_t_scale = key_t_scale->data_ptr<float>();
-    prob.kts_sb = key_t_scale->stride(0);
-    prob.kts_sh = key_t_scale->stride(1);
-    prob.kts_ss = key_t_scale->stride(2);
-  }
   prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
   prob.seq_lens = seq_lens ? lens.data_ptr<int64_t>() : nullptr;
   prob.mask = attn_mask ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
   prob.out = out.data_ptr();
 
-  // One workspace from the caching allocator; prep clears what needs clearing on the stream.
-  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)},
-                                   query.options().dtype(at::kByte));
-  const char* stage = "";
-  const cudaError_t err =
-      cuda::enqueue_attention(prob, plan, workspace.data_ptr(), stream, &stage);
-  TORCH_CHECK(err == cudaSuccess, "sparq_ext.attention (CUDA): launching ", stage, " failed: ",
-              cudaGetErrorString(err));
+  enqueue(prob, query, "sparq_ext.attention");
   return out;
 }
 
@@ -226,7 +245,6 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
   if (d.R == 0 || capacity == 0) return at::zeros({d.R, d.Hq, d.D}, query.options());
 
   const DType dtype = kernel_dtype(query.scalar_type());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   at::Tensor out = at::empty({d.R, d.Hq, d.D}, query.options());
   const at::Tensor q = query.contiguous();
   const at::Tensor key_rows = with_aligned_rows(key_cache);
@@ -234,32 +252,11 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
 
-  cuda::AttentionProblem prob{};
-  prob.dtype = dtype;
-  prob.B = d.R;
-  prob.Hq = d.Hq;
-  prob.Hkv = d.Hkv;
-  prob.S = capacity;
-  prob.D = d.D;
-  prob.r = r;
-  prob.k = k;
-  prob.window = local_window;
-  prob.reallocate = reallocate;
-  prob.scale = static_cast<float>(logit_scale);
-  prob.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
-  prob.sinks = sinks ? sink_logits.data_ptr<float>() : nullptr;
-  prob.sm_count = sm_count(query.get_device());
+  cuda::AttentionProblem prob =
+      make_problem(dtype, d.R, d.Hq, d.Hkv, capacity, d.D, r, k, local_window, reallocate,
+                   logit_scale, softcap, sink_logits, q, key_rows, value_rows, key_t_scale);
   prob.pages = {block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.stride(1),
                 static_cast<int32_t>(d.block_size), static_cast<int32_t>(d.num_blocks)};
-  prob.query = q.data_ptr();
-  prob.key = key_rows.data_ptr();
-  prob.k_sb = key_rows.stride(0);
-  prob.k_sh = key_rows.stride(1);
-  prob.k_ss = key_rows.stride(2);
-  prob.value = value_rows.data_ptr();
-  prob.v_sb = value_rows.stride(0);
-  prob.v_sh = value_rows.stride(1);
-  prob.v_ss = value_rows.stride(2);
   if (key_t_cache) {
     const at::Tensor& kt = *key_t_cache;
     prob.key_t = kt.data_ptr();
@@ -270,26 +267,12 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
     prob.kt_vec = cuda::paged_key_t_vec(kt.data_ptr(), dtype, kt.element_size(), prob.kt_sb,
                                         prob.kt_sh, prob.kt_sd, prob.kt_ss, d.block_size);
   }
-  if (key_t_scale) {  // an int8 key_t_cache's scales, read in place whatever their strides
-    prob.key_t_int8 = true;
-    prob.key_t_scale = key_t_scale->data_ptr<float>();
-    prob.kts_sb = key_t_scale->stride(0);
-    prob.kts_sh = key_t_scale->stride(1);
-    prob.kts_ss = key_t_scale->stride(2);
-  }
   prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
   prob.seq_lens_i32 = seq_lens.data_ptr<int32_t>();
   prob.seq_lens_i32_stride = seq_lens.stride(0);
   prob.out = out.data_ptr();
 
-  const cuda::AttentionPlan plan = cuda::plan_attention(prob);
-  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)},
-                                   query.options().dtype(at::kByte));
-  const char* stage = "";
-  const cudaError_t err =
-      cuda::enqueue_attention(prob, plan, workspace.data_ptr(), stream, &stage);
-  TORCH_CHECK(err == cudaSuccess, "sparq_ext.paged_attention (CUDA): launching ", stage,
-              " failed: ", cudaGetErrorString(err));
+  enqueue(prob, query, "sparq_ext.paged_attention");
   return out;
 }
 

@@ -28,6 +28,36 @@ std::vector<unsigned char>* contiguous_copy(const void* src, int64_t e, int64_t 
   return out;
 }
 
+// An int8 key_t's scales (key_t_scale non-null), read in place with strides kts_strides (3).
+void set_key_t_scale(sparq::cuda::AttentionProblem& a, const float* key_t_scale,
+                     const int64_t* kts_strides) {
+  if (key_t_scale == nullptr) return;
+  a.key_t_int8 = true;
+  a.key_t_scale = key_t_scale;
+  a.kts_sb = kts_strides[0];
+  a.kts_sh = kts_strides[1];
+  a.kts_ss = kts_strides[2];
+}
+
+// Plans `a` and enqueues it `repeats` times on one workspace filled with 0xFF bytes; copies the
+// top-k indices to topk_idx_out (when non-null and the launches succeeded).
+cudaError_t run_problem(const sparq::cuda::AttentionProblem& a, int repeats,
+                        int32_t* topk_idx_out) {
+  using namespace sparq::cuda;
+  const AttentionPlan plan = plan_attention(a);
+  void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);
+  std::memset(workspace, 0xFF, plan.workspace_bytes + 256);
+  const char* stage = "";
+  cudaError_t err = cudaSuccess;
+  for (int i = 0; i < repeats && err == cudaSuccess; ++i)
+    err = enqueue_attention(a, plan, workspace, nullptr, &stage);
+  if (topk_idx_out != nullptr && err == cudaSuccess)
+    std::memcpy(topk_idx_out, static_cast<char*>(workspace) + plan.topk_off,
+                sizeof(int32_t) * plan.rows * plan.k_eff);
+  std::free(workspace);
+  return err;
+}
+
 }  // namespace
 
 // strides: key (4), value (4), key_t (4), each (batch, head, dim 2, dim 3) in elements.
@@ -96,28 +126,12 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
     a.kt_vec = key_t_vec(key_t, a.dtype, key_t_scale != nullptr ? 1 : e, a.kt_sb, a.kt_sh,
                          a.kt_sd);
   }
-  if (key_t_scale != nullptr) {
-    a.key_t_int8 = true;
-    a.key_t_scale = key_t_scale;
-    a.kts_sb = kts_strides[0];
-    a.kts_sh = kts_strides[1];
-    a.kts_ss = kts_strides[2];
-  }
+  set_key_t_scale(a, key_t_scale, kts_strides);
   a.value_mean = value_mean;
   a.seq_lens = seq_lens;
   a.mask = mask;
   a.out = out;
-  const AttentionPlan plan = plan_attention(a);
-  void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);
-  std::memset(workspace, 0xFF, plan.workspace_bytes + 256);
-  const char* stage = "";
-  cudaError_t err = cudaSuccess;
-  for (int i = 0; i < repeats && err == cudaSuccess; ++i)
-    err = enqueue_attention(a, plan, workspace, nullptr, &stage);
-  if (topk_idx_out != nullptr && err == cudaSuccess)
-    std::memcpy(topk_idx_out, static_cast<char*>(workspace) + plan.topk_off,
-                sizeof(int32_t) * plan.rows * plan.k_eff);
-  std::free(workspace);
+  const cudaError_t err = run_problem(a, repeats, topk_idx_out);
   delete k_copy;
   delete v_copy;
   return static_cast<int>(err);
@@ -188,28 +202,12 @@ extern "C" int sparq_emu_paged_attention(
     a.kt_vec = paged_key_t_vec(key_t, a.dtype, key_t_scale != nullptr ? 1 : e, a.kt_sb, a.kt_sh,
                                a.kt_sd, a.kt_ss, block_size);
   }
-  if (key_t_scale != nullptr) {
-    a.key_t_int8 = true;
-    a.key_t_scale = key_t_scale;
-    a.kts_sb = kts_strides[0];
-    a.kts_sh = kts_strides[1];
-    a.kts_ss = kts_strides[2];
-  }
+  set_key_t_scale(a, key_t_scale, kts_strides);
   a.value_mean = value_mean;
   a.seq_lens_i32 = seq_lens;
   a.seq_lens_i32_stride = seq_lens_stride;
   a.out = out;
-  const AttentionPlan plan = plan_attention(a);
-  void* workspace = std::aligned_alloc(256, plan.workspace_bytes + 256);
-  std::memset(workspace, 0xFF, plan.workspace_bytes + 256);
-  const char* stage = "";
-  cudaError_t err = cudaSuccess;
-  for (int i = 0; i < repeats && err == cudaSuccess; ++i)
-    err = enqueue_attention(a, plan, workspace, nullptr, &stage);
-  if (topk_idx_out != nullptr && err == cudaSuccess)
-    std::memcpy(topk_idx_out, static_cast<char*>(workspace) + plan.topk_off,
-                sizeof(int32_t) * plan.rows * plan.k_eff);
-  std::free(workspace);
+  const cudaError_t err = run_problem(a, repeats, topk_idx_out);
   delete k_copy;
   delete v_copy;
   return static_cast<int>(err);
