@@ -6,6 +6,7 @@
 // (NaN floats, -1 ints) so a read of anything a kernel should have written shows up.
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "emu.h"  // the emulated device state the tests set and read
@@ -26,6 +27,26 @@ std::vector<unsigned char>* contiguous_copy(const void* src, int64_t e, int64_t 
           std::memcpy(out->data() + (((b * H + h) * S + s) * D + d) * e,
                       in + (b * sb + h * sh + s * ss + d * sd) * e, static_cast<size_t>(e));
   return out;
+}
+
+// A K or V cache (n0, H, n2, D) with element strides st (4) as the host glue passes it to the
+// kernels: in place when its rows meet the 16-byte rule, else a contiguous copy (kept in `copy`).
+// Sets the row strides the kernels read.
+const void* rows_for_kernels(const void* src, const int64_t* st, int64_t e, int64_t n0, int64_t H,
+                             int64_t n2, int64_t D,
+                             std::unique_ptr<std::vector<unsigned char>>& copy, int64_t* sb,
+                             int64_t* sh, int64_t* ss) {
+  if ((D > 1 && st[3] != 1) || !sparq::cuda::rows_aligned16(src, e, st[0], st[1], st[2])) {
+    copy.reset(contiguous_copy(src, e, n0, H, n2, D, st[0], st[1], st[2], st[3]));
+    *sb = H * n2 * D;
+    *sh = n2 * D;
+    *ss = D;
+    return copy->data();
+  }
+  *sb = st[0];
+  *sh = st[1];
+  *ss = st[2];
+  return src;
 }
 
 // An int8 key_t's scales (key_t_scale non-null), read in place with strides kts_strides (3).
@@ -97,26 +118,10 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   a.sm_count = sm_count;
   a.topk_blocks = topk_blocks;
   a.query = query;
-  std::vector<unsigned char>* k_copy = nullptr;
-  std::vector<unsigned char>* v_copy = nullptr;
-  const int64_t* ks = k_strides;
-  const int64_t* vs = v_strides;
-  if ((D > 1 && ks[3] != 1) || !rows_aligned16(key, e, ks[0], ks[1], ks[2])) {
-    k_copy = contiguous_copy(key, e, B, Hkv, S, D, ks[0], ks[1], ks[2], ks[3]);
-    key = k_copy->data();
-  }
-  if ((D > 1 && vs[3] != 1) || !rows_aligned16(value, e, vs[0], vs[1], vs[2])) {
-    v_copy = contiguous_copy(value, e, B, Hkv, S, D, vs[0], vs[1], vs[2], vs[3]);
-    value = v_copy->data();
-  }
-  a.key = key;
-  a.k_sb = k_copy ? Hkv * S * D : ks[0];
-  a.k_sh = k_copy ? S * D : ks[1];
-  a.k_ss = k_copy ? D : ks[2];
-  a.value = value;
-  a.v_sb = v_copy ? Hkv * S * D : vs[0];
-  a.v_sh = v_copy ? S * D : vs[1];
-  a.v_ss = v_copy ? D : vs[2];
+  std::unique_ptr<std::vector<unsigned char>> k_copy, v_copy;
+  a.key = rows_for_kernels(key, k_strides, e, B, Hkv, S, D, k_copy, &a.k_sb, &a.k_sh, &a.k_ss);
+  a.value = rows_for_kernels(value, v_strides, e, B, Hkv, S, D, v_copy, &a.v_sb, &a.v_sh,
+                             &a.v_ss);
   if (key_t != nullptr) {  // unit S-stride required (the host glue makes it so)
     a.key_t = key_t;
     a.kt_sb = kt_strides[0];
@@ -131,10 +136,7 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   a.seq_lens = seq_lens;
   a.mask = mask;
   a.out = out;
-  const cudaError_t err = run_problem(a, repeats, topk_idx_out);
-  delete k_copy;
-  delete v_copy;
-  return static_cast<int>(err);
+  return static_cast<int>(run_problem(a, repeats, topk_idx_out));
 }
 
 // paged_attention on the emulated pipeline, with the host glue of attention_cuda.cpp: caches
@@ -173,26 +175,11 @@ extern "C" int sparq_emu_paged_attention(
   a.pages = {block_table, bt_strides[0], bt_strides[1], static_cast<int32_t>(block_size),
              static_cast<int32_t>(num_blocks)};
   a.query = query;
-  std::vector<unsigned char>* k_copy = nullptr;
-  std::vector<unsigned char>* v_copy = nullptr;
-  const int64_t* ks = k_strides;
-  const int64_t* vs = v_strides;
-  if ((D > 1 && ks[3] != 1) || !rows_aligned16(key, e, ks[0], ks[1], ks[2])) {
-    k_copy = contiguous_copy(key, e, num_blocks, Hkv, block_size, D, ks[0], ks[1], ks[2], ks[3]);
-    key = k_copy->data();
-  }
-  if ((D > 1 && vs[3] != 1) || !rows_aligned16(value, e, vs[0], vs[1], vs[2])) {
-    v_copy = contiguous_copy(value, e, num_blocks, Hkv, block_size, D, vs[0], vs[1], vs[2], vs[3]);
-    value = v_copy->data();
-  }
-  a.key = key;
-  a.k_sb = k_copy ? Hkv * block_size * D : ks[0];
-  a.k_sh = k_copy ? block_size * D : ks[1];
-  a.k_ss = k_copy ? D : ks[2];
-  a.value = value;
-  a.v_sb = v_copy ? Hkv * block_size * D : vs[0];
-  a.v_sh = v_copy ? block_size * D : vs[1];
-  a.v_ss = v_copy ? D : vs[2];
+  std::unique_ptr<std::vector<unsigned char>> k_copy, v_copy;
+  a.key = rows_for_kernels(key, k_strides, e, num_blocks, Hkv, block_size, D, k_copy, &a.k_sb,
+                           &a.k_sh, &a.k_ss);
+  a.value = rows_for_kernels(value, v_strides, e, num_blocks, Hkv, block_size, D, v_copy, &a.v_sb,
+                             &a.v_sh, &a.v_ss);
   if (key_t != nullptr) {
     a.key_t = key_t;
     a.kt_sb = kt_strides[0];
@@ -207,10 +194,7 @@ extern "C" int sparq_emu_paged_attention(
   a.seq_lens_i32 = seq_lens;
   a.seq_lens_i32_stride = seq_lens_stride;
   a.out = out;
-  const cudaError_t err = run_problem(a, repeats, topk_idx_out);
-  delete k_copy;
-  delete v_copy;
-  return static_cast<int>(err);
+  return static_cast<int>(run_problem(a, repeats, topk_idx_out));
 }
 
 // The plan's partition and topk block counts, for tests that want several of each.
