@@ -10,6 +10,7 @@ copy, on benchmarks/eval_repetition.py's text-repetition task and on perplexity 
 decode after a dense prefill, as benchmarks/eval_accuracy.py), SmolLM2-135M-Instruct fp32.
 
     python research/int8_rk_sweep.py --context 4096 --ratio 8 --rs 8 12 16 20 28 --passages 8
+    python research/int8_rk_sweep.py --rs 18 --exact-rs 18 --passages 16   # what the rounding costs
 
 Writes research/results/int8_rk_sweep[_TAG].{json,md}. Conclusions: docs/accuracy.md.
 """
@@ -49,22 +50,32 @@ class RankOnBudget(SparQSettings):
         return self.rank, k, k // 4
 
 
+@dataclasses.dataclass
+class ExactAtInt8Split(RankOnBudget):
+    """The full-precision copy at the ``r`` and ``k`` an 8-bit cache would use at ``rank``: what
+    that 8-bit point would score without its rounding (it reads more bytes than the budget)."""
+
+    def resolve(self, seq_len, head_dim, layer_idx=None, *, dtype=None, key_t_dtype=None):
+        return super().resolve(seq_len, head_dim, layer_idx, dtype=dtype, key_t_dtype=torch.int8)
+
+
 def use(model, variant, ratio):
     """Switch the model to ``variant``: ``"dense"``, ``"sparq"`` (the full copy's even split) or
-    ``("int8", r)``. Returns the selection cache's dtype for :meth:`PrefilledCache.fresh`."""
+    ``("int8", r)`` or ``("exact", r)``. Returns the selection cache's dtype for
+    :meth:`PrefilledCache.fresh`."""
     if variant in ("dense", "sparq"):
         set_method(model, variant, ratio)
         return None
-    set_method(model, "sparq_int8", ratio)
-    settings = RankOnBudget(ratio=float(ratio), rank=variant[1])
+    set_method(model, "sparq_int8" if variant[0] == "int8" else "sparq", ratio)
+    settings = (RankOnBudget if variant[0] == "int8" else ExactAtInt8Split)(ratio=float(ratio), rank=variant[1])
     for module in model.modules():
         if getattr(module, "_sparq_settings", None) is not None:
             module._sparq_settings = settings
-    return torch.int8
+    return torch.int8 if variant[0] == "int8" else None
 
 
 def name(variant):
-    return variant if isinstance(variant, str) else f"int8 r={variant[1]}"
+    return variant if isinstance(variant, str) else f"{variant[0]} r={variant[1]}"
 
 
 def main():
@@ -72,6 +83,8 @@ def main():
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--ratio", type=float, default=8)
     ap.add_argument("--rs", type=int, nargs="+", default=[8, 12, 16, 20, 28])
+    ap.add_argument("--exact-rs", type=int, nargs="*", default=[],
+                    help="also the full copy at these 8-bit points' r and k (no rounding, more bytes)")
     ap.add_argument("--passages", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--ppl-tokens", type=int, default=128, help="0: no perplexity")
@@ -83,7 +96,7 @@ def main():
     model, tok = load_smollm2(torch.float32)
     cfg = model.config
     D = cfg.hidden_size // cfg.num_attention_heads
-    variants = ["dense", "sparq"] + [("int8", r) for r in args.rs]
+    variants = ["dense", "sparq"] + [("int8", r) for r in args.rs] + [("exact", r) for r in args.exact_rs]
     meta = dict(run_metadata(torch.device("cpu"), root=str(HERE.parent)), args=vars(args),
                 model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", head_dim=D)
 
@@ -92,6 +105,7 @@ def main():
             return None, None
         if variant == "sparq":
             return SparQSettings(ratio=float(ratio)).resolve(seq_len, D, dtype=torch.float32)[:2]
+        # an "exact" point uses its 8-bit twin's r and k
         return RankOnBudget(ratio=float(ratio), rank=variant[1]).resolve(
             seq_len, D, dtype=torch.float32, key_t_dtype=torch.int8)[:2]
 

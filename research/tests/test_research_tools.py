@@ -165,3 +165,7 @@ def test_int8_rk_sweep_points_spend_the_same_bytes():
     # the library's 8-bit split is one of these points
     r, k = rk_for_ratio(8, S, D, dtype=torch.float32, key_t_dtype=torch.int8)
     assert module.RankOnBudget(ratio=8.0, rank=r).resolve(S, D, dtype=torch.float32, key_t_dtype=torch.int8)[:2] == (r, k)
+    # an "exact" point is the full copy at its 8-bit twin's r and k (so it reads more bytes)
+    exact = module.ExactAtInt8Split(ratio=8.0, rank=r).resolve(S, D, dtype=torch.float32)
+    assert exact == module.RankOnBudget(ratio=8.0, rank=r).resolve(S, D, dtype=torch.float32, key_t_dtype=torch.int8)
+    assert transfer_bytes(1, 1, S, D, *exact[:2], dtype=torch.float32)["sparq"] > full + D * 4
