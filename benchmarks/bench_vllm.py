@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per cell")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true",
+                   help="vLLM's default compiled engine (torch.compile) instead of enforce_eager")
     p.add_argument("--threads-bind",
                    default=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}"),
                    help="VLLM_CPU_OMP_THREADS_BIND for every engine (CPU; default: every core)")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     for name, extra in tqdm(modes, desc="starting engines", file=sys.stderr):
         bytes_per_token = kv_bytes_per_token(model, args.dtype, extra)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(need_tokens * bytes_per_token * 1.15 / 2**30)))
-        llm = LLM(model, dtype=args.dtype, enforce_eager=True, max_model_len=max_ctx,
+        llm = LLM(model, dtype=args.dtype, enforce_eager=not args.compile, max_model_len=max_ctx,
                   enable_prefix_caching=True, max_num_seqs=max(8, max_batch), seed=0,
                   additional_config=extra)
         cache = llm.llm_engine.vllm_config.cache_config
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "sparq_ext": sparq_ext.__version__,
             "commit": os.environ.get("SPARQ_COMMIT") or git_commit(str(Path(__file__).resolve().parents[1])),
             "model": Path(model).name, "dtype": args.dtype, "threads_bind": args.threads_bind,
-            "tokens": args.tokens, "repeats": args.repeats, "enforce_eager": True}
+            "tokens": args.tokens, "repeats": args.repeats, "enforce_eager": not args.compile}
     out = args.out or f"benchmarks/results/vllm_{device}"
     write_json(out + ".json", {"meta": meta, "capacity": capacity, "rows": rows})
     print_table(rows, capacity, meta)
@@ -179,7 +181,8 @@ def print_table(rows, capacity, meta) -> None:
     from tabulate import tabulate
 
     print(f"\nvLLM {meta['vllm']} decode, {meta['model']} {meta['dtype']}, {meta['device']} "
-          f"({meta['cores']} cores), commit {meta['commit']}, {meta['tokens']} tokens, median of {meta['repeats']}")
+          f"({meta['cores']} cores), commit {meta['commit']}, {meta['tokens']} tokens, median of {meta['repeats']}, "
+          f"{'eager' if meta['enforce_eager'] else 'compiled'}")
     print(tabulate([[r["context"], r["batch"], r["mode"], f"{r['decode_tok_s']:.1f}",
                      f"{r['ms_per_output_token']:.1f}", f"{r['speedup_vs_stock']:.2f}x"] for r in rows],
                    headers=["context", "batch", "mode", "tok/s", "ms/token", "vs stock"]))
@@ -215,7 +218,8 @@ def plot(rows, meta, path) -> None:
         ax.set_title(f"batch {b}")
         ax.legend(fontsize=8)
     fig.suptitle(f"vLLM {meta['vllm']} decode: stock vs SparQ — {meta['model']} {meta['dtype']}, "
-                 f"{meta['device']}, commit {meta['commit']}", fontsize=9)
+                 f"{meta['device']}, {'eager' if meta['enforce_eager'] else 'compiled'}, commit {meta['commit']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -165,3 +165,15 @@ def test_profile_stages_matches_kernels_to_the_documented_estimates(capsys):
               expected)
     out = capsys.readouterr().out
     assert "4.5-4.5" in out and "estimated total (docs/cuda-pipeline.md): 17.7-19.7 us" in out
+
+
+def test_bench_vllm_arguments():
+    """bench_vllm's options, checked without vLLM (the engine run itself is
+    tests/vllm_engine's test_bench_vllm_quick)."""
+    bench = load_script("bench_vllm")
+    args = bench.parse_args(["--contexts", "1024", "--compile"])
+    assert args.compile and args.contexts == [1024]
+    assert not bench.parse_args([]).compile  # eager unless asked: the recorded tables are eager
+    for bad in (["--ratios", "0"], ["--tokens", "0"], ["--contexts", "16", "--tokens", "32"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)

@@ -571,3 +571,28 @@ def test_vllm_serve_bad_setting_fails_at_start_up(model_path, tmp_path):
     text = log_path.read_text()
     assert code != 0
     assert "unknown setting(s) ['spilt']" in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_bench_vllm_quick(model_path, tmp_path):
+    """benchmarks/bench_vllm.py --quick (make bench-vllm's script, one small cell) runs the stock
+    engine and SparQ with both selection caches side by side and writes its JSON and plot."""
+    out = tmp_path / "vllm_quick"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vllm.py"
+    run = subprocess.run([sys.executable, "-P", str(script), "--quick", "--model", model_path,
+                          "--int8-ratios", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["enforce_eager"] is True and data["meta"]["tokens"] == 8
+    rows = {(r["batch"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("stock", "sparq r8", "sparq r8 int8")}
+    for (b, mode), row in rows.items():
+        assert row["context"] == 1024 and len(row["samples_s"]) == 1 and row["samples_s"][0] > 0
+        assert row["decode_tok_s"] > 0 and row["speedup_vs_stock"] > 0
+        assert row["speedup_vs_stock"] == pytest.approx(row["decode_tok_s"] / rows[(b, "stock")]["decode_tok_s"])
+    capacity = {name: c["tokens_per_gib"] for name, c in data["capacity"].items()}
+    # SparQ's region (row-major keys, value sums; the 8-bit copy too) makes each page larger
+    assert capacity["stock"] > capacity["sparq r8"] > capacity["sparq r8 int8"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "vs stock" in run.stdout
