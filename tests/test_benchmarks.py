@@ -52,6 +52,18 @@ def test_time_call_runs_before_each_call_untimed():
     assert [i for kind, i in events if kind == "call"] == [0, 1, 0, 1, 2]
 
 
+def test_time_interleaved_rotates_the_order():
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in "ABC"}
+    medians = common.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3,
+                                      before=lambda: calls.append(("before", None)))
+    assert set(medians) == set("ABC") and all(t >= 0 for t in medians.values())
+    timed = [c for c in calls if c[0] != "before"][3:]  # after the warm-up round
+    assert timed == [("A", 0), ("B", 0), ("C", 0), ("B", 1), ("C", 1), ("A", 1),
+                     ("C", 2), ("A", 2), ("B", 2)]
+    assert len(calls) == 2 * 12  # a `before` ahead of every call
+
+
 def test_last_level_cache_size_is_plausible():
     assert 1 << 16 <= common.last_level_cache_bytes() <= 1 << 40
 

@@ -131,8 +131,10 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int, before=None) 
 
 
 def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int, before=None) -> dict:
-    """Median seconds of each ``fns[name](i)``, their calls interleaved (A, B, A, B, ...) so that
-    a drift of a shared machine's load falls on every method alike; otherwise as :func:`time_call`."""
+    """Median seconds of each ``fns[name](i)``, their calls interleaved so that a drift of a
+    shared machine's load falls on every method alike, the order rotated each repeat (A, B, C;
+    B, C, A; ...) so that no method always runs first after another; otherwise as
+    :func:`time_call`."""
     before = before or (lambda: None)
     for i in range(warmup):
         for fn in fns.values():
@@ -140,8 +142,10 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int,
             fn(i)
     sync(device)
     times = {name: [] for name in fns}
+    names = list(fns)
     for i in range(repeats):
-        for name, fn in fns.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = fns[name]
             before()
             sync(device)
             t0 = time.perf_counter()
