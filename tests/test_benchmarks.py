@@ -179,9 +179,11 @@ def test_profile_stages_matches_kernels_to_the_documented_estimates(capsys):
     assert "4.5-4.5" in out and "estimated total (docs/cuda-pipeline.md): 17.7-19.7 us" in out
 
 
-def test_bench_vllm_arguments():
+def test_bench_vllm_arguments(monkeypatch):
     """bench_vllm's options, checked without vLLM (the engine run itself is
     tests/vllm_engine's test_bench_vllm_quick)."""
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE"):  # the script sets them
+        monkeypatch.setenv(name, os.environ.get(name, "1"))  # restored after the test
     bench = load_script("bench_vllm")
     args = bench.parse_args(["--contexts", "1024", "--compile"])
     assert args.compile and args.contexts == [1024]
