@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,33 @@ def test_page_extra_bytes():
 def test_layer_index():
     assert sparq_vllm.layer_index("model.layers.12.self_attn.attn") == 12
     assert sparq_vllm.layer_index("attn") is None
+
+
+def test_page_regions_are_built_once_per_cache():
+    """A layer's page views are built on its first step and reused while the same cache comes
+    back; a cache elsewhere in memory or laid out differently gets its own."""
+    num_blocks, heads, block_size, D = 4, 3, 16, 8
+    page = heads * block_size * 2 * D + sparq_vllm.sparq_page_extra_bytes(heads, block_size, D, torch.float32) // 4
+
+    def layer_cache():  # (num_blocks, Hkv, block_size, 2·D) over pages with SparQ's region after
+        return torch.zeros(num_blocks * page).as_strided(
+            (num_blocks, heads, block_size, 2 * D), (page, block_size * 2 * D, 2 * D, 1))
+
+    impl = types.SimpleNamespace(_page=None, sparq_settings=types.SimpleNamespace(key_t_dtype=None))
+    impl._build_regions = lambda kv: sparq_cpu.SparQCPUBackendImpl._build_regions(impl, kv)
+
+    def regions(kv):
+        return sparq_cpu.SparQCPUBackendImpl._regions(impl, kv)
+
+    a, b = layer_cache(), layer_cache()
+    first = regions(a)
+    assert regions(a) is first and regions(a[:]) is first  # the same memory and layout
+    assert regions(a[1:]) is not first  # fewer blocks, elsewhere
+    second = regions(b)
+    assert second is not first
+    # SparQ's row-major keys start after the stock content of the page, in b's memory
+    assert second.key_rows.data_ptr() == b.data_ptr() + heads * block_size * 2 * D * 4
+    assert second.key_rows.stride() == (page, block_size * D, D, 1)
 
 
 # --- the real engine ---------------------------------------------------------------------------
