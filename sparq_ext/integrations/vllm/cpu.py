@@ -197,6 +197,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
                 raise NotImplementedError(f"SparQ in vLLM does not reproduce {unsupported} yet; "
                                           f"run this model without additional_config['{CONFIG_KEY}']")
         self._page = None  # (the kv_cache's address, shape and strides, its PageRegions)
+        self._budget = {}  # length -> (r, k, local_window): at most max_model_len / block_size entries
 
     # The page, per layer: kv_cache (num_blocks, Hkv, block_size, 2·D) is a view whose block
     # stride also covers SparQ's region (see SparQCPUBackend.customize_spec).
@@ -285,14 +286,16 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         value_mean = torch.bmm(decode.mean_weights[:, None, :], sums).view(n_rows, *page.value_sums.shape[1:])
         value_mean = value_mean.to(query.dtype)
         query = query.reshape(-1, self.num_heads, self.head_size)
-        index = layer_index(getattr(layer, "layer_name", ""))
-
         key_t_dtype = self.sparq_settings.key_t_dtype
         key_t = page.key_t if key_t_dtype is None else page.key_t_int8
 
         def run(length, rows):
-            r, k, window = self.sparq_settings.resolve(length, self.head_size, index,
-                                                       dtype=kv_cache.dtype, key_t_dtype=key_t_dtype)
+            budget = self._budget.get(length)
+            if budget is None:  # once per length: in the engine each Python call costs tens of us
+                budget = self._budget[length] = self.sparq_settings.resolve(
+                    length, self.head_size, layer_index(getattr(layer, "layer_name", "")),
+                    dtype=kv_cache.dtype, key_t_dtype=key_t_dtype)
+            r, k, window = budget
             pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
             # The operator's own (C++) checks run; sparq_ext.paged_attention's Python checks would
             # re-read the block ids vLLM produced on every layer of every step.
