@@ -408,14 +408,27 @@ void approx_logits_tile(const Problem<Pos>& P, int64_t task, int64_t tile, float
       // The r rows read in place, a run of consecutive positions at a time: one run, unless
       // the block spans pages. A run's whole-vector stores past its end land where the next
       // run writes (runs start at whole vectors), so each logit is what one call computes.
+      constexpr int64_t kLineElems = kLine / int64_t{sizeof(KT)};
       if (kt_row.run(s0) >= n) {
         // The next block of each of the r rows, ahead of the hardware prefetcher, which sees
         // r short interleaved runs (kSub positions each).
         const KT* next = key_t + kt_row.offset(s0) + kSub;
         const int64_t ahead = std::min({kSub, hi - s0 - kSub, kt_row.run(s0) - n});
         for (int64_t j = 0; j < r; ++j)
-          for (int64_t i = 0; i < ahead; i += kLine / int64_t{sizeof(KT)})
-            prefetch(next + i1[j] * P.kt_sd + i);
+          for (int64_t i = 0; i < ahead; i += kLineElems) prefetch(next + i1[j] * P.kt_sd + i);
+      } else {
+        // Pages: each of the r rows is a run of a page's block_size positions somewhere in
+        // memory, too short for the hardware prefetcher to follow. The next block's runs, all
+        // of their lines, into the outer caches (r * kSub * e bytes; the L1 could not keep
+        // that many misses in flight). Up to the row's end, not the tile's: tiles follow.
+        const int64_t p1 = std::min(ri.end, s0 + 2 * kSub);
+        for (int64_t p = s0 + kSub; p < p1;) {
+          const int64_t len = std::min(kt_row.run(p), p1 - p);
+          const KT* base = key_t + kt_row.offset(p);
+          for (int64_t j = 0; j < r; ++j)
+            for (int64_t i = 0; i < len; i += kLineElems) prefetch_outer(base + i1[j] * P.kt_sd + i);
+          p += len;
+        }
       }
       for (int64_t i = 0; i < n;) {
         const int64_t len = std::min(kt_row.run(s0 + i), n - i);

@@ -81,5 +81,8 @@ inline float hmax(const fVec& v) {
 }
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+// Into the outer caches only (prefetcht2): for many short runs at once, which would otherwise
+// hold the L1's few fill buffers.
+inline void prefetch_outer(const void* p) { __builtin_prefetch(p, 0, 1); }
 
 }  // namespace sparq::cpu
