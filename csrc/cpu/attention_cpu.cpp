@@ -76,9 +76,10 @@ constexpr int64_t kTileLen = 4096;      // positions per approx_logits work item
 constexpr int64_t kSub = 256;           // positions per L1-resident block of per-head logits
 constexpr int64_t kPartitionLen = 512;  // selected rows per attend work item (fixed: results
                                         // independent of the thread count)
-// Rows ahead to prefetch in the gathers, first cache line only: the gathers are latency-bound
-// (prefetches stall on line-fill buffers), so prefetching whole rows holds more fill buffers
-// for the same misses and was slower (docs/cpu-performance.md).
+// Rows ahead to prefetch in the gathers. The gathers are latency-bound: attend's key pass
+// prefetches the whole K and V rows into the outer caches (prefetcht2), which does not hold the
+// L1's few fill buffers; a hint into the L1 stalls on them, which is why the value pass over
+// unbuffered rows prefetches only a row's first line (docs/cpu-performance.md).
 constexpr int64_t kPrefetch = 8;
 constexpr int64_t kLine = 64;  // bytes per cache line
 // Value rows of at most this many bytes are copied to a per-thread buffer during attend's key
@@ -674,10 +675,16 @@ void attend_partition(const Problem<Pos>& P, int64_t task, int64_t partition, co
   T* buffer = static_cast<T*>(ws.value_buffer);  // nullptr: value rows are not buffered
 
   // Exact logits of the selected rows, all heads per key row read (and the value row buffered).
+  const int64_t row_bytes = D * int64_t{sizeof(T)};
   for (int64_t t = 0; t < n; ++t) {
     if (t + kPrefetch < n) {
-      prefetch(key + key_row.offset(idx[t + kPrefetch]));
-      if (buffer) prefetch(value + value_row.offset(idx[t + kPrefetch]));
+      const char* key_ahead = reinterpret_cast<const char*>(key + key_row.offset(idx[t + kPrefetch]));
+      const char* value_ahead =
+          reinterpret_cast<const char*>(value + value_row.offset(idx[t + kPrefetch]));
+      for (int64_t l = 0; l < row_bytes; l += kLine) {
+        prefetch_outer(key_ahead + l);
+        prefetch_outer(value_ahead + l);
+      }
     }
     if (buffer) std::memcpy(buffer + t * D, value + value_row.offset(idx[t]), D * sizeof(T));
     const T* row = key + key_row.offset(idx[t]);
