@@ -283,7 +283,8 @@ def capture_decode_step(model_path, layer_name, additional_config, prompt_len, *
         result = forward(self, layer, query, key, value, kv_cache, meta, output, *args, **kwargs)
         if layer_name in layer.layer_name and getattr(meta, "decode", None) is not None:
             steps.append(dict(query=query[:1].clone(), output=output[:1].clone(),
-                              seq_len=int(meta.decode.seq_lens[0]), scale=self.scale))
+                              seq_len=int(meta.decode.seq_lens[0]), scale=self.scale,
+                              isa=layer.isa))
         return result
 
     impl.do_kv_cache_update, impl.forward = recording_update, recording_forward
@@ -358,6 +359,8 @@ def test_bf16_decode_step_equals_attention(model_path):
     key, value, step = capture_decode_step(model_path, "model.layers.7.", {"sparq": {"ratio": 8}}, 1200,
                                            dtype="bfloat16")
     assert key.dtype == value.dtype == step["output"].dtype == torch.bfloat16
+    # on AMX machines vLLM picks its tile-packed "amx" kernel for bf16; SparQ's layers use "vec"
+    assert step["isa"] in sparq_vllm.SUPPORTED_ISAS
     assert_step_equals_attention(key, value, step, 8)
     query = step["query"].view(1, -1, 1, key.shape[2])
     key, value = key.transpose(0, 1)[None], value.transpose(0, 1)[None]

@@ -25,7 +25,8 @@ How it plugs in:
   prefill part of a mixed batch, run the stock kernel. The builder asks vLLM to put decode rows
   first (``reorder_batch_threshold = 1``) so the two parts are contiguous.
 * The page: the stock CPU page holds, per (block, KV head), ``K`` transposed ``[D, block_size]``
-  (already SparQ's ``key_t``, on the ``vec``/``vec16`` kernels) and ``V`` row-major. SparQ adds
+  (already SparQ's ``key_t``, on the ``vec``/``vec16`` kernels; SparQ's layers use ``vec`` where
+  vLLM would pick its tile-packed ``amx`` kernel) and ``V`` row-major. SparQ adds
   to every page, after the stock content, a row-major copy of ``K`` (step 2 reads whole key rows)
   and, per (block, KV head), the fp32 sum of the block's values (for ``v̄``). vLLM allocates,
   shares (prefix caching) and frees that region with the block; the sums are reset when a block's

@@ -103,7 +103,14 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.sparq_settings = None  # a sliding-window (or encoder) group: stock
         if self.sparq_settings is None:
             self.reorder_batch_threshold = None
-        elif self.isa not in SUPPORTED_ISAS:
+            return
+        if self.isa == "amx":
+            # vLLM's AMX kernel (bf16 on Sapphire Rapids and later) packs K and V into tiles that no
+            # strided view reads; its vec kernel runs on the same machines and keeps K transposed.
+            # Prefill and the page writes follow the layers' ISA, so they switch with it.
+            self.isa = "vec"
+            self._set_isa_to_layers(layer_names)
+        if self.isa not in SUPPORTED_ISAS:
             raise NotImplementedError(
                 f"SparQ on vLLM's CPU backend supports the {SUPPORTED_ISAS} kernels (K stored "
                 f"transposed), but this machine uses {self.isa!r} for dtype {self.dtype}, block "
