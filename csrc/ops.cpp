@@ -25,7 +25,7 @@ TORCH_LIBRARY(sparq_ext, m) {
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
       "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
       "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-      "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor");
+      "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None) -> Tensor");
 }
 
 // Dispatch keys without a native kernel get the pure-torch reference from Python.
@@ -88,6 +88,8 @@ PYBIND11_MODULE(_C, m) {
     return std::make_pair(s.m, s.l);
   });
   m.def("_approx_logit_scale", &sparq::approx_logit_scale);
+  m.def("_value_mean_from_block_sums", &sparq::value_mean_from_block_sums,
+        "v_mean from per-block value sums, as the CUDA paged operator computes it (test hook)");
 #ifdef SPARQ_WITH_CPU
   m.def("_cpu_select_topk", &sparq::select_topk_cpu, "the CPU kernel's exact top-k (test hook)",
         pybind11::arg("scores"), pybind11::arg("want"), pybind11::arg("histogram_only") = false);

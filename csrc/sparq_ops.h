@@ -1,9 +1,13 @@
 // Host-side interface shared by the operator's backends: the argument checks every backend
 // runs (same words as the Python wrapper's errors) and the per-backend entry points that
-// csrc/ops.cpp registers. Light on purpose: ATen's Tensor header only, no torch/extension.h.
+// csrc/ops.cpp registers. Light on purpose: ATen's Tensor header and the few per-operator
+// headers used here, no torch/extension.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -142,7 +146,8 @@ inline PagedDims check_paged_attention_args(
     const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
     const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t r, int64_t k,
     const std::optional<at::Tensor>& key_t_cache, const std::optional<at::Tensor>& value_mean,
-    int64_t local_window, const std::optional<at::Tensor>& key_t_scale = std::nullopt) {
+    int64_t local_window, const std::optional<at::Tensor>& key_t_scale = std::nullopt,
+    const std::optional<at::Tensor>& value_sums_cache = std::nullopt) {
   TORCH_CHECK(query.dim() == 3, "query must have 3 dims (R, Hq, D), got ", query.sizes());
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must have 4 dims (num_blocks, Hkv, block_size, D), got ",
               key_cache.sizes());
@@ -178,6 +183,18 @@ inline PagedDims check_paged_attention_args(
                 "), got ", value_mean->sizes());
     check_same(*value_mean, query, "value_mean");
   }
+  if (value_sums_cache) {
+    TORCH_CHECK(!value_mean, "value_mean and value_sums_cache are two ways to give v_mean: "
+                "pass at most one");
+    TORCH_CHECK(value_sums_cache->sizes() == at::IntArrayRef({d.num_blocks, d.Hkv, d.D}),
+                "value_sums_cache must have shape (num_blocks, Hkv, D) = (", d.num_blocks, ", ",
+                d.Hkv, ", ", d.D, "), got ", value_sums_cache->sizes());
+    TORCH_CHECK(value_sums_cache->scalar_type() == at::kFloat,
+                "value_sums_cache must be float32, got ", value_sums_cache->scalar_type());
+    TORCH_CHECK(value_sums_cache->device() == query.device(),
+                "value_sums_cache must be on the query's device ", query.device(), ", got ",
+                value_sums_cache->device());
+  }
   TORCH_CHECK(block_table.scalar_type() == at::kInt, "block_table must be int32, got ",
               block_table.scalar_type());
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == d.R,
@@ -192,6 +209,28 @@ inline PagedDims check_paged_attention_args(
               query.device(), ", got ", seq_lens.device());
   check_budget(d.D, r, k, local_window);
   return d;
+}
+
+// v_mean of each paged row from per-block value sums (paged_attention's value_sums_cache): the
+// sum over the row's ceil(len / block_size) blocks, divided by len; zeros for an empty row. ATen
+// only, reading no device data on the host (graph-capturable); block ids are clamped into range,
+// as the CUDA kernels clamp them. Float32 (R, Hkv, D).
+inline at::Tensor value_mean_from_block_sums(const at::Tensor& value_sums_cache,
+                                             const at::Tensor& block_table,
+                                             const at::Tensor& seq_lens, int64_t block_size) {
+  const int64_t R = block_table.size(0), max_blocks = block_table.size(1);
+  const at::Tensor lens = seq_lens.to(at::kLong);
+  const at::Tensor used =  // (R, max_blocks, 1, 1): the block holds some of the row's positions
+      at::arange(max_blocks, lens.options()).mul(block_size).unsqueeze(0).lt(lens.unsqueeze(1))
+          .view({R, max_blocks, 1, 1});
+  const at::Tensor ids =
+      block_table.to(at::kLong).clamp(0, value_sums_cache.size(0) - 1).reshape({-1});
+  const at::Tensor sums = value_sums_cache.index_select(0, ids).view(
+      {R, max_blocks, value_sums_cache.size(1), value_sums_cache.size(2)});
+  // where, not a product: a block past the row's end may hold anything, NaN included
+  return at::where(used, sums, at::zeros({}, sums.options()))
+      .sum(1)
+      .div(lens.clamp_min(1).to(at::kFloat).view({R, 1, 1}));
 }
 
 // attn_mask as a contiguous (B, S) bool tensor (a view when it already is one).
@@ -218,10 +257,11 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
 }
 
 // Backend entry points: SPARQ_ATTENTION_ARGS (the schema in csrc/ops.cpp up to `scale`), then
-// SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG.
+// SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG (paged: then SPARQ_VALUE_SUMS_ARG).
 #define SPARQ_SOFTMAX_VARIANT_ARGS \
   std::optional<double> softcap, const std::optional<at::Tensor>&sinks
 #define SPARQ_KEY_T_SCALE_ARG const std::optional<at::Tensor>&key_t_scale
+#define SPARQ_VALUE_SUMS_ARG const std::optional<at::Tensor>&value_sums_cache
 
 #define SPARQ_ATTENTION_ARGS                                                              \
   const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, int64_t r,     \
@@ -245,8 +285,9 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
       int64_t local_window, bool reallocate, std::optional<double> scale
 
 at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                               SPARQ_KEY_T_SCALE_ARG);  // csrc/cpu/
+                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG);  // csrc/cpu/
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                                SPARQ_KEY_T_SCALE_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
+                                SPARQ_KEY_T_SCALE_ARG,
+                                SPARQ_VALUE_SUMS_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

@@ -32,7 +32,7 @@ PAGED_SCHEMA = (
     "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
     "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
     "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-    "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor"
+    "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None) -> Tensor"
 )
 PAGED_QUALNAME = "sparq_ext::paged_attention"
 
@@ -96,10 +96,11 @@ for _key in ("CPU", "CUDA"):
 
 def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                             key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                            scale=None, softcap=None, sinks=None, key_t_scale=None):
+                            scale=None, softcap=None, sinks=None, key_t_scale=None,
+                            value_sums_cache=None):
     return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                      key_t_cache, value_mean, local_window, reallocate, scale,
-                                     softcap, sinks, key_t_scale)
+                                     softcap, sinks, key_t_scale, value_sums_cache)
 
 
 # Where the extension has no paged kernel for a key (not built, built without CUDA, or built
@@ -112,7 +113,8 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake(PAGED_QUALNAME)
 def _paged_attention_fake(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                           key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                          scale=None, softcap=None, sinks=None, key_t_scale=None):
+                          scale=None, softcap=None, sinks=None, key_t_scale=None,
+                          value_sums_cache=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -362,7 +364,7 @@ def _check_softmax_variants(query, Hq, softcap, sinks) -> None:
 def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache=None, value_mean=None, local_window=0,
                                  reallocate=True, scale=None, softcap=None, sinks=None,
-                                 key_t_scale=None) -> None:
+                                 key_t_scale=None, value_sums_cache=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``paged_attention``.
 
     Shapes, dtypes and devices always; the values of ``seq_lens`` and ``block_table`` (each
@@ -403,6 +405,21 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
     _check_key_t_scale(query, "key_t_cache", key_t_cache, (num_blocks, Hkv, D, block_size),
                        "key_t_scale", key_t_scale, (num_blocks, Hkv, block_size),
                        "(num_blocks, Hkv, block_size)")
+    if value_sums_cache is not None:
+        if not isinstance(value_sums_cache, torch.Tensor):
+            raise TypeError(f"value_sums_cache must be a torch.Tensor or None, got "
+                            f"{type(value_sums_cache).__name__}")
+        if value_mean is not None:
+            raise ValueError("value_mean and value_sums_cache are two ways to give v_mean: "
+                             "pass at most one")
+        if tuple(value_sums_cache.shape) != (num_blocks, Hkv, D):
+            raise ValueError(f"value_sums_cache must have shape (num_blocks, Hkv, D) = "
+                             f"{(num_blocks, Hkv, D)}, got {tuple(value_sums_cache.shape)}")
+        if value_sums_cache.dtype != torch.float32:
+            raise TypeError(f"value_sums_cache must be float32, got {value_sums_cache.dtype}")
+        if value_sums_cache.device != query.device:
+            raise ValueError(f"value_sums_cache must be on the query's device {query.device}, "
+                             f"got {value_sums_cache.device}")
 
     for name, t, dims, shape in (("block_table", block_table, 2, "(R, max_blocks)"),
                                  ("seq_lens", seq_lens, 1, "(R,)")):
@@ -434,7 +451,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
                    ("key_t_cache", key_t_cache), ("value_mean", value_mean), ("sinks", sinks),
-                   ("key_t_scale", key_t_scale))
+                   ("key_t_scale", key_t_scale), ("value_sums_cache", value_sums_cache))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.paged_attention is "
@@ -444,7 +461,8 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                     key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
-                    scale=None, softcap=None, sinks=None, key_t_scale=None):
+                    scale=None, softcap=None, sinks=None, key_t_scale=None,
+                    value_sums_cache=None):
     """SparQ Attention for one decode step over a paged KV cache (as in vLLM).
 
     The same result as :func:`attention` on the cache laid out contiguously with ``seq_lens``
@@ -466,7 +484,14 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
         key_t_scale: float32 ``(num_blocks, Hkv, block_size)``, any strides, given exactly when
             ``key_t_cache`` is int8: each position's scale, as :func:`attention`'s.
         value_mean: optional ``(R, Hkv, D)`` mean of each row's values; default: computed over
-            the row's positions.
+            the row's positions (which reads all of them).
+        value_sums_cache: optional float32 ``(num_blocks, Hkv, D)``, any strides: the sum of the
+            values in each block, which an engine keeps up to date as it writes positions. Then
+            ``v_mean`` of row ``i`` is the sum over its ``ceil(seq_lens[i] / block_size)``
+            blocks divided by ``seq_lens[i]`` (``ceil(S / block_size)·D`` reads instead of
+            ``S·D``), which is the mean when each block's sum covers exactly the positions the
+            row reads there (positions written in order, a block's sum reset when its first
+            position is written). At most one of ``value_mean`` and ``value_sums_cache``.
 
     Returns:
         ``(R, Hq, D)`` in the query's dtype.
@@ -485,10 +510,10 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     """
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache, value_mean, local_window, reallocate, scale,
-                                 softcap, sinks, key_t_scale)
+                                 softcap, sinks, key_t_scale, value_sums_cache)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
         value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,
-        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale)
+        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale, value_sums_cache=value_sums_cache)

@@ -215,7 +215,7 @@ def gather_pages(cache, block_table, seq_lens):
 def paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                               key_t_cache=None, value_mean=None, local_window=0,
                               reallocate=True, scale=None, softcap=None, sinks=None,
-                              key_t_scale=None):
+                              key_t_scale=None, value_sums_cache=None):
     """SparQ attention over a paged cache; arguments as ``sparq_ext.paged_attention``.
 
     The definition of the paged operator: the cache gathered into a contiguous one
@@ -237,10 +237,26 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
     if key_t_scale is not None:  # (num_blocks, Hkv, block_size) -> (R, Hkv, positions)
         key_t_scale_rows = gather_pages(key_t_scale, block_table, seq_lens)
     v_mean = None if value_mean is None else value_mean.reshape(R, Hkv, 1, D)
+    if value_sums_cache is not None:
+        block_size = key_cache.shape[2]
+        v_mean = mean_from_block_sums(value_sums_cache, block_table, seq_lens, block_size)[:, :, None]
     out = sparq_attention_reference(query[:, :, None, :], key, value, r, k, key_t, v_mean,
                                     seq_lens, None, local_window, reallocate, scale, softcap,
                                     sinks, key_t_scale_rows)
     return out[:, :, 0, :]
+
+
+def mean_from_block_sums(value_sums_cache, block_table, seq_lens, block_size):
+    """``v_mean`` ``(R, Hkv, D)`` from per-block value sums ``(num_blocks, Hkv, D)``: the sum
+    over each row's ``ceil(len / block_size)`` blocks, divided by its length (zeros for an empty
+    row); float32."""
+    R, max_blocks = block_table.shape
+    lens = seq_lens.long()
+    used = torch.arange(max_blocks, device=lens.device)[None] * block_size < lens[:, None]
+    total = torch.zeros(R, *value_sums_cache.shape[1:], dtype=torch.float32, device=lens.device)
+    for i in range(R):  # a loop that reads like the definition; the reference is not fast
+        total[i] = value_sums_cache[block_table[i][used[i]].long()].float().sum(0)
+    return total / lens.clamp(min=1).float()[:, None, None]
 
 
 def dense_attention_reference(query, key, value, seq_lens=None, attn_mask=None, scale=None,

@@ -135,6 +135,68 @@ def test_options(backend, with_mean, reallocate):
         torch.testing.assert_close(paged, contiguous, **tolerance(torch.float32, backend))
 
 
+def block_value_sums(c):
+    """Per-block fp32 sums of the values the rows wrote (an engine's value_sums_cache); blocks no
+    row uses are NaN, so reading one shows."""
+    value_cache = c["value_cache"]
+    sums = value_cache.float().nan_to_num(0.0).sum(2)  # unwritten slots are NaN: they add nothing
+    block_size = value_cache.shape[2]
+    used = torch.zeros(value_cache.shape[0], dtype=torch.bool)
+    for i, n in enumerate(c["lens"].tolist()):
+        used[c["table"][i, :-(-n // block_size)].long()] = True
+    sums[~used] = float("nan")
+    return sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_value_sums_cache_gives_each_rows_mean(backend, dtype):
+    """v_mean from the blocks' value sums is each row's mean: the same output as value_mean given
+    as that mean (shared blocks, partial last blocks, an empty row); the sums are really read."""
+    c = paged_case(R=4, G=2, block_size=4, seq_lens=(37, 12, 0, 64), shared_blocks=3, seed=3, k=9,
+                   local_window=3, dtype=dtype)
+    sums = block_value_sums(c)
+    mean = torch.stack([c["V"][i, :, :max(n, 1)].float().mean(1) * (n > 0)
+                        for i, n in enumerate(c["lens"].tolist())]).to(dtype)
+    args = (c["q"], c["key_cache"], c["value_cache"], c["table"], c["lens"])
+    options = dict(r=c["r"], k=c["k"], local_window=c["local_window"])
+    from_sums = paged_attention(backend, *args, value_sums_cache=sums, **options)
+    from_mean = paged_attention(backend, *args, value_mean=mean, **options)
+    assert not from_sums.isnan().any()
+    torch.testing.assert_close(from_sums, from_mean, **tolerance(dtype, backend))
+    assert from_sums[2].eq(0).all()  # the empty row: zeros
+    doubled = paged_attention(backend, *args, value_sums_cache=sums * 2, **options)
+    assert not torch.allclose(doubled, from_sums, **tolerance(dtype, backend))
+
+
+def test_value_sums_cache_strided_view():
+    """The sums are read in place from a strided view (a region of an engine's page)."""
+    c = paged_case(R=2, G=2, block_size=8, seq_lens=(40, 23), shared_blocks=2, seed=5)
+    sums = block_value_sums(c)
+    page = torch.full((sums.shape[0], 5, *sums.shape[1:]), float("nan"))
+    page[:, 3] = sums
+    args = (c["q"], c["key_cache"], c["value_cache"], c["table"], c["lens"])
+    got = sparq_ext.paged_attention(*args, r=c["r"], k=c["k"], value_sums_cache=page[:, 3])
+    want = sparq_ext.paged_attention(*args, r=c["r"], k=c["k"], value_sums_cache=sums.clone())
+    assert torch.equal(got, want)
+
+
+def test_mean_from_block_sums_of_the_cuda_host_code():
+    """The ATen code with which the CUDA operator turns value_sums_cache into v_mean (run here on
+    the CPU) equals the reference's: table entries past a row's end are out of range, blocks no
+    row uses are NaN, a row is empty."""
+    if not sparq_ext.has_native_kernel("cpu"):
+        pytest.skip("the compiled extension is not built")
+    from sparq_ext import _C
+    from sparq_ext.reference import mean_from_block_sums
+
+    c = paged_case(R=4, G=2, block_size=4, seq_lens=(37, 12, 0, 64), shared_blocks=3, seed=3, k=9)
+    sums = block_value_sums(c)
+    got = _C._value_mean_from_block_sums(sums, c["table"], c["lens"], 4)
+    want = mean_from_block_sums(sums, c["table"], c["lens"], 4)
+    assert not want.isnan().any() and want[2].eq(0).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_reference_is_the_contiguous_reference():
     """The reference gathers the table and runs the contiguous reference: bit for bit."""
     c = paged_case(G=4, block_size=8, seq_lens=(50, 3, 64), key_t_order="contiguous", seed=7)
@@ -231,12 +293,13 @@ def _opcheck_cases():
         (args, dict(r=8, k=12)),
         (args, dict(r=4, k=6, key_t_cache=c["key_t_cache"], value_mean=c["V"].mean(2),
                     local_window=2, reallocate=False, scale=0.2)),
+        (args, dict(r=4, k=6, value_sums_cache=block_value_sums(c).nan_to_num(0.0))),
         ((half["q"], half["key_cache"], half["value_cache"], half["table"], half["lens"]),
          dict(r=32, k=100)),
     ]
 
 
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_opcheck(case):
     args, kwargs = _opcheck_cases()[case]
     torch.library.opcheck(torch.ops.sparq_ext.paged_attention.default, args, kwargs)
@@ -288,6 +351,13 @@ def _bad_inputs():
         "value_cache_shape": (dict(value_cache=vc[:-1]), ValueError, "value_cache must have key_cache's shape"),
         "key_t_cache_shape": (dict(key_t_cache=kc), ValueError, "key_t_cache must have shape"),
         "value_mean_shape": (dict(value_mean=q), ValueError, "value_mean must have shape"),
+        "value_sums_cache_shape": (dict(value_sums_cache=kc[:, :, 0, :16].float()), ValueError,
+                                   "value_sums_cache must have shape"),
+        "value_sums_cache_dtype": (dict(value_sums_cache=kc[:, :, 0].double()), TypeError,
+                                   "value_sums_cache must be float32"),
+        "value_sums_cache_and_value_mean": (dict(value_sums_cache=kc[:, :, 0].float(),
+                                                 value_mean=q[:, :2]), ValueError,
+                                            "value_mean and value_sums_cache"),
         "block_table_dtype": (dict(block_table=table.long()), TypeError, "block_table must be int32"),
         "block_table_shape": (dict(block_table=table[:2]), ValueError, "block_table must have shape"),
         "seq_lens_dtype": (dict(seq_lens=lens.long()), TypeError, "seq_lens must be int32"),
@@ -320,7 +390,8 @@ def test_bad_inputs_name_the_argument(name):
 
 # The C++ checks, reached by calling the operator directly (no Python checks on the way).
 _NATIVE_CHECKED = ["query_dims", "key_cache_D", "heads", "value_cache_shape", "key_t_cache_shape",
-                   "value_mean_shape", "block_table_dtype", "seq_lens_dtype",
+                   "value_mean_shape", "value_sums_cache_shape", "value_sums_cache_dtype",
+                   "value_sums_cache_and_value_mean", "block_table_dtype", "seq_lens_dtype",
                    "seq_lens_beyond_table", "block_id_too_large", "block_id_negative", "r", "k"]
 
 

@@ -152,6 +152,11 @@ struct Problem {
   const float* key_t_scale;  // int8 key_t: each position's scale (nullptr otherwise)
   Pos key_t_scale_pos;
   const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
+  // Paged caches: per-block fp32 value sums, rows of D contiguous floats (or nullptr); position s
+  // of a row reads its block's sum at value_sums_pos.row(b, h).offset(s), one per block_size.
+  const float* value_sums;
+  Pos value_sums_pos;
+  int64_t value_sums_step;  // the block size
   const bool* mask;        // contiguous (B, S) or nullptr
   const RowInfo* rows;
   void* out;  // contiguous (B, Hq, D)
@@ -764,6 +769,17 @@ void merge_task(const Problem<Pos>& P, int64_t task, const float* partials, cons
     if (P.value_mean) {
       const T* src = static_cast<const T*>(P.value_mean) + task * D;
       for (int64_t d = 0; d < D; ++d) vm[d] = static_cast<float>(src[d]);
+    } else if (P.value_sums) {  // the sums of the row's blocks (ceil(S / block_size) * D reads)
+      const auto sums_row = P.value_sums_pos.row(b, h);
+      for (int64_t d = 0; d < D; ++d) vm[d] = 0.0f;
+      for (int64_t s = 0; s < ri.end; s += P.value_sums_step) {
+        const float* sum = P.value_sums + sums_row.offset(s);
+        int64_t d = 0;
+        for (; d + kVec <= D; d += kVec) (fVec::loadu(vm + d) + fVec::loadu(sum + d)).store(vm + d);
+        if (d < D) (fVec::loadu(vm + d, D - d) + fVec::loadu(sum + d, D - d)).store(vm + d, D - d);
+      }
+      const float inv = 1.0f / static_cast<float>(ri.end);
+      for (int64_t d = 0; d < D; ++d) vm[d] *= inv;
     } else {  // mean of value over the valid positions
       const T* value = static_cast<const T*>(P.value);
       const auto value_row = P.value_pos.row(b, h);
@@ -1113,10 +1129,10 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
 }
 
 at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                               SPARQ_KEY_T_SCALE_ARG) {
+                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window, key_t_scale);
+                                                 local_window, key_t_scale, value_sums_cache);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
@@ -1165,6 +1181,13 @@ at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT
   if (key_t_scale) {  // (num_blocks, Hkv, block_size), read in place whatever its strides
     P.key_t_scale = key_t_scale->data_ptr<float>();
     P.key_t_scale_pos = paged(*key_t_scale, key_t_scale->stride(2));
+  }
+  const at::Tensor value_sums =
+      value_sums_cache ? cpu::rows_contiguous(*value_sums_cache) : at::Tensor();
+  if (value_sums.defined()) {  // (num_blocks, Hkv, D): one row per block, whatever the offset
+    P.value_sums = value_sums.data_ptr<float>();
+    P.value_sums_pos = paged(value_sums, 0);
+    P.value_sums_step = d.block_size;
   }
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
   P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;

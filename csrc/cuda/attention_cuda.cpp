@@ -224,10 +224,10 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
 // CUDA-graph capturable; each row's work is bounded by its seq_lens on the device (blocks of
 // approx_logits, topk and value_sum past a row's length return at once).
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                                SPARQ_KEY_T_SCALE_ARG) {
+                                SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window, key_t_scale);
+                                                 local_window, key_t_scale, value_sums_cache);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
   // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
@@ -249,7 +249,12 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
   const at::Tensor q = query.contiguous();
   const at::Tensor key_rows = with_aligned_rows(key_cache);
   const at::Tensor value_rows = with_aligned_rows(value_cache);
-  const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
+  // v_mean from the block sums: a few ATen ops on the stream, then the kernels' value_mean path
+  const at::Tensor v_mean =
+      value_mean         ? value_mean->contiguous()
+      : value_sums_cache ? value_mean_from_block_sums(*value_sums_cache, block_table, seq_lens,
+                                                      d.block_size).to(query.scalar_type())
+                         : at::Tensor();
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
 
   cuda::AttentionProblem prob =
@@ -267,7 +272,7 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
     prob.kt_vec = cuda::paged_key_t_vec(kt.data_ptr(), dtype, kt.element_size(), prob.kt_sb,
                                         prob.kt_sh, prob.kt_sd, prob.kt_ss, d.block_size);
   }
-  prob.value_mean = value_mean ? v_mean.data_ptr() : nullptr;
+  prob.value_mean = v_mean.defined() ? v_mean.data_ptr() : nullptr;
   prob.seq_lens_i32 = seq_lens.data_ptr<int32_t>();
   prob.seq_lens_i32_stride = seq_lens.stride(0);
   prob.out = out.data_ptr();

@@ -31,8 +31,8 @@ How it plugs in:
   and, per (block, KV head), the fp32 sum of the block's values (for ``v̄``). vLLM allocates,
   shares (prefix caching) and frees that region with the block; the sums are reset when a block's
   first position is written, so a reused block never carries an old sum.
-* ``v̄`` of a row is the sum of its blocks' sums over its length: ``ceil(S / block_size)·D`` fp32
-  reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
+* ``v̄`` of a row is the sum of its blocks' sums over its length, inside the operator
+  (``paged_attention``'s ``value_sums_cache``): ``ceil(S / block_size)·D`` fp32 reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
   block size 128, fp32, ratio 8; 6% in bf16).
 * A row's ``r`` and ``k`` (and the split's entry) are chosen from its own length rounded up to
   whole blocks, so its result never depends on the other rows of the batch.

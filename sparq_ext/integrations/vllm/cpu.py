@@ -53,8 +53,6 @@ class SparQDecodeMetadata:
     num_decodes: int
     seq_lens: torch.Tensor  # int32 (num_decodes,)
     block_table: torch.Tensor  # int32 (num_decodes, blocks of the longest row)
-    block_ids: torch.Tensor  # the same, flattened, as int64, for indexing the value sums
-    mean_weights: torch.Tensor  # fp32 (num_decodes, blocks): 1/seq_len on a row's blocks, else 0
     # Rows by the length their r and k are chosen at (their own, rounded up to whole blocks, so
     # a row's result never depends on the other rows of the batch): [(length, rows or None = all)]
     groups: list[tuple[int, torch.Tensor | None]]
@@ -130,14 +128,11 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             row_blocks = (seq_lens.long() + self.block_size - 1) // self.block_size
             blocks = int(row_blocks.max())
             table = common.block_table_tensor[:num_decodes, :blocks]
-            in_row = torch.arange(blocks, device=table.device) < row_blocks[:, None]
             lengths = sorted(set(row_blocks.tolist()))
             groups = [(lengths[0] * self.block_size, None)] if len(lengths) == 1 else [
                 (n * self.block_size, torch.nonzero(row_blocks == n).flatten()) for n in lengths]
             decode = SparQDecodeMetadata(
-                num_decodes=num_decodes, seq_lens=seq_lens, block_table=table,
-                block_ids=table.reshape(-1).long(), groups=groups,
-                mean_weights=in_row.float() / seq_lens.clamp(min=1)[:, None].float())
+                num_decodes=num_decodes, seq_lens=seq_lens, block_table=table, groups=groups)
         if num_prefills:
             prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
                                                                    num_decode_tokens), fast_build)
@@ -286,12 +281,6 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
 
     def _decode(self, layer, query, kv_cache, decode: SparQDecodeMetadata) -> torch.Tensor:
         page = self._regions(kv_cache)
-        # v̄: the row's blocks' value sums, weighted 1/seq_len (ceil(S/block_size)·D reads per head);
-        # index_select + bmm, a third of einsum's time on these small shapes
-        n_rows, n_blocks = decode.mean_weights.shape
-        sums = page.value_sums.index_select(0, decode.block_ids).view(n_rows, n_blocks, -1)
-        value_mean = torch.bmm(decode.mean_weights[:, None, :], sums).view(n_rows, *page.value_sums.shape[1:])
-        value_mean = value_mean.to(query.dtype)
         query = query.reshape(-1, self.num_heads, self.head_size)
         key_t_dtype = self.sparq_settings.key_t_dtype
         key_t = page.key_t if key_t_dtype is None else page.key_t_int8
@@ -308,9 +297,11 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
             # re-read the block ids vLLM produced on every layer of every step.
             return torch.ops.sparq_ext.paged_attention(
                 pick(query), page.key_rows, page.values, pick(decode.block_table), pick(decode.seq_lens),
-                r=r, k=k, key_t_cache=key_t, value_mean=pick(value_mean), local_window=window,
-                reallocate=True, scale=self.scale, softcap=self.logits_soft_cap or None,
-                key_t_scale=page.key_t_scale)
+                r=r, k=k, key_t_cache=key_t, local_window=window, reallocate=True,
+                scale=self.scale, softcap=self.logits_soft_cap or None,
+                key_t_scale=page.key_t_scale,
+                # v̄ inside the operator from the row's blocks' sums: ceil(S/block_size)·D reads
+                value_sums_cache=page.value_sums)
 
         if len(decode.groups) == 1:
             return run(*decode.groups[0])
