@@ -19,13 +19,14 @@ TORCH_LIBRARY(sparq_ext, m) {
       "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
       "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
       "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-      "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor");
+      "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? component_weights=None) -> Tensor");
   // Must match sparq_ext/ops.py:PAGED_SCHEMA.
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
       "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
       "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-      "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None) -> Tensor");
+      "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None, "
+      "Tensor? component_weights=None) -> Tensor");
 }
 
 // Dispatch keys without a native kernel get the pure-torch reference from Python.

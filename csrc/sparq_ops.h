@@ -59,6 +59,26 @@ inline void check_key_t_scale(const at::Tensor& query, const char* key_t_name,
               query.device(), ", got ", key_t_scale->device());
 }
 
+// A float32 side input of a given shape on the query's device (component_weights,
+// value_sums_cache); same words as the Python checks.
+inline void check_float32(const at::Tensor& t, const at::Tensor& query, const char* name,
+                          at::IntArrayRef shape, const char* shape_words) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape_words, " = ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == query.device(), name, " must be on the query's device ",
+              query.device(), ", got ", t.device());
+}
+
+// Step 1's per-component weights, (rows, Hkv, D) float32 (their values, finite and >= 0, are
+// checked in Python where reading them costs no device sync).
+inline void check_component_weights(const at::Tensor& query,
+                                    const std::optional<at::Tensor>& component_weights,
+                                    at::IntArrayRef shape, const char* shape_words) {
+  if (component_weights)
+    check_float32(*component_weights, query, "component_weights", shape, shape_words);
+}
+
 // The selection budget, shared by both operators.
 inline void check_budget(int64_t D, int64_t r, int64_t k, int64_t local_window) {
   TORCH_CHECK(r >= 1 && r <= D, "r must be an int in [1, head_dim=", D, "], got ", r);
@@ -75,7 +95,8 @@ inline AttentionDims check_attention_args(
     int64_t k, const std::optional<at::Tensor>& key_t,
     const std::optional<at::Tensor>& value_mean, const std::optional<at::Tensor>& seq_lens,
     const std::optional<at::Tensor>& attn_mask, int64_t local_window,
-    const std::optional<at::Tensor>& key_t_scale = std::nullopt) {
+    const std::optional<at::Tensor>& key_t_scale = std::nullopt,
+    const std::optional<at::Tensor>& component_weights = std::nullopt) {
   TORCH_CHECK(query.dim() == 4, "query must have 4 dims (B, H, T, D), got ", query.sizes());
   TORCH_CHECK(key.dim() == 4, "key must have 4 dims (B, H, T, D), got ", key.sizes());
   TORCH_CHECK(value.dim() == 4, "value must have 4 dims (B, H, T, D), got ", value.sizes());
@@ -109,6 +130,7 @@ inline AttentionDims check_attention_args(
     check_same(*value_mean, query, "value_mean");
   }
   check_budget(d.D, r, k, local_window);
+  check_component_weights(query, component_weights, {d.B, d.Hkv, d.D}, "(B, Hkv, D)");
   if (seq_lens) {
     TORCH_CHECK(seq_lens->scalar_type() == at::kInt || seq_lens->scalar_type() == at::kLong,
                 "seq_lens must be int32 or int64, got ", seq_lens->scalar_type());
@@ -147,7 +169,8 @@ inline PagedDims check_paged_attention_args(
     const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t r, int64_t k,
     const std::optional<at::Tensor>& key_t_cache, const std::optional<at::Tensor>& value_mean,
     int64_t local_window, const std::optional<at::Tensor>& key_t_scale = std::nullopt,
-    const std::optional<at::Tensor>& value_sums_cache = std::nullopt) {
+    const std::optional<at::Tensor>& value_sums_cache = std::nullopt,
+    const std::optional<at::Tensor>& component_weights = std::nullopt) {
   TORCH_CHECK(query.dim() == 3, "query must have 3 dims (R, Hq, D), got ", query.sizes());
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must have 4 dims (num_blocks, Hkv, block_size, D), got ",
               key_cache.sizes());
@@ -186,14 +209,8 @@ inline PagedDims check_paged_attention_args(
   if (value_sums_cache) {
     TORCH_CHECK(!value_mean, "value_mean and value_sums_cache are two ways to give v_mean: "
                 "pass at most one");
-    TORCH_CHECK(value_sums_cache->sizes() == at::IntArrayRef({d.num_blocks, d.Hkv, d.D}),
-                "value_sums_cache must have shape (num_blocks, Hkv, D) = (", d.num_blocks, ", ",
-                d.Hkv, ", ", d.D, "), got ", value_sums_cache->sizes());
-    TORCH_CHECK(value_sums_cache->scalar_type() == at::kFloat,
-                "value_sums_cache must be float32, got ", value_sums_cache->scalar_type());
-    TORCH_CHECK(value_sums_cache->device() == query.device(),
-                "value_sums_cache must be on the query's device ", query.device(), ", got ",
-                value_sums_cache->device());
+    check_float32(*value_sums_cache, query, "value_sums_cache", {d.num_blocks, d.Hkv, d.D},
+                  "(num_blocks, Hkv, D)");
   }
   TORCH_CHECK(block_table.scalar_type() == at::kInt, "block_table must be int32, got ",
               block_table.scalar_type());
@@ -208,6 +225,7 @@ inline PagedDims check_paged_attention_args(
   TORCH_CHECK(seq_lens.device() == query.device(), "seq_lens must be on the query's device ",
               query.device(), ", got ", seq_lens.device());
   check_budget(d.D, r, k, local_window);
+  check_component_weights(query, component_weights, {d.R, d.Hkv, d.D}, "(R, Hkv, D)");
   return d;
 }
 
@@ -257,11 +275,13 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
 }
 
 // Backend entry points: SPARQ_ATTENTION_ARGS (the schema in csrc/ops.cpp up to `scale`), then
-// SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG (paged: then SPARQ_VALUE_SUMS_ARG).
+// SPARQ_SOFTMAX_VARIANT_ARGS and SPARQ_KEY_T_SCALE_ARG (paged: then SPARQ_VALUE_SUMS_ARG), then
+// SPARQ_COMPONENT_WEIGHTS_ARG.
 #define SPARQ_SOFTMAX_VARIANT_ARGS \
   std::optional<double> softcap, const std::optional<at::Tensor>&sinks
 #define SPARQ_KEY_T_SCALE_ARG const std::optional<at::Tensor>&key_t_scale
 #define SPARQ_VALUE_SUMS_ARG const std::optional<at::Tensor>&value_sums_cache
+#define SPARQ_COMPONENT_WEIGHTS_ARG const std::optional<at::Tensor>&component_weights
 
 #define SPARQ_ATTENTION_ARGS                                                              \
   const at::Tensor &query, const at::Tensor &key, const at::Tensor &value, int64_t r,     \
@@ -271,12 +291,12 @@ inline void check_softmax_variants(const at::Tensor& query, int64_t Hq,
       std::optional<double> scale
 
 at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                         SPARQ_KEY_T_SCALE_ARG);  // csrc/cpu/
+                         SPARQ_KEY_T_SCALE_ARG, SPARQ_COMPONENT_WEIGHTS_ARG);  // csrc/cpu/
 // Test hook: the CPU kernel's exact top-k of a 1-D float32 CPU tensor (positions, ascending);
 // `histogram_only` skips the sampled fast path.
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t want, bool histogram_only);
-at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                          SPARQ_KEY_T_SCALE_ARG);  // csrc/cuda/ (built with SPARQ_WITH_CUDA)
+at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS, SPARQ_KEY_T_SCALE_ARG,
+                          SPARQ_COMPONENT_WEIGHTS_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 #define SPARQ_PAGED_ATTENTION_ARGS                                                          \
   const at::Tensor &query, const at::Tensor &key_cache, const at::Tensor &value_cache,      \
@@ -285,9 +305,10 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
       int64_t local_window, bool reallocate, std::optional<double> scale
 
 at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG);  // csrc/cpu/
+                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG,
+                               SPARQ_COMPONENT_WEIGHTS_ARG);  // csrc/cpu/
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                                SPARQ_KEY_T_SCALE_ARG,
-                                SPARQ_VALUE_SUMS_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
+                                SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG,
+                                SPARQ_COMPONENT_WEIGHTS_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
 }  // namespace sparq

@@ -59,10 +59,12 @@ def channel_weights(key, valid, rule):
 
 
 def weighted_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0, softcap=None,
-                       key_t_scale=None):
-    """reference.approximate_selection with i1 and gamma from |q| * w (RULE["name"])."""
+                       key_t_scale=None, component_weights=None):
+    """reference.approximate_selection with i1 and gamma from |q| * w (RULE["name"]). (The
+    library has the "std" rule since: component_weights, component_rule="key_std".)"""
     if RULE["name"] == "abs":
-        return _original_selection(q, key, r, k, valid, key_t, local_window, scale, softcap, key_t_scale)
+        return _original_selection(q, key, r, k, valid, key_t, local_window, scale, softcap, key_t_scale,
+                                   component_weights)
     B, Hkv, G, D = q.shape
     S = key.shape[2]
     acc = q.dtype

@@ -15,7 +15,12 @@ from .ops import (
     has_native_kernel,
     paged_attention,
 )
-from .reference import paged_attention_reference, quantize_key_t, sparq_attention_reference
+from .reference import (
+    key_channel_std,
+    paged_attention_reference,
+    quantize_key_t,
+    sparq_attention_reference,
+)
 from .split import Split, saved_splits
 
 __version__ = "0.1.0"
@@ -29,6 +34,7 @@ __all__ = [
     "check_paged_attention_inputs",
     "extension_error",
     "has_native_kernel",
+    "key_channel_std",
     "paged_attention",
     "paged_attention_reference",
     "quantize_key_t",

@@ -24,7 +24,7 @@ SCHEMA = (
     "attention(Tensor query, Tensor key, Tensor value, *, int r, int k, Tensor? key_t=None, "
     "Tensor? value_mean=None, Tensor? seq_lens=None, Tensor? attn_mask=None, "
     "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-    "Tensor? sinks=None, Tensor? key_t_scale=None) -> Tensor"
+    "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? component_weights=None) -> Tensor"
 )
 QUALNAME = "sparq_ext::attention"
 # Must match the paged schema in csrc/ops.cpp.
@@ -32,7 +32,8 @@ PAGED_SCHEMA = (
     "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_table, "
     "Tensor seq_lens, *, int r, int k, Tensor? key_t_cache=None, Tensor? value_mean=None, "
     "int local_window=0, bool reallocate=True, float? scale=None, float? softcap=None, "
-    "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None) -> Tensor"
+    "Tensor? sinks=None, Tensor? key_t_scale=None, Tensor? value_sums_cache=None, "
+    "Tensor? component_weights=None) -> Tensor"
 )
 PAGED_QUALNAME = "sparq_ext::paged_attention"
 
@@ -81,10 +82,10 @@ _native_device_types = {
 
 def _reference_kernel(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
                       attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-                      sinks=None, key_t_scale=None):
+                      sinks=None, key_t_scale=None, component_weights=None):
     return sparq_attention_reference(query, key, value, r, k, key_t, value_mean, seq_lens,
                                      attn_mask, local_window, reallocate, scale, softcap, sinks,
-                                     key_t_scale)
+                                     key_t_scale, component_weights)
 
 
 _impl_lib = torch.library.Library("sparq_ext", "IMPL")
@@ -97,10 +98,11 @@ for _key in ("CPU", "CUDA"):
 def _paged_reference_kernel(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                             key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
                             scale=None, softcap=None, sinks=None, key_t_scale=None,
-                            value_sums_cache=None):
+                            value_sums_cache=None, component_weights=None):
     return paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                      key_t_cache, value_mean, local_window, reallocate, scale,
-                                     softcap, sinks, key_t_scale, value_sums_cache)
+                                     softcap, sinks, key_t_scale, value_sums_cache,
+                                     component_weights)
 
 
 # Where the extension has no paged kernel for a key (not built, built without CUDA, or built
@@ -114,14 +116,14 @@ for _key in ("CPU", "CUDA"):
 def _paged_attention_fake(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                           key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
                           scale=None, softcap=None, sinks=None, key_t_scale=None,
-                          value_sums_cache=None):
+                          value_sums_cache=None, component_weights=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(QUALNAME)
 def _attention_fake(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
                     attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-                    sinks=None, key_t_scale=None):
+                    sinks=None, key_t_scale=None, component_weights=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -143,7 +145,8 @@ def _values_checkable(t: torch.Tensor) -> bool:
 
 def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None,
                            attn_mask=None, local_window=0, reallocate=True, scale=None,
-                           softcap=None, sinks=None, key_t_scale=None) -> None:
+                           softcap=None, sinks=None, key_t_scale=None,
+                           component_weights=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``attention``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -176,6 +179,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
     _check_budget(D, r, k, local_window, reallocate, scale)
     _check_softmax_variants(query, Hq, softcap, sinks)
+    _check_component_weights(query, component_weights, (B, Hkv, D), "(B, Hkv, D)")
 
     if seq_lens is not None:
         if not isinstance(seq_lens, torch.Tensor):
@@ -208,7 +212,8 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key", key), ("value", value), ("key_t", key_t),
-                   ("value_mean", value_mean), ("sinks", sinks), ("key_t_scale", key_t_scale))
+                   ("value_mean", value_mean), ("sinks", sinks), ("key_t_scale", key_t_scale),
+                   ("component_weights", component_weights))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.attention is inference-only "
@@ -217,7 +222,7 @@ def check_attention_inputs(query, key, value, r, k, key_t=None, value_mean=None,
 
 def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=None,
               attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
-              sinks=None, key_t_scale=None):
+              sinks=None, key_t_scale=None, component_weights=None):
     """SparQ Attention for one decode step (arXiv 2312.04985), SDPA-like.
 
     Args:
@@ -250,6 +255,13 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
             ``s``'s scale, step 1's logit being ``key_t_scale[s] * (q[i1] . key_t[i1, s])``
             (times the logit scale, then softcapped). Only the approximate logits (the
             selection and ``alpha``) change; step 2 reads ``key`` and ``value`` exactly.
+        component_weights: optional float32 ``(B, Hkv, D)``, finite and ``>= 0``: step 1 ranks
+            component ``i`` by ``w_i * sum_g |q_g,i|`` instead of ``sum_g |q_g,i|`` (and step 3's
+            ``gamma`` weighs ``|q_g,i|`` by ``w_i`` alike). Pass each key channel's standard
+            deviation over the cached positions (:func:`sparq_ext.key_channel_std`; a
+            :class:`sparq_ext.SparQCache` keeps it as running sums) to rank components by how
+            much they move the logits: a better selection at the same bytes (docs/accuracy.md).
+            ``None`` is the paper's rule.
 
     Returns:
         ``(B, Hq, 1, D)`` in the query's dtype. A batch row with no valid position gives zeros.
@@ -266,13 +278,14 @@ def attention(query, key, value, *, r, k, key_t=None, value_mean=None, seq_lens=
     or tracing they are not checked either.
     """
     check_attention_inputs(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                           local_window, reallocate, scale, softcap, sinks, key_t_scale)
+                           local_window, reallocate, scale, softcap, sinks, key_t_scale,
+                           component_weights)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
     return torch.ops.sparq_ext.attention(
         query, key, value, r=r, k=k, key_t=key_t, value_mean=value_mean, seq_lens=seq_lens,
         attn_mask=attn_mask, local_window=local_window, reallocate=reallocate, scale=scale,
-        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale)
+        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale, component_weights=component_weights)
 
 
 def _check_like_query(query, tensors) -> None:
@@ -329,6 +342,33 @@ def _check_key_t_scale(query, key_t_name, key_t, key_t_shape, name, key_t_scale,
                          f"got {key_t_scale.device}")
 
 
+def _check_float32(query, name, t, shape, shape_words) -> None:
+    """An optional float32 side input (``component_weights``, ``value_sums_cache``): a tensor
+    of ``shape`` on the query's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_words} = {shape}, got {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.device != query.device:
+        raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
+
+
+def _check_component_weights(query, component_weights, shape, shape_words) -> None:
+    """Step 1's per-component weights: float32 ``shape``, and (where its values can be read
+    without a device sync) finite and ``>= 0``: a negative or NaN weight would rank nothing."""
+    if component_weights is None:
+        return
+    _check_float32(query, "component_weights", component_weights, shape, shape_words)
+    if _values_checkable(component_weights) and component_weights.numel():
+        bad = ~torch.isfinite(component_weights) | (component_weights < 0)
+        if bool(bad.any()):
+            raise ValueError("component_weights must be finite and >= 0 (e.g. each key channel's "
+                             "standard deviation, sparq_ext.key_channel_std), got "
+                             f"{component_weights[bad].flatten()[0].item()!r}")
+
+
 def _check_budget(D, r, k, local_window, reallocate, scale) -> None:
     """The selection budget and options, as ``check_attention_inputs`` checks them."""
     if not _is_int(r) or not 1 <= r <= D:
@@ -364,7 +404,8 @@ def _check_softmax_variants(query, Hq, softcap, sinks) -> None:
 def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache=None, value_mean=None, local_window=0,
                                  reallocate=True, scale=None, softcap=None, sinks=None,
-                                 key_t_scale=None, value_sums_cache=None) -> None:
+                                 key_t_scale=None, value_sums_cache=None,
+                                 component_weights=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument of ``paged_attention``.
 
     Shapes, dtypes and devices always; the values of ``seq_lens`` and ``block_table`` (each
@@ -406,20 +447,11 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
                        "key_t_scale", key_t_scale, (num_blocks, Hkv, block_size),
                        "(num_blocks, Hkv, block_size)")
     if value_sums_cache is not None:
-        if not isinstance(value_sums_cache, torch.Tensor):
-            raise TypeError(f"value_sums_cache must be a torch.Tensor or None, got "
-                            f"{type(value_sums_cache).__name__}")
         if value_mean is not None:
             raise ValueError("value_mean and value_sums_cache are two ways to give v_mean: "
                              "pass at most one")
-        if tuple(value_sums_cache.shape) != (num_blocks, Hkv, D):
-            raise ValueError(f"value_sums_cache must have shape (num_blocks, Hkv, D) = "
-                             f"{(num_blocks, Hkv, D)}, got {tuple(value_sums_cache.shape)}")
-        if value_sums_cache.dtype != torch.float32:
-            raise TypeError(f"value_sums_cache must be float32, got {value_sums_cache.dtype}")
-        if value_sums_cache.device != query.device:
-            raise ValueError(f"value_sums_cache must be on the query's device {query.device}, "
-                             f"got {value_sums_cache.device}")
+        _check_float32(query, "value_sums_cache", value_sums_cache, (num_blocks, Hkv, D),
+                       "(num_blocks, Hkv, D)")
 
     for name, t, dims, shape in (("block_table", block_table, 2, "(R, max_blocks)"),
                                  ("seq_lens", seq_lens, 1, "(R,)")):
@@ -433,6 +465,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
             raise ValueError(f"{name} must be on the query's device {query.device}, got {t.device}")
     _check_budget(D, r, k, local_window, reallocate, scale)
     _check_softmax_variants(query, Hq, softcap, sinks)
+    _check_component_weights(query, component_weights, (R, Hkv, D), "(R, Hkv, D)")
 
     if R > 0 and _values_checkable(seq_lens) and _values_checkable(block_table):
         capacity = block_table.shape[1] * block_size
@@ -451,7 +484,8 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
     if torch.is_grad_enabled():
         tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
                    ("key_t_cache", key_t_cache), ("value_mean", value_mean), ("sinks", sinks),
-                   ("key_t_scale", key_t_scale), ("value_sums_cache", value_sums_cache))
+                   ("key_t_scale", key_t_scale), ("value_sums_cache", value_sums_cache),
+                   ("component_weights", component_weights))
         for name, t in tensors:
             if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but sparq_ext.paged_attention is "
@@ -462,7 +496,7 @@ def check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, k,
                     key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
                     scale=None, softcap=None, sinks=None, key_t_scale=None,
-                    value_sums_cache=None):
+                    value_sums_cache=None, component_weights=None):
     """SparQ Attention for one decode step over a paged KV cache (as in vLLM).
 
     The same result as :func:`attention` on the cache laid out contiguously with ``seq_lens``
@@ -492,6 +526,8 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
             ``S·D``), which is the mean when each block's sum covers exactly the positions the
             row reads there (positions written in order, a block's sum reset when its first
             position is written). At most one of ``value_mean`` and ``value_sums_cache``.
+        component_weights: optional float32 ``(R, Hkv, D)``: each row's step-1 component
+            weights, as :func:`attention`'s.
 
     Returns:
         ``(R, Hq, D)`` in the query's dtype.
@@ -510,10 +546,12 @@ def paged_attention(query, key_cache, value_cache, block_table, seq_lens, *, r, 
     """
     check_paged_attention_inputs(query, key_cache, value_cache, block_table, seq_lens, r, k,
                                  key_t_cache, value_mean, local_window, reallocate, scale,
-                                 softcap, sinks, key_t_scale, value_sums_cache)
+                                 softcap, sinks, key_t_scale, value_sums_cache,
+                                 component_weights)
     scale = None if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
     return torch.ops.sparq_ext.paged_attention(
         query, key_cache, value_cache, block_table, seq_lens, r=r, k=k, key_t_cache=key_t_cache,
         value_mean=value_mean, local_window=local_window, reallocate=reallocate, scale=scale,
-        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale, value_sums_cache=value_sums_cache)
+        softcap=softcap, sinks=sinks, key_t_scale=key_t_scale, value_sums_cache=value_sums_cache,
+        component_weights=component_weights)

@@ -56,7 +56,7 @@ def softcap_logits(logits: torch.Tensor, softcap=None) -> torch.Tensor:
 
 
 def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale=1.0,
-                          softcap=None, key_t_scale=None):
+                          softcap=None, key_t_scale=None, component_weights=None):
     """Steps 1 and 2's selection: ``(approx_logits, i2)`` for grouped fp32 queries ``q``
     ``(B, Hkv, G, D)`` and the ``(B, S)`` bool ``valid``.
 
@@ -68,13 +68,23 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
     With an int8 ``key_t`` (:func:`quantize_key_t`), ``key_t_scale`` ``(B, Hkv, S)`` holds each
     position's scale: the logit at ``s`` is ``scale[s] * (q[i1] . key_t[i1, s])``, the rest as
     above (the 8-bit selection cache of docs/design.md).
+
+    With ``component_weights`` ``w`` ``(B, Hkv, D)``, component ``i``'s magnitude is
+    ``w_i * sum_g |q_g,i|`` (so ``i1`` ranks by it) and ``gamma`` weighs ``|q_g,i|`` by ``w_i``
+    alike; ``w = 1`` is the rule above.
     """
     B, Hkv, G, D = q.shape
     S = key.shape[2]
     acc = q.dtype  # the caller's compute dtype (float32, or float64 for an exact reference)
     valid_kv = valid[:, None, :].expand(B, Hkv, S)
-    # Step 1: i1 = the r largest components of sum_g |q_g|; approximate logits from them.
-    i1 = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
+    # Step 1: i1 = the r largest components of sum_g |q_g| (times w); approximate logits from them.
+    magnitude = q.abs()  # (B, Hkv, G, D): |q_g,i|, times w_i with component_weights
+    group_magnitude = magnitude.sum(2)  # (B, Hkv, D)
+    if component_weights is not None:
+        w = component_weights.to(acc)
+        magnitude = magnitude * w[:, :, None, :]
+        group_magnitude = group_magnitude * w  # w * sum_g |q_g|, the kernels' order of operations
+    i1 = group_magnitude.topk(r, dim=-1).indices  # (B, Hkv, r)
     q_hat = q.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
     if key_t is not None:  # r contiguous rows of the transposed cache
         # r whole rows by indexing, not an element-wise gather: the same values, ~1.5x faster
@@ -86,7 +96,8 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
             K_hat_t = K_hat_t * key_t_scale.to(acc)[:, :, None, :]
     else:
         K_hat_t = key.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r)).to(acc).transpose(-1, -2)
-    gamma = (q_hat.abs().sum(-1) / q.abs().sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
+    picked = magnitude.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
+    gamma = (picked.sum(-1) / magnitude.sum(-1).clamp_min(_TINY)).clamp_min(_TINY)
     approx_logits = (q_hat @ K_hat_t) * (scale / gamma.sqrt())[..., None]  # (B, Hkv, G, S)
     approx_logits = softcap_logits(approx_logits, softcap)
 
@@ -105,7 +116,7 @@ def approximate_selection(q, key, r, k, valid, key_t=None, local_window=0, scale
 def sparq_attention_reference(
     query, key, value, r, k, key_t=None, value_mean=None, seq_lens=None, attn_mask=None,
     local_window=0, reallocate=True, scale=None, softcap=None, sinks=None, key_t_scale=None,
-    return_selection=False,
+    component_weights=None, return_selection=False,
 ):
     """SparQ attention for one query position; arguments as ``sparq_ext.attention``.
 
@@ -135,7 +146,7 @@ def sparq_attention_reference(
 
     # Steps 1 and 2a: approximate logits, and the positions i2 they select.
     approx_logits, i2 = approximate_selection(q, key, r, k, valid, key_t, local_window, scale,
-                                              softcap, key_t_scale)
+                                              softcap, key_t_scale, component_weights)
     # The sink as a last softmax entry, valid (only where the row has a valid position: an
     # empty row attends to nothing and stays zeros) and always selected.
     sink = None if sinks is None else sinks.to(acc).reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
@@ -178,6 +189,23 @@ def sparq_attention_reference(
     return (out, i2) if return_selection else out
 
 
+def key_channel_std(key, valid=None):
+    """``(B, Hkv, D)`` float32: the standard deviation over valid positions of each key channel,
+    for ``component_weights`` (``key`` ``(B, Hkv, S, D)``, ``valid`` ``(B, S)`` bool or None).
+
+    Why it helps step 1: a component ranks positions by how much ``q_i K[s, i]`` varies over
+    ``s``; a channel whose keys are large but nearly constant (RoPE's slow channels) moves every
+    logit alike and ranks nothing. Zeros for a row with no valid position.
+    """
+    k = key.float()
+    if valid is None:
+        valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    m = valid.to(device=k.device, dtype=torch.float32)[:, None, :, None]
+    n = m.sum(2).clamp_min(1)
+    mean = (k * m).sum(2, keepdim=True) / n[:, :, None]
+    return ((k - mean).square() * m).sum(2).div(n).sqrt()
+
+
 def quantize_key_t(key):
     """The 8-bit selection cache of ``key`` ``(B, Hkv, S, D)`` (or any ``(..., S, D)``):
     ``(key_t, key_t_scale)``, int8 ``(..., D, S)`` contiguous in ``S`` and float32 ``(..., S)``.
@@ -215,7 +243,7 @@ def gather_pages(cache, block_table, seq_lens):
 def paged_attention_reference(query, key_cache, value_cache, block_table, seq_lens, r, k,
                               key_t_cache=None, value_mean=None, local_window=0,
                               reallocate=True, scale=None, softcap=None, sinks=None,
-                              key_t_scale=None, value_sums_cache=None):
+                              key_t_scale=None, value_sums_cache=None, component_weights=None):
     """SparQ attention over a paged cache; arguments as ``sparq_ext.paged_attention``.
 
     The definition of the paged operator: the cache gathered into a contiguous one
@@ -242,7 +270,7 @@ def paged_attention_reference(query, key_cache, value_cache, block_table, seq_le
         v_mean = mean_from_block_sums(value_sums_cache, block_table, seq_lens, block_size)[:, :, None]
     out = sparq_attention_reference(query[:, :, None, :], key, value, r, k, key_t, v_mean,
                                     seq_lens, None, local_window, reallocate, scale, softcap,
-                                    sinks, key_t_scale_rows)
+                                    sinks, key_t_scale_rows, component_weights)
     return out[:, :, 0, :]
 
 

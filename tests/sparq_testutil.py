@@ -138,21 +138,26 @@ def untied_query(B, Hq, Hkv, D, dtype, gen):
     return (mags * head_scale * signs).reshape(B, Hq, 1, D).to(dtype)
 
 
-def query_gap(q: torch.Tensor, Hkv: int, r: int) -> float:
-    """Smallest relative gap between the r-th and (r+1)-th largest sum_g |q_g| over rows."""
+def query_gap(q: torch.Tensor, Hkv: int, r: int, component_weights=None) -> float:
+    """Smallest relative gap between the r-th and (r+1)-th largest sum_g |q_g| (times
+    ``component_weights``) over rows."""
     B, Hq, _, D = q.shape
     if r >= D:
         return float("inf")
-    a = q.float().abs().reshape(B, Hkv, Hq // Hkv, D).sum(2).sort(-1, descending=True).values
+    a = q.float().abs().reshape(B, Hkv, Hq // Hkv, D).sum(2)
+    if component_weights is not None:
+        a = a * component_weights.float()
+    a = a.sort(-1, descending=True).values
     gap = (a[..., r - 1] - a[..., r]) / a[..., r - 1].abs().clamp_min(1e-30)
     return gap.min().item()
 
 
-def untie_query(q: torch.Tensor, Hkv: int, r: int, seed: int = 0, rel: float = 1e-4):
+def untie_query(q: torch.Tensor, Hkv: int, r: int, seed: int = 0, rel: float = 1e-4,
+                component_weights=None):
     """``q``, or a fresh random query of the same shape/dtype/device without a near-tie at
-    the top-r boundary of sum_g |q_g|."""
+    the top-r boundary of sum_g |q_g| (times ``component_weights``)."""
     for attempt in range(200):
-        if query_gap(q, Hkv, r) > rel:
+        if query_gap(q, Hkv, r, component_weights) > rel:
             return q
         g = torch.Generator(device=q.device).manual_seed(1_000_003 * (seed + 1) + attempt)
         q = torch.randn(q.shape, generator=g, device=q.device).to(q.dtype)
@@ -160,7 +165,7 @@ def untie_query(q: torch.Tensor, Hkv: int, r: int, seed: int = 0, rel: float = 1
 
 
 def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_window=0,
-                  scale=None, softcap=None, key_t_scale=None) -> float:
+                  scale=None, softcap=None, key_t_scale=None, component_weights=None) -> float:
     """Smallest relative gap, over rows, between the k-th and (k+1)-th group-summed
     approximate logit (the reference's selection score: softcapped per head with ``softcap``,
     an int8 ``key_t`` times ``key_t_scale``); inf where k covers every valid position."""
@@ -169,13 +174,15 @@ def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     qf = q.float().reshape(B, Hkv, G, D)
-    i1 = qf.abs().sum(2).topk(r, dim=-1).indices
+    w = torch.ones(B, Hkv, 1, D) if component_weights is None else component_weights.float()[:, :, None]
+    i1 = (qf.abs().sum(2) * w[:, :, 0]).topk(r, dim=-1).indices
     q_hat = qf.gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
+    w_hat = w.expand(B, Hkv, G, D).gather(-1, i1[:, :, None, :].expand(B, Hkv, G, r))
     src = k.float() if key_t is None else key_t.float().transpose(-1, -2)
     k_hat = src.gather(-1, i1[:, :, None, :].expand(B, Hkv, S, r))
     if key_t_scale is not None:  # the 8-bit selection cache: each position's scale
         k_hat = k_hat * key_t_scale.float()[..., None]
-    gamma = (q_hat.abs().sum(-1) / qf.abs().sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
+    gamma = ((q_hat.abs() * w_hat).sum(-1) / (qf.abs() * w).sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
     logits = (q_hat @ k_hat.transpose(-1, -2)) * (scale / gamma.sqrt())[..., None]
     logits = softcap_logits(logits, softcap)
     valid = valid_positions(B, S, seq_lens, attn_mask, q.device)[:, None, :]
@@ -194,15 +201,16 @@ def selection_gap(q, k, r, kk, key_t=None, seq_lens=None, attn_mask=None, local_
 
 def separated_query(q, k, r, kk, *, key_t=None, seq_lens=None, attn_mask=None,
                     local_window=0, scale=None, softcap=None, key_t_scale=None, seed=0,
-                    rel_r=1e-4, rel_k=2e-6):
+                    rel_r=1e-4, rel_k=2e-6, component_weights=None):
     """``q``, or a fresh query of the same shape/dtype/device, such that neither the top-r
     nor the top-k boundary is a (near-)tie for these keys. The keys are kept as they are, so
     layout tests (strided, expanded, unaligned keys) keep their layouts."""
     Hkv = k.shape[1]
     for attempt in range(50):
-        q = untie_query(q, Hkv, r, seed=seed + 7919 * attempt, rel=rel_r)
+        q = untie_query(q, Hkv, r, seed=seed + 7919 * attempt, rel=rel_r,
+                        component_weights=component_weights)
         if selection_gap(q, k, r, kk, key_t, seq_lens, attn_mask, local_window, scale, softcap,
-                         key_t_scale) > rel_k:
+                         key_t_scale, component_weights) > rel_k:
             return q
         g = torch.Generator(device=q.device).manual_seed(2_000_003 * (seed + 1) + attempt)
         q = torch.randn(q.shape, generator=g, device=q.device).to(q.dtype)

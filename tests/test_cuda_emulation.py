@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparq_ext import quantize_key_t, sparq_attention_reference
+from sparq_ext import key_channel_std, quantize_key_t, sparq_attention_reference
 from sparq_ext.reference import dense_attention_reference, valid_positions
 from sparq_testutil import page_table, separated_query, to_pages
 
@@ -110,10 +110,10 @@ def emu():
     lib.sparq_emu_attention.restype = i32
     f32 = ctypes.c_float
     lib.sparq_emu_attention.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, i64, i32,
-                                        f32, f32, vp, i64, i64] + [vp] * 14 + [i32]
+                                        f32, f32, vp, i64, i64] + [vp] * 14 + [i32, vp]
     lib.sparq_emu_paged_attention.restype = i32
     lib.sparq_emu_paged_attention.argtypes = [i32] + [i64] * 10 + [i32, f32, f32, vp, i64, i64] \
-        + [vp] * 13 + [i64, vp, vp, i32]
+        + [vp] * 13 + [i64, vp, vp, i32, vp]
     lib.sparq_emu_plan.restype = None
     lib.sparq_emu_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i64, vp, vp]
     lib.sparq_emu_set_smem_optin.argtypes = [i32]
@@ -142,7 +142,7 @@ def _strides(t):
 def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None,
                  attn_mask=None, local_window=0, reallocate=True, scale=None, softcap=None,
                  sinks=None, key_t_scale=None, sm_count=132, topk_blocks=0, repeats=1,
-                 return_topk=False):
+                 return_topk=False, component_weights=None):
     """The emulated CUDA pipeline. ``q`` may sit at any storage offset (it must be contiguous,
     as the host glue makes it); ``k``/``v``/``key_t`` keep their strides (key_t needs a unit
     S-stride; int8 with ``key_t_scale``, any strides); ``sinks`` fp32 ``(Hq,)``. With
@@ -160,12 +160,13 @@ def run_emulated(lib, q, k, v, r, kk, key_t=None, value_mean=None, seq_lens=None
     topk = torch.full((B, Hkv, min(kk, S)), -1, dtype=torch.int32)
     strides = [_strides(t) for t in (k, v, key_t, key_t_scale)]
     sinks = None if sinks is None else sinks.float().contiguous()
+    weights = None if component_weights is None else component_weights.float().contiguous()
     err = lib.sparq_emu_attention(
         DTYPE_CODE[q.dtype], B, Hq, Hkv, S, D, r, kk, local_window, int(reallocate), scale,
         softcap or 0.0, _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(k), _ptr(strides[0]),
         _ptr(v), _ptr(strides[1]), _ptr(key_t), _ptr(strides[2]), _ptr(key_t_scale),
         _ptr(strides[3]), _ptr(value_mean), _ptr(lens), _ptr(mask), _ptr(out),
-        _ptr(topk), repeats)
+        _ptr(topk), repeats, _ptr(weights))
     assert err == 0, f"launch error {err}"
     return (out, topk) if return_topk else out
 
@@ -195,13 +196,15 @@ def check(lib, q, k, v, r, kk, *, with_key_t=True, int8_key_t=False, atol=None,
         q = separated_query(q, k, r, kk, key_t=key_t, seq_lens=kw.get("seq_lens"),
                             attn_mask=kw.get("attn_mask"),
                             local_window=kw.get("local_window", 0), scale=kw.get("scale"),
-                            softcap=kw.get("softcap"), key_t_scale=kw.get("key_t_scale"))
+                            softcap=kw.get("softcap"), key_t_scale=kw.get("key_t_scale"),
+                            component_weights=kw.get("component_weights"))
     got, topk = run_emulated(lib, q, k, v, r, kk, key_t=key_t, return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, k, v, r, kk, key_t, kw.get("value_mean"),
                                         kw.get("seq_lens"), kw.get("attn_mask"),
                                         kw.get("local_window", 0), kw.get("reallocate", True),
                                         kw.get("scale"), kw.get("softcap"), kw.get("sinks"),
-                                        kw.get("key_t_scale"), return_selection=True)
+                                        kw.get("key_t_scale"), kw.get("component_weights"),
+                                        return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the emulated output (unwritten or bad math)"
     if exact_choice:
         valid = valid_positions(q.shape[0], k.shape[2], kw.get("seq_lens"), kw.get("attn_mask"))
@@ -554,12 +557,35 @@ def test_int8_key_t_strided_and_unaligned(emu, dtype):
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
 
 
+# ---- component_weights: step 1 ranks w * sum_g |q_g| (prep) ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("int8_key_t", [False, True], ids=["key_t", "int8_key_t"])
+def test_component_weights(emu, dtype, G, int8_key_t):
+    # weights from the keys' channel std (the library's rule), a zero weight among them, and
+    # D = 72 (not a multiple of 8 would be padded by the host glue; 72 is, with 9 lanes of 8)
+    B, Hkv, S, D = 2, 2, 600, 72
+    q, k, v = inputs(B, G * Hkv, Hkv, S, D, dtype, 110 + G)
+    seq_lens = torch.tensor([600, 333])
+    w = key_channel_std(k, valid_positions(B, S, seq_lens))
+    w[0, 1, 5] = 0.0
+    for reallocate in (True, False):
+        check(emu, q, k, v, 10, 50, int8_key_t=int8_key_t, seq_lens=seq_lens, local_window=6,
+              reallocate=reallocate, component_weights=w)
+    # unit weights are the paper's rule: bit for bit the call without them
+    plain = run_emulated(emu, q, k, v, 10, 50, seq_lens=seq_lens)
+    unit = run_emulated(emu, q, k, v, 10, 50, seq_lens=seq_lens,
+                        component_weights=torch.ones(B, Hkv, D))
+    assert torch.equal(plain, unit)
+
+
 # ---- paged_attention: the same kernels with the block table as their position policy ----
 
 def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r, kk,
                        key_t_cache=None, value_mean=None, local_window=0, reallocate=True,
                        scale=None, softcap=None, sinks=None, key_t_scale=None, sm_count=132,
-                       topk_blocks=0, repeats=1):
+                       topk_blocks=0, repeats=1, component_weights=None):
     """The emulated pipeline on a paged cache, as paged_attention_cuda calls it: ``q``
     ``(R, Hq, D)`` contiguous; caches, table, lengths and ``key_t_scale`` (with an int8
     ``key_t_cache``) keep their strides. Returns the output
@@ -575,13 +601,14 @@ def run_emulated_paged(lib, q, key_cache, value_cache, block_table, seq_lens, r,
                                      key_t_scale)]
     vm = None if value_mean is None else value_mean.contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
+    weights = None if component_weights is None else component_weights.float().contiguous()
     err = lib.sparq_emu_paged_attention(
         DTYPE_CODE[q.dtype], R, Hq, Hkv, num_blocks, block_size, max_blocks, D, r, kk,
         local_window, int(reallocate), D**-0.5 if scale is None else scale, softcap or 0.0,
         _ptr(sinks), sm_count, topk_blocks, _ptr(q), _ptr(key_cache), _ptr(strides[0]),
         _ptr(value_cache), _ptr(strides[1]), _ptr(key_t_cache), _ptr(strides[2]),
         _ptr(key_t_scale), _ptr(strides[4]), _ptr(vm), _ptr(block_table), _ptr(strides[3]),
-        _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats)
+        _ptr(seq_lens), seq_lens.stride(0), _ptr(out), _ptr(topk), repeats, _ptr(weights))
     assert err == 0, f"launch error {err}"
     return out, topk
 
@@ -592,14 +619,16 @@ ENGINE_LAYOUT = (0, 2, 1, 3)  # (num_blocks, block_size, Hkv, D) storage seen th
 def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(None, 4, 2, 64),
                 r=8, kk=40, local_window=8, key_t="contiguous", storage_order=(0, 1, 2, 3),
                 shared_blocks=2, value_mean=False, reallocate=True, scale=None, softcap=None,
-                sinks=None, int8_key_t=False, topk_blocks=0, repeats=1, seed=0):
+                sinks=None, int8_key_t=False, topk_blocks=0, repeats=1, seed=0,
+                component_weights=False):
     """paged_attention on the emulator against attention on the de-paged contiguous cache:
     the emulated contiguous pipeline (same selection exactly, outputs up to summation order)
     and the reference (same selection exactly, outputs within the dtype's tolerance).
     ``key_t``: None, "contiguous" (a contiguous (num_blocks, Hkv, D, block_size) cache) or a
     storage order of the keys whose transpose(2, 3) view is passed (any strides). With
     ``int8_key_t`` it is the 8-bit selection cache, its scales paged in the same storage order
-    (an engine layout gives a strided ``key_t_scale`` view)."""
+    (an engine layout gives a strided ``key_t_scale`` view). ``component_weights``: step 1 ranks
+    by each row's key channel std."""
     _, G, Hkv, D = R_G_Hkv_D
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     R = len(seq_lens)
@@ -612,8 +641,13 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     K_t, kt_scale = K.transpose(-1, -2).contiguous(), None
     if int8_key_t:
         K_t, kt_scale = quantize_key_t(K)
+    weights = None
+    if component_weights:
+        weights = key_channel_std(K, valid_positions(R, S, lens))
+        weights[lens == 0] = 1.0  # an empty row's are zeros: every component would tie
     q = separated_query(q, K, r, kk, key_t=K_t, seq_lens=lens, local_window=local_window,
-                        scale=scale, softcap=softcap, key_t_scale=kt_scale, seed=seed)
+                        scale=scale, softcap=softcap, key_t_scale=kt_scale, seed=seed,
+                        component_weights=weights)
     key_cache = to_pages(K, table, lens, num_blocks, block_size, storage_order=storage_order)
     value_cache = to_pages(V, table, lens, num_blocks, block_size, storage_order=storage_order)
     key_t_rows = K_t.transpose(-1, -2)  # (R, Hkv, S, D) in key_t's dtype
@@ -632,7 +666,7 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
     if value_mean:  # any (R, Hkv, D) values
         vm = torch.randn(R, Hkv, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
     kw = dict(local_window=local_window, reallocate=reallocate, scale=scale, softcap=softcap,
-              sinks=sinks, topk_blocks=topk_blocks)
+              sinks=sinks, topk_blocks=topk_blocks, component_weights=weights)
     got, topk = run_emulated_paged(lib, q[:, :, 0].contiguous(), key_cache, value_cache, table,
                                    lens, r, kk, key_t_cache=key_t_cache, value_mean=vm,
                                    key_t_scale=scale_cache, repeats=repeats, **kw)
@@ -642,7 +676,7 @@ def check_paged(lib, *, seq_lens, block_size, dtype=torch.float32, R_G_Hkv_D=(No
                                       return_topk=True, **kw)
     ref, i2 = sparq_attention_reference(q, K, V, r, kk, K_t if key_t else None, vm4, lens, None,
                                         local_window, reallocate, scale, softcap, sinks, kt_scale,
-                                        return_selection=True)
+                                        weights, return_selection=True)
     assert torch.isfinite(got).all(), "NaN/inf in the paged output (an unowned slot read?)"
     assert_same_selection(topk, i2, lens)
     assert_same_selection(topk, topk_c.long(), lens)
@@ -702,6 +736,12 @@ def test_paged_options(emu, value_mean, reallocate):
     check_paged(emu, seq_lens=(37, 12, 64), block_size=16, R_G_Hkv_D=(None, 2, 2, 128),
                 kk=9, local_window=3, shared_blocks=1, value_mean=value_mean,
                 reallocate=reallocate, scale=0.3, dtype=torch.float16, seed=3)
+
+
+@pytest.mark.parametrize("int8_key_t", [False, True], ids=["key_t", "int8_key_t"])
+def test_paged_component_weights(emu, int8_key_t):
+    check_paged(emu, seq_lens=(300, 0, 129, 7), block_size=16, key_t="contiguous",
+                int8_key_t=int8_key_t, component_weights=True, seed=5)
 
 
 def test_paged_every_row_empty(emu):

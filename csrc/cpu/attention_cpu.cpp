@@ -152,6 +152,7 @@ struct Problem {
   const float* key_t_scale;  // int8 key_t: each position's scale (nullptr otherwise)
   Pos key_t_scale_pos;
   const void* value_mean;  // contiguous (B, Hkv, D) or nullptr
+  const float* component_weights;  // contiguous (B, Hkv, D) step-1 weights, or nullptr (all 1)
   // Paged caches: per-block fp32 value sums, rows of D contiguous floats (or nullptr); position s
   // of a row reads its block's sum at value_sums_pos.row(b, h).offset(s), one per block_size.
   const float* value_sums;
@@ -198,13 +199,15 @@ void prep_query(const Problem<Pos>& P, int64_t task) {
   const T* q = static_cast<const T*>(P.query) + (b * P.Hq + h * G) * D;
   float* qf = P.q_f32 + task * G * D;
   for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
-  // i1 = top-r of sum_g |q_g| (ties: lowest index; any choice is valid, docs/design.md).
+  // i1 = top-r of w * sum_g |q_g| (w = component_weights, else 1; ties: lowest index; any
+  // choice is valid, docs/design.md).
+  const float* w = P.component_weights ? P.component_weights + task * D : nullptr;
   int64_t* i1 = P.i1 + task * r;
   std::vector<std::pair<float, int64_t>> mag(D);
   for (int64_t d = 0; d < D; ++d) {
     float s = 0.0f;
     for (int64_t g = 0; g < G; ++g) s += std::fabs(qf[g * D + d]);
-    mag[d] = {s, d};
+    mag[d] = {w ? s * w[d] : s, d};
   }
   auto larger = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -215,9 +218,10 @@ void prep_query(const Problem<Pos>& P, int64_t task) {
   float* qh = P.q_hat + task * G * P.rpad;
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = qf + g * D;
-    float l1 = 0.0f, l1_hat = 0.0f;
-    for (int64_t d = 0; d < D; ++d) l1 += std::fabs(qg[d]);
-    for (int64_t j = 0; j < r; ++j) l1_hat += std::fabs(qg[i1[j]]);
+    float l1 = 0.0f, l1_hat = 0.0f;  // of |q_g| weighted by w, as i1's magnitudes
+    for (int64_t d = 0; d < D; ++d) l1 += w ? std::fabs(qg[d]) * w[d] : std::fabs(qg[d]);
+    for (int64_t j = 0; j < r; ++j)
+      l1_hat += w ? std::fabs(qg[i1[j]]) * w[i1[j]] : std::fabs(qg[i1[j]]);
     const float s = approx_logit_scale(l1_hat, l1, P.scale);
     for (int64_t j = 0; j < P.rpad; ++j) qh[g * P.rpad + j] = j < r ? qg[i1[j]] * s : 0.0f;
   }
@@ -1087,10 +1091,10 @@ StridedPositions strided_positions(const at::Tensor& t) {
 }  // namespace cpu
 
 at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                         SPARQ_KEY_T_SCALE_ARG) {
+                         SPARQ_KEY_T_SCALE_ARG, SPARQ_COMPONENT_WEIGHTS_ARG) {
   const AttentionDims d =
       check_attention_args(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                           local_window, key_t_scale);
+                           local_window, key_t_scale, component_weights);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   // (paged rows are shorter: seq_lens is int32)
@@ -1121,6 +1125,8 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
     P.key_t_scale_pos = cpu::strided_positions(*key_t_scale);
   }
   P.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const at::Tensor weights = component_weights ? component_weights->contiguous() : at::Tensor();
+  P.component_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
   P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
   P.sinks = sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr;
@@ -1129,10 +1135,12 @@ at::Tensor attention_cpu(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
 }
 
 at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG) {
+                               SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG,
+                               SPARQ_COMPONENT_WEIGHTS_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window, key_t_scale, value_sums_cache);
+                                                 local_window, key_t_scale, value_sums_cache,
+                                                 component_weights);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   TORCH_CHECK(query.device().is_cpu(), "query must be a CPU tensor for the CPU kernel");
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
@@ -1189,6 +1197,8 @@ at::Tensor paged_attention_cpu(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT
     P.value_sums_pos = paged(value_sums, 0);
     P.value_sums_step = d.block_size;
   }
+  const at::Tensor weights = component_weights ? component_weights->contiguous() : at::Tensor();
+  P.component_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
   P.softcap = softcap ? static_cast<float>(*softcap) : 0.0f;
   P.sinks = sink_logits.defined() ? sink_logits.data_ptr<float>() : nullptr;

@@ -128,7 +128,8 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
                                const std::optional<at::Tensor>& attn_mask, int64_t local_window,
                                bool reallocate, double scale, std::optional<double> softcap,
                                const std::optional<at::Tensor>& sinks,
-                               const std::optional<at::Tensor>& key_t_scale) {
+                               const std::optional<at::Tensor>& key_t_scale,
+                               const std::optional<at::Tensor>& component_weights) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(3);
   const int64_t Hkv = key.size(1), S = key.size(2);
   const DType dtype = kernel_dtype(query.scalar_type());
@@ -153,10 +154,12 @@ at::Tensor attention_cuda_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor mask = attn_mask ? mask_as_batch_by_seq(*attn_mask, B, S) : at::Tensor();
   const at::Tensor v_mean = value_mean ? value_mean->contiguous() : at::Tensor();
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
+  const at::Tensor weights = component_weights ? component_weights->contiguous() : at::Tensor();
 
   cuda::AttentionProblem prob =
       make_problem(dtype, B, Hq, Hkv, S, D, r, k, local_window, reallocate, scale, softcap,
                    sink_logits, q, key_rows, value_rows, key_t_scale);
+  prob.component_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   if (key_t) {
     prob.key_t = kt.data_ptr();
     prob.kt_sb = kt.stride(0);
@@ -186,9 +189,10 @@ void check_cuda_limits(const at::Tensor& query, int64_t D, int64_t rows, const c
 }  // namespace
 
 at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                          SPARQ_KEY_T_SCALE_ARG) {
+                          SPARQ_KEY_T_SCALE_ARG, SPARQ_COMPONENT_WEIGHTS_ARG) {
   const AttentionDims d = check_attention_args(query, key, value, r, k, key_t, value_mean,
-                                               seq_lens, attn_mask, local_window, key_t_scale);
+                                               seq_lens, attn_mask, local_window, key_t_scale,
+                                               component_weights);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.B * d.Hkv, "B * Hkv");
   TORCH_CHECK(d.S < std::numeric_limits<int32_t>::max() / 2,
@@ -198,22 +202,24 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
   c10::cuda::CUDAGuard guard(query.device());
 
   // Head dims that are not a multiple of 8: zero-pad D (dot products, |q| sums and the
-  // top-r choice are unchanged: padded components are 0 and rank after the real ones) and
-  // cut the output back.
+  // top-r choice are unchanged: padded components are 0, with weight 0, and rank after the
+  // real ones) and cut the output back.
   if (d.D % 8 != 0) {
     const int64_t pad = 8 - d.D % 8;
     auto pad_last = [pad](const at::Tensor& t) { return at::constant_pad_nd(t, {0, pad}); };
-    std::optional<at::Tensor> kt, vm;
+    std::optional<at::Tensor> kt, vm, w;
     if (key_t) kt = at::constant_pad_nd(*key_t, {0, 0, 0, pad});
     if (value_mean) vm = pad_last(*value_mean);
+    if (component_weights) w = pad_last(*component_weights);
     return attention_cuda_impl(pad_last(query), pad_last(key), pad_last(value), r, k, kt, vm,
                                seq_lens, attn_mask, local_window, reallocate, logit_scale,
-                               softcap, sinks, key_t_scale)
+                               softcap, sinks, key_t_scale, w)
         .narrow(3, 0, d.D)
         .contiguous();
   }
   return attention_cuda_impl(query, key, value, r, k, key_t, value_mean, seq_lens, attn_mask,
-                             local_window, reallocate, logit_scale, softcap, sinks, key_t_scale);
+                             local_window, reallocate, logit_scale, softcap, sinks, key_t_scale,
+                             component_weights);
 }
 
 // The paged cache is read in place: K / V rows with unit D-stride and 16-byte aligned rows
@@ -224,10 +230,12 @@ at::Tensor attention_cuda(SPARQ_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
 // CUDA-graph capturable; each row's work is bounded by its seq_lens on the device (blocks of
 // approx_logits, topk and value_sum past a row's length return at once).
 at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIANT_ARGS,
-                                SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG) {
+                                SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG,
+                                SPARQ_COMPONENT_WEIGHTS_ARG) {
   const PagedDims d = check_paged_attention_args(query, key_cache, value_cache, block_table,
                                                  seq_lens, r, k, key_t_cache, value_mean,
-                                                 local_window, key_t_scale, value_sums_cache);
+                                                 local_window, key_t_scale, value_sums_cache,
+                                                 component_weights);
   check_softmax_variants(query, d.Hq, softcap, sinks);
   check_cuda_limits(query, d.D, d.R * d.Hkv, "R * Hkv");
   // attention zero-pads such head dims; padding a paged cache would copy all of it per call.
@@ -256,10 +264,12 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
                                                       d.block_size).to(query.scalar_type())
                          : at::Tensor();
   const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
+  const at::Tensor weights = component_weights ? component_weights->contiguous() : at::Tensor();
 
   cuda::AttentionProblem prob =
       make_problem(dtype, d.R, d.Hq, d.Hkv, capacity, d.D, r, k, local_window, reallocate,
                    logit_scale, softcap, sink_logits, q, key_rows, value_rows, key_t_scale);
+  prob.component_weights = weights.defined() ? weights.data_ptr<float>() : nullptr;
   prob.pages = {block_table.data_ptr<int32_t>(), block_table.stride(0), block_table.stride(1),
                 static_cast<int32_t>(d.block_size), static_cast<int32_t>(d.num_blocks)};
   if (key_t_cache) {

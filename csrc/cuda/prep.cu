@@ -10,7 +10,7 @@
 //     a few blocks of bytes; the valid count itself comes from approx_logits, never from a
 //     byte-wise pass over the mask);
 //   - reads the group's query (G*D*e B, with scalar loads: the caller's query may start at
-//     any address), writes i1 (4r B), coefficients (4(G+1)r B), per-head scales (4G B) and
+//     any address) and its component weights when given (4D B), writes i1 (4r B), coefficients (4(G+1)r B), per-head scales (4G B) and
 //     the fp32 query copy attend reads with 16-byte loads (4GD B, aligned workspace).
 #include "sparq/cuda_common.cuh"
 
@@ -60,13 +60,15 @@ __device__ void row_prep(const PrepParams& p, int64_t b) {
   }
 }
 
-// i1 by rank: component d is the rank(d)-th largest of sum_g |q_g| (ties broken by index;
+// i1 by rank: component d is the rank(d)-th largest of w_d * sum_g |q_g| (w: the optional
+// component weights, else 1; ties broken by index;
 // compared as ordered keys, a total order even with NaN in the query, so ranks are always a
 // permutation and exactly r in-range components are chosen). D <= 256 makes the
 // O(D^2) comparison trivially cheap and needs no sort.
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) prep_kernel(const PrepParams p) {
-  __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of sum_g |q_g|
+  __shared__ uint32_t magnitude[kMaxHeadDim];  // order-preserving keys of w * sum_g |q_g|
+  __shared__ float weight[kMaxHeadDim];         // w (1 without component weights)
   __shared__ uint8_t selected[kMaxHeadDim];
   __shared__ int32_t i1[kMaxHeadDim];
   const int64_t row = blockIdx.x;
@@ -89,7 +91,9 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(const PrepParams p) 
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
     for (int64_t g = 0; g < G; ++g) a += fabsf(to_float<T>(q[g * D + d]));
-    magnitude[d] = float_to_ordered(a);
+    const float w = p.component_weights != nullptr ? p.component_weights[row * D + d] : 1.f;
+    weight[d] = w;
+    magnitude[d] = float_to_ordered(p.component_weights != nullptr ? a * w : a);
   }
   __syncthreads();
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -104,12 +108,12 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(const PrepParams p) 
   }
   __syncthreads();
 
-  // gamma_g = |q_g[i1]|_1 / |q_g|_1 and the per-head scale, one warp per head.
+  // gamma_g = |w q_g[i1]|_1 / |w q_g|_1 and the per-head scale, one warp per head.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   for (int64_t g = warp; g < G; g += n_warps) {
     float l1 = 0.f, hat_l1 = 0.f;
     for (int64_t d = lane; d < D; d += 32) {
-      const float a = fabsf(to_float<T>(q[g * D + d]));
+      const float a = fabsf(to_float<T>(q[g * D + d])) * weight[d];
       l1 += a;
       hat_l1 += selected[d] ? a : 0.f;
     }

@@ -73,12 +73,13 @@ static void test_operator() {
                                    const std::optional<at::Tensor>&, int64_t, bool,
                                    std::optional<double>, std::optional<double>,
                                    const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&)>();
   at::manual_seed(0);
   auto q = at::randn({2, 4, 1, 32});
   auto K = at::randn({2, 2, 50, 32});
   auto V = at::randn({2, 2, 50, 32});
-  auto out = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, {}, {}, {});
+  auto out = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, {}, {}, {}, {});
   auto Kr = K.repeat_interleave(2, 1), Vr = V.repeat_interleave(2, 1);
   auto logits = at::matmul(q, Kr.transpose(-1, -2)) / std::sqrt(32.0);
   auto dense = at::softmax(logits, -1).matmul(Vr);
@@ -88,14 +89,22 @@ static void test_operator() {
   auto capped = at::tanh(logits / 0.5) * 0.5;
   auto with_sink = at::cat({capped, sinks.reshape({1, 4, 1, 1}).expand({2, 4, 1, 1})}, -1);
   auto dense_variants = at::softmax(with_sink, -1).narrow(-1, 0, 50).matmul(Vr);
-  auto out_variants = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, 0.5, sinks, {});
+  auto out_variants = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, 0.5, sinks, {}, {});
   EXPECT(at::allclose(out_variants, dense_variants, 1e-4, 1e-5));
   // an int8 key_t with its per-position scale (the 8-bit selection cache): step 2 is exact, so
   // k beyond the length is dense attention whatever step 1 ranked
   auto key_t_scale = K.abs().amax(-1) / 127;  // (B, Hkv, S)
   auto key_t_int8 = at::round(K / key_t_scale.unsqueeze(-1)).to(at::kChar).transpose(-1, -2).contiguous();
-  auto out_int8 = typed.call(q, K, V, 4, 64, key_t_int8, {}, {}, {}, 0, true, {}, {}, {}, key_t_scale);
+  auto out_int8 = typed.call(q, K, V, 4, 64, key_t_int8, {}, {}, {}, 0, true, {}, {}, {}, key_t_scale, {});
   EXPECT(at::allclose(out_int8, dense, 1e-4, 1e-5));
+  // component weights change step 1's ranking only: k beyond the length is still dense, and unit
+  // weights are the unweighted rule bit for bit at a real selection
+  auto weights = K.std(2, /*unbiased=*/false);  // (B, Hkv, D)
+  auto out_weighted = typed.call(q, K, V, 4, 64, {}, {}, {}, {}, 0, true, {}, {}, {}, {}, weights);
+  EXPECT(at::allclose(out_weighted, dense, 1e-4, 1e-5));
+  auto plain = typed.call(q, K, V, 4, 8, {}, {}, {}, {}, 0, true, {}, {}, {}, {}, {});
+  auto unit = typed.call(q, K, V, 4, 8, {}, {}, {}, {}, 0, true, {}, {}, {}, {}, at::ones({2, 2, 32}));
+  EXPECT(at::equal(plain, unit));
 #else
   (void)op;
   std::printf("native CPU kernel not built: checked the schema only\n");

@@ -87,7 +87,7 @@ cudaError_t run_problem(const sparq::cuda::AttentionProblem& a, int repeats,
 // repeats > 1 enqueues the call again on the same, now dirty, workspace (as a CUDA-graph
 // replay does): the output must not change. softcap 0: none; sinks (Hq,) fp32 or nullptr.
 // key_t_scale non-null: key_t is int8 (the 8-bit selection cache), key_t_scale (B, Hkv, S)
-// fp32 with strides kts_strides (3).
+// fp32 with strides kts_strides (3). component_weights: (B, Hkv, D) contiguous fp32 or nullptr.
 extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
                                    int64_t D, int64_t r, int64_t k, int64_t window,
                                    int reallocate, float scale, float softcap, const float* sinks,
@@ -98,7 +98,8 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
                                    const int64_t* kt_strides, const float* key_t_scale,
                                    const int64_t* kts_strides, const void* value_mean,
                                    const int64_t* seq_lens, const uint8_t* mask, void* out,
-                                   int32_t* topk_idx_out, int repeats) {
+                                   int32_t* topk_idx_out, int repeats,
+                                   const float* component_weights) {
   using namespace sparq::cuda;
   AttentionProblem a{};
   a.dtype = static_cast<DType>(dtype);
@@ -133,6 +134,7 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
   }
   set_key_t_scale(a, key_t_scale, kts_strides);
   a.value_mean = value_mean;
+  a.component_weights = component_weights;
   a.seq_lens = seq_lens;
   a.mask = mask;
   a.out = out;
@@ -145,6 +147,7 @@ extern "C" int sparq_emu_attention(int dtype, int64_t B, int64_t Hq, int64_t Hkv
 // in place whatever its strides (int8 when key_t_scale, (num_blocks, Hkv, block_size) fp32 with
 // strides kts_strides (3), is given). block_table int32 with strides (2), seq_lens int32 with an
 // element stride. topk_idx_out: (R*Hkv, min(k, max_blocks * block_size)) or nullptr.
+// component_weights: (R, Hkv, D) contiguous fp32 or nullptr.
 extern "C" int sparq_emu_paged_attention(
     int dtype, int64_t R, int64_t Hq, int64_t Hkv, int64_t num_blocks, int64_t block_size,
     int64_t max_blocks, int64_t D, int64_t r, int64_t k, int64_t window, int reallocate,
@@ -153,7 +156,8 @@ extern "C" int sparq_emu_paged_attention(
     const int64_t* v_strides, const void* key_t, const int64_t* kt_strides,
     const float* key_t_scale, const int64_t* kts_strides, const void* value_mean,
     const int32_t* block_table, const int64_t* bt_strides, const int32_t* seq_lens,
-    int64_t seq_lens_stride, void* out, int32_t* topk_idx_out, int repeats) {
+    int64_t seq_lens_stride, void* out, int32_t* topk_idx_out, int repeats,
+    const float* component_weights) {
   using namespace sparq::cuda;
   AttentionProblem a{};
   a.dtype = static_cast<DType>(dtype);
@@ -191,6 +195,7 @@ extern "C" int sparq_emu_paged_attention(
   }
   set_key_t_scale(a, key_t_scale, kts_strides);
   a.value_mean = value_mean;
+  a.component_weights = component_weights;
   a.seq_lens_i32 = seq_lens;
   a.seq_lens_i32_stride = seq_lens_stride;
   a.out = out;

@@ -85,6 +85,7 @@ struct PageTable {
 
 struct PrepParams {
   const void* query;        // (B, Hq, 1, D) contiguous, query dtype; any alignment
+  const float* component_weights;  // (rows, D) contiguous fp32, or nullptr (all 1)
   const int64_t* seq_lens;  // (B,) or nullptr
   const int32_t* seq_lens_i32;  // (B,) int32 with element stride seq_lens_i32_stride, or nullptr
   int64_t seq_lens_i32_stride;

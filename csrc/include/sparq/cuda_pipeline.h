@@ -78,6 +78,7 @@ struct AttentionProblem {
   const float* key_t_scale;  // its per-position scale (outer, head, position strides below)
   int64_t kts_sb, kts_sh, kts_ss;
   const void* value_mean;
+  const float* component_weights;  // (B, Hkv, D) contiguous step-1 weights, or nullptr (all 1)
   const int64_t* seq_lens;
   const int32_t* seq_lens_i32;  // instead of seq_lens (paged_attention's), element stride below
   int64_t seq_lens_i32_stride;
@@ -207,6 +208,7 @@ inline cudaError_t enqueue_attention(const AttentionProblem& a, const AttentionP
 
   PrepParams pp{};
   pp.query = a.query;
+  pp.component_weights = a.component_weights;
   pp.seq_lens = a.seq_lens;
   pp.seq_lens_i32 = a.seq_lens_i32;
   pp.seq_lens_i32_stride = a.seq_lens_i32_stride;
