@@ -13,7 +13,9 @@ Methods (sparq_ext.evaluation.methods) at compression ratio rho, all reading the
 decode step: sparq (full-precision selection cache, even split r = D/rho, k = S/(2 rho)),
 sparq_int8 (8-bit selection cache, rk_for_ratio's 8-bit split: r = (D/rho)(1 + e)/2 - 2, k on
 the budget), sparq_int8_k
-(8-bit selection cache at the full copy's r = D/rho, the saved bytes spent on k), streaming
+(8-bit selection cache at the full copy's r = D/rho, the saved bytes spent on k), sparq_keystd and
+sparq_int8_keystd (the same splits, step 1 ranking components by |q| times the key channel's
+standard deviation), streaming
 (StreamingLLM) and h2o (H2O), the baselines keeping W positions with 2*W*D = SparQ's bytes.
 
 --ppl adds perplexity on real text (benchmarks/eval_accuracy.py's run_accuracy: dense prefill,
@@ -79,8 +81,8 @@ def summarise(rows):
                         top1_agreement=sum(r["top1_agreement"] * r["tokens"] for r in sub) / tokens,
                         passage_acc=[r["top1_acc"] for r in sub],
                         **{key: first[key] for key in ("r", "k", "W", "bytes_fraction")}))
-    for s in out:  # the share of SparQ's gap to dense that the 8-bit selection cache closes
-        if s["method"] != "sparq_int8":
+    for s in out:  # the share of SparQ's gap to dense that another SparQ variant closes
+        if not s["method"].startswith("sparq") or s["method"] == "sparq":
             continue
         dense = next((d for d in out if d["context"] == s["context"] and d["method"] == "dense"), None)
         full = next((d for d in out if (d["context"], d["method"], d["ratio"]) == (s["context"], "sparq", s["ratio"])),
@@ -207,7 +209,7 @@ def main():
                                         indent=1))
         text = (f"# Text repetition at equal bytes\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n"
                 f"Top-1 accuracy and NLL over the repeated passages' tokens ({args.text}); gap closed = "
-                f"(sparq_int8 − sparq) / (dense − sparq) in top-1 accuracy.\n\n{table(summary)}\n")
+                f"(method − sparq) / (dense − sparq) in top-1 accuracy.\n\n{table(summary)}\n")
         if all_ppl:
             ptable = tabulate([[r["context"], r["tokens"], r["text"], r["method"], r["ratio"], r.get("r"), r.get("k"),
                                 f"{r['bytes_fraction']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_increase_pct']:+.1f}%",

@@ -14,6 +14,10 @@ re-quantized). Step 1 then ranks from 8-bit keys; steps 2 and 3 still read ``K``
 exactly. Per token and KV head the cache holds ``2*D*e + D + 4`` bytes instead of ``3*D*e``
 (:meth:`SparQCache.memory_per_token`).
 
+Each layer also keeps running float64 sums of ``K`` and ``K²`` per (row, KV head, channel), so
+each key channel's standard deviation over the valid positions (:meth:`SparQCacheLayer.key_std`,
+``2·D`` reads) is at hand for step 1's ``component_weights`` (``component_rule="key_std"``).
+
 Two ways to hold a ragged batch:
 
 * left padding (what Hugging Face ``generate`` does): every row has the same width, padded
@@ -42,6 +46,15 @@ except ImportError:  # pragma: no cover - exercised only without transformers
     _HFCache, _HFLayer = object, object
 
 _MIN_CAPACITY = 64
+COMPONENT_RULES = ("query", "key_std")
+
+
+def check_component_rule(component_rule):
+    """Step 1's component rule, checked: ``"query"`` (SparQ's largest ``|q|``) or ``"key_std"``
+    (``|q|`` times each key channel's standard deviation over the cached positions)."""
+    if component_rule not in COMPONENT_RULES:
+        raise ValueError(f"component_rule must be one of {COMPONENT_RULES}, got {component_rule!r}")
+    return component_rule
 
 
 def _check_key_t_dtype(key_t_dtype):
@@ -70,6 +83,7 @@ class SparQCacheLayer(_HFLayer):
         key_t_scale: ``(B, Hkv, S)`` float32 view of each position's scale (int8 ``key_t``), else
             ``None``.
         value_sum: ``(B, Hkv, D)`` fp32, sum of ``V`` over valid positions.
+        key_sum, key_sq_sum: ``(B, Hkv, D)`` fp64, sums of ``K`` and ``K²`` over valid positions.
         valid: ``(B, S)`` bool, positions that may be attended.
         seq_lens: ``(B,)`` int64 per-row lengths in per-row mode, else ``None``.
     """
@@ -91,7 +105,7 @@ class SparQCacheLayer(_HFLayer):
     # ----------------------------------------------------------------- storage
     def _reset_buffers(self):
         self._k = self._kt = self._kt_scale = self._v = self._valid = None
-        self.value_sum = None
+        self.value_sum = self.key_sum = self.key_sq_sum = None
         self.seq_lens = None  # per-row lengths (right-padded mode) or None
         self._len = 0  # used width (max row length)
         self.keys = self.values = self.key_t = self.key_t_scale = self.valid = None
@@ -111,6 +125,8 @@ class SparQCacheLayer(_HFLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self._allocate(B, H, D, max(self._initial_capacity, _MIN_CAPACITY))
         self.value_sum = torch.zeros(B, H, D, dtype=torch.float32, device=self.device)
+        self.key_sum = torch.zeros(B, H, D, dtype=torch.float64, device=self.device)
+        self.key_sq_sum = torch.zeros_like(self.key_sum)
         self.is_initialized = True
 
     def _allocate(self, B, H, D, capacity):
@@ -155,6 +171,20 @@ class SparQCacheLayer(_HFLayer):
             if key_states.dtype != self.dtype:
                 raise TypeError(f"key_states must have the cache dtype {self.dtype}, got {key_states.dtype}")
 
+    def _accumulate(self, key_states, value_states, weight=None):
+        """Add positions ``(B, Hkv, T, D)`` into the running sums, each times ``weight`` ``(B, T)``
+        (a mask, or +-1 to add or remove one; default 1)."""
+        v32, k64 = value_states.to(torch.float32), key_states.to(torch.float64)
+        if weight is None:
+            self.value_sum += v32.sum(2)
+            self.key_sum += k64.sum(2)
+            self.key_sq_sum += k64.square().sum(2)
+            return
+        self.value_sum += (v32 * weight.to(torch.float32)[:, None, :, None]).sum(2)
+        w64 = weight.to(torch.float64)[:, None, :, None]
+        self.key_sum += (k64 * w64).sum(2)
+        self.key_sq_sum += (k64.square() * w64).sum(2)
+
     # ------------------------------------------------------------------ writes
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, valid=None, **kwargs):
         """Append ``T`` positions to every row (same width for all rows); return ``(keys, values)``.
@@ -180,14 +210,12 @@ class SparQCacheLayer(_HFLayer):
         else:
             self._kt[..., start:end].copy_(key_states.transpose(-1, -2))
         self._v[:, :, start:end].copy_(value_states)
-        v32 = value_states.to(torch.float32)
         if valid is None:
             self._valid[:, start:end] = True
-            self.value_sum += v32.sum(2)
         else:
             valid = valid.to(device=self.device, dtype=torch.bool).expand(key_states.shape[0], T)
             self._valid[:, start:end] = valid
-            self.value_sum += (v32 * valid[:, None, :, None]).sum(2)
+        self._accumulate(key_states, value_states, valid)
         self._len = end
         self._refresh_views()
         keys, values = self.keys, self.values
@@ -204,14 +232,17 @@ class SparQCacheLayer(_HFLayer):
             raise ValueError(f"valid must be (B, S) = {(self._k.shape[0], self._len)}, got {tuple(valid.shape)}")
         self._valid[:, : self._len] = valid
         self._refresh_views()
-        self.value_sum = (self.values.to(torch.float32) * valid[:, None, :, None]).sum(2)
+        for t in (self.value_sum, self.key_sum, self.key_sq_sum):
+            t.zero_()
+        self._accumulate(self.keys, self.values, valid)
 
     def set_last_valid(self, valid_last: torch.Tensor) -> None:
         """Validity ``(B,)`` of the newest position (D reads per row: no rescan of the cache)."""
         valid_last = valid_last.to(device=self.device, dtype=torch.bool)
         was = self._valid[:, self._len - 1]
         delta = valid_last.to(torch.float32) - was.to(torch.float32)  # +1, 0 or -1 per row
-        self.value_sum += delta[:, None, None] * self._v[:, :, self._len - 1].to(torch.float32)
+        last = slice(self._len - 1, self._len)
+        self._accumulate(self._k[:, :, last], self._v[:, :, last], delta[:, None])
         self._valid[:, self._len - 1] = valid_last
 
     def prefill(self, key_states, value_states, *, seq_lens=None, valid=None):
@@ -259,7 +290,7 @@ class SparQCacheLayer(_HFLayer):
             self._kt.scatter_(3, pos[:, None, None, None].expand(B, H, D, 1), key_states.transpose(-1, -2))
         self._v.scatter_(2, idx, value_states)
         self._valid.scatter_(1, pos[:, None], True)
-        self.value_sum += value_states.to(torch.float32)[:, :, 0]
+        self._accumulate(key_states, value_states)
         self.seq_lens = pos + 1
         self._len += 1  # an upper bound on max(seq_lens); positions past a row's length are invalid
         self._refresh_views()
@@ -272,9 +303,21 @@ class SparQCacheLayer(_HFLayer):
             else self.seq_lens.clamp_min(1).to(torch.float32)
         return (self.value_sum / count[:, None, None]).to(self.dtype)[:, :, None, :]
 
-    def attention_inputs(self) -> dict:
-        """Keyword arguments for :func:`sparq_ext.attention` besides ``query``, ``r`` and ``k``."""
+    def key_std(self) -> torch.Tensor:
+        """``(B, Hkv, D)`` float32: each key channel's standard deviation over the valid
+        positions (:func:`sparq_ext.key_channel_std` of the cache, from the running sums: ``2·D``
+        reads); zeros for a row without valid positions."""
+        count = self.valid.sum(-1) if self.seq_lens is None else self.seq_lens
+        n = count.clamp_min(1).to(torch.float64)[:, None, None]
+        mean = self.key_sum / n
+        return (self.key_sq_sum / n - mean.square()).clamp_min(0).sqrt().to(torch.float32)
+
+    def attention_inputs(self, component_rule: str = "query") -> dict:
+        """Keyword arguments for :func:`sparq_ext.attention` besides ``query``, ``r`` and ``k``;
+        with ``component_rule="key_std"`` step 1's ``component_weights`` are :meth:`key_std`."""
         out = dict(key=self.keys, value=self.values, key_t=self.key_t, value_mean=self.value_mean())
+        if check_component_rule(component_rule) == "key_std":
+            out["component_weights"] = self.key_std()
         if self.quantized:
             out["key_t_scale"] = self.key_t_scale
         if self.seq_lens is not None:
@@ -283,12 +326,15 @@ class SparQCacheLayer(_HFLayer):
             out["attn_mask"] = self.valid[:, None, None, :]
         return out
 
-    def attention(self, query, *, r=None, k=None, ratio=None, local_window=None, **kwargs):
+    def attention(self, query, *, r=None, k=None, ratio=None, local_window=None,
+                  component_rule: str = "query", **kwargs):
         """SparQ attention of ``query`` ``(B, Hq, 1, D)`` over this layer's cache.
 
         Give ``r`` and ``k``, or a compression ``ratio`` (then ``r, k = rk_for_ratio``, for the
         8-bit selection cache its even split); ``local_window`` defaults to ``k // 4`` (the
-        paper's setting).
+        paper's setting). ``component_rule``: how step 1 picks its ``r`` components, ``"query"``
+        (the largest ``|q|``, the paper) or ``"key_std"`` (the largest ``|q|`` times the key
+        channel's standard deviation, :meth:`key_std`).
         """
         if (r is None or k is None) and ratio is None:
             raise ValueError("give r and k, or ratio")
@@ -298,7 +344,8 @@ class SparQCacheLayer(_HFLayer):
             r, k = (r0 if r is None else r), (k0 if k is None else k)
         if local_window is None:
             local_window = k // 4
-        return attention(query, r=r, k=k, local_window=min(local_window, k), **self.attention_inputs(), **kwargs)
+        return attention(query, r=r, k=k, local_window=min(local_window, k),
+                         **self.attention_inputs(component_rule), **kwargs)
 
     def memory_per_token(self) -> dict:
         """Bytes per token this layer's configuration holds against the alternatives
@@ -338,8 +385,8 @@ class SparQCacheLayer(_HFLayer):
         if self.seq_lens is not None:
             raise NotImplementedError("crop is not supported in per-row-length mode")
         start = self._len - n
-        removed = self._v[:, :, start:self._len].to(torch.float32) * self._valid[:, None, start:self._len, None]
-        self.value_sum -= removed.sum(2)
+        removing = -self._valid[:, start:self._len].to(torch.float32)
+        self._accumulate(self._k[:, :, start:self._len], self._v[:, :, start:self._len], removing)
         self._valid[:, start:self._len] = False
         self._len = start
         self._refresh_views()
@@ -350,7 +397,8 @@ class SparQCacheLayer(_HFLayer):
         self._k, self._kt, self._v, self._valid = (fn(t) for t in (self._k, self._kt, self._v, self._valid))
         if self.quantized:
             self._kt_scale = fn(self._kt_scale)
-        self.value_sum = fn(self.value_sum)
+        self.value_sum, self.key_sum, self.key_sq_sum = (
+            fn(t) for t in (self.value_sum, self.key_sum, self.key_sq_sum))
         if self.seq_lens is not None:
             self.seq_lens = fn(self.seq_lens)
         self._refresh_views()

@@ -271,3 +271,57 @@ def test_memory_per_token():
         SparQCacheLayer(key_t_dtype=torch.float16)
     with pytest.raises(RuntimeError, match="memory_per_token needs"):
         SparQCache(num_layers=1).memory_per_token()
+
+
+# --- The key channels' spread (component_rule="key_std") ---------------------------------------
+
+def _std(k, valid):
+    return sparq_ext.key_channel_std(k, valid)
+
+
+def test_key_std_follows_every_write():
+    """key_std() from the running sums equals key_channel_std of the valid cached keys after
+    each kind of write: update with a mask, set_valid, set_last_valid, crop, batch ops."""
+    k, v = _kv(40)
+    k = k * 2 + torch.arange(D) * 0.5  # channel means far from 0, as real keys have
+    layer = SparQCacheLayer(capacity=8)
+    valid = torch.rand(B, 40, generator=torch.Generator().manual_seed(5)) > 0.3
+    layer.update(k, v, valid=valid)
+    torch.testing.assert_close(layer.key_std(), _std(k, valid), rtol=1e-5, atol=1e-6)
+    valid = torch.rand(B, 40, generator=torch.Generator().manual_seed(6)) > 0.5
+    layer.set_valid(valid)
+    torch.testing.assert_close(layer.key_std(), _std(k, valid), rtol=1e-5, atol=1e-6)
+    k1, v1 = _kv(1, seed=7)
+    layer.update(k1, v1)
+    layer.set_last_valid(torch.tensor([False, True]))
+    keys, mask = torch.cat([k, k1], 2), torch.cat([valid, torch.tensor([[False], [True]])], 1)
+    torch.testing.assert_close(layer.key_std(), _std(keys, mask), rtol=1e-5, atol=1e-6)
+    layer.crop(-5)
+    torch.testing.assert_close(layer.key_std(), _std(keys[:, :, :36], mask[:, :36]), rtol=1e-5, atol=1e-6)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(layer.key_std(), _std(keys[[1, 0], :, :36], mask[[1, 0], :36]),
+                               rtol=1e-5, atol=1e-6)
+    layer.set_valid(torch.zeros(B, 36, dtype=torch.bool))
+    assert (layer.key_std() == 0).all()  # no valid position: zeros
+
+
+def test_key_std_per_row_lengths_and_the_rule_reaches_the_op():
+    lengths = torch.tensor([30, 11])
+    k, v = _kv(30)
+    layer = SparQCacheLayer(key_t_dtype=torch.int8)
+    layer.prefill(k, v, seq_lens=lengths)
+    for step in range(5):
+        layer.append(*_kv(1, seed=40 + step))
+    rows = [layer.keys[b:b + 1, :, :n] for b, n in enumerate(layer.seq_lens.tolist())]
+    want = torch.cat([_std(row, None) for row in rows])
+    torch.testing.assert_close(layer.key_std(), want, rtol=1e-5, atol=1e-6)
+    inputs = layer.attention_inputs("key_std")
+    assert torch.equal(inputs["component_weights"], layer.key_std())
+    assert "component_weights" not in layer.attention_inputs()
+    q = torch.randn(B, HQ, 1, D)
+    with torch.no_grad():
+        got = layer.attention(q, r=3, k=8, component_rule="key_std")
+        op = sparq_ext.attention(q, r=3, k=8, local_window=2, **inputs)
+    torch.testing.assert_close(got, op)
+    with pytest.raises(ValueError, match="component_rule must be one of"):
+        layer.attention(q, r=3, k=8, component_rule="std")

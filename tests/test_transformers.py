@@ -242,6 +242,27 @@ def test_any_cache_runs_sparq_same_as_sparq_cache(model, tokenizer):
     assert not torch.allclose(dense, logits["SparQCache"], atol=1e-3)  # SparQ really ran
 
 
+def test_key_std_rule_from_the_cache_equals_the_rule_from_the_keys(model, tokenizer):
+    """component_rule="key_std": the SparQCache's running key spread and the spread computed from
+    a plain DynamicCache's keys give the same decode; it differs from the paper's rule (the rule
+    really reached the operator); a bad rule is refused by name."""
+    ids = real_text_ids(tokenizer, 300)
+    enable_sparq(model, ratio=8, component_rule="key_std")
+    assert sparq_settings(model).component_rule == "key_std"
+    logits = {}
+    for cache in (SparQCache(config=model.config), DynamicCache(config=model.config)):
+        prefill(model, ids[:, :290], cache)
+        logits[type(cache).__name__] = teacher_forced_decode(model, ids[:, 290:], cache)
+    torch.testing.assert_close(logits["SparQCache"], logits["DynamicCache"], rtol=1e-3, atol=1e-3)
+    enable_sparq(model, ratio=8)
+    cache = SparQCache(config=model.config)
+    prefill(model, ids[:, :290], cache)
+    paper = teacher_forced_decode(model, ids[:, 290:], cache)
+    assert not torch.allclose(paper, logits["SparQCache"], atol=1e-3)
+    with pytest.raises(ValueError, match="component_rule must be one of"):
+        enable_sparq(model, ratio=8, component_rule="std")
+
+
 # --- the auto split -----------------------------------------------------------------------
 
 def _layers_and_head_dim(model):

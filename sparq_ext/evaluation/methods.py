@@ -7,6 +7,9 @@
                  components, ``k`` on the budget).
 ``sparq_int8_k`` the 8-bit selection cache at the full copy's ``r = D/ρ``, the step-1 bytes it
                  saves spent on ``k`` (``k = S·(1/ρ − (r + 4)/(2·e·D))``): the same bytes again.
+``sparq_keystd`` SparQ at ``ratio``, step 1 ranking components by ``|q|`` times each key channel's
+                 standard deviation (``component_rule="key_std"``); the same bytes.
+``sparq_int8_keystd`` the same with the 8-bit selection cache and its split.
 ``sparq_nowin``  the same without the local window.
 ``sparq_auto``   SparQ at ``ratio`` with a calibrated auto split (default: the saved
                  ``"smollm2-135m"`` split; docs/auto-split.md).
@@ -30,7 +33,8 @@ from ..split import Split
 from .baselines import budget_positions, h2o_attention_forward, reset_h2o_state, streaming_attention_forward
 from .decode import prefill
 
-METHODS = ("sparq", "sparq_int8", "sparq_int8_k", "sparq_nowin", "sparq_auto", "streaming", "h2o")
+METHODS = ("sparq", "sparq_int8", "sparq_int8_k", "sparq_keystd", "sparq_int8_keystd", "sparq_nowin",
+           "sparq_auto", "streaming", "h2o")
 DEFAULT_SPLIT = "smollm2-135m"
 
 
@@ -59,6 +63,10 @@ def set_method(model, method: str, ratio: float, split_file=DEFAULT_SPLIT) -> No
         for module in model.modules():
             if getattr(module, "_sparq_settings", None) is not None:
                 module._sparq_settings = settings
+    elif method == "sparq_keystd":
+        enable_sparq(model, ratio=ratio, component_rule="key_std")
+    elif method == "sparq_int8_keystd":
+        enable_sparq(model, ratio=ratio, key_t_dtype=torch.int8, component_rule="key_std")
     elif method == "sparq_nowin":
         enable_sparq(model, ratio=ratio, local_window=0)
     elif method == "sparq_auto":
@@ -78,13 +86,14 @@ def method_settings(method: str, ratio: float, split_file=DEFAULT_SPLIT) -> Spar
     if method == "sparq_auto":
         split = split_file if isinstance(split_file, Split) else Split.load(split_file, ratio=ratio)
         return SparQSettings(ratio=ratio, split=split)
-    return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None)
+    return SparQSettings(ratio=ratio, local_window=0 if method == "sparq_nowin" else None,
+                         component_rule="key_std" if method.endswith("_keystd") else "query")
 
 
 def method_key_t_dtype(method: str):
-    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8`` and ``sparq_int8_k``,
-    else ``None`` (a full-precision copy of K)."""
-    return torch.int8 if method in ("sparq_int8", "sparq_int8_k") else None
+    """The selection cache ``method`` reads: ``torch.int8`` for ``sparq_int8``, ``sparq_int8_k``
+    and ``sparq_int8_keystd``, else ``None`` (a full-precision copy of K)."""
+    return torch.int8 if method in ("sparq_int8", "sparq_int8_k", "sparq_int8_keystd") else None
 
 
 def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_heads: int, layer_types,
@@ -124,9 +133,17 @@ def bytes_fraction(method: str, ratio: float, seq_len: int, head_dim: int, kv_he
     return spent / dense
 
 
+_RUNNING_SUMS = ("value_sum", "key_sum", "key_sq_sum")
+
+
+def _running_sums(layer):
+    """Copies of a SparQ layer's running sums (restored exactly, not by cropping's subtraction)."""
+    return tuple(getattr(layer, name).clone() for name in _RUNNING_SUMS)
+
+
 class PrefilledCache:
     """One dense prefill reused by every method: :meth:`fresh` crops the cache back to the prompt
-    and restores its V sums (and forgets H2O's decode state).
+    and restores its running sums (and forgets H2O's decode state).
 
     After ``set_method(model, "sparq_int8", ...)`` :meth:`fresh` hands out a second cache with
     the same prefilled keys and values and an 8-bit selection cache instead of the full copy
@@ -147,7 +164,7 @@ class PrefilledCache:
         self.cache = SparQCache(config=model.config)
         self.last_logits = prefill(model, ids, self.cache)
         self.length = ids.shape[1]
-        self.sums = {i: layer.value_sum.clone() for i, layer in enumerate(self.cache.layers)
+        self.sums = {i: _running_sums(layer) for i, layer in enumerate(self.cache.layers)
                      if isinstance(layer, SparQCacheLayer)}
         self.dense_layers = {i: dict(vars(layer)) for i, layer in enumerate(self.cache.layers)
                              if not isinstance(layer, SparQCacheLayer)}
@@ -162,7 +179,7 @@ class PrefilledCache:
                     cache.layers[i] = source
                 else:
                     cache.layers[i].update(source.keys, source.values, valid=source.valid)
-            self._int8 = (cache, {i: cache.layers[i].value_sum.clone() for i in self.sums})
+            self._int8 = (cache, {i: _running_sums(cache.layers[i]) for i in self.sums})
         return self._int8[0]
 
     def fresh(self, key_t_dtype=None):
@@ -182,6 +199,7 @@ class PrefilledCache:
             extra = layer.get_seq_length() - self.length
             if extra:
                 layer.crop(-extra)
-            layer.value_sum.copy_(sums[i])
+            for now, then in zip(_RUNNING_SUMS, sums[i]):
+                getattr(layer, now).copy_(then)
         reset_h2o_state(cache)
         return cache

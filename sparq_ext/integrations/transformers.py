@@ -42,9 +42,10 @@ import warnings
 import torch
 
 from ..budget import rk_for_ratio
-from ..cache import SPARQ_LAYER_TYPE, SparQCache, attention_layer_types
+from ..cache import SPARQ_LAYER_TYPE, SparQCache, attention_layer_types, check_component_rule
 from ..calibrate import CRITERIA, MIN_CALIBRATION_POSITIONS, PrefillCalibrator, default_position_count
 from ..ops import attention as sparq_attention
+from ..reference import key_channel_std
 from ..split import Split
 
 try:
@@ -78,6 +79,7 @@ class SparQSettings:
     split: Split | None = None  # None: the even split
     calibrator: PrefillCalibrator | None = None
     key_t_dtype: torch.dtype | None = None  # an engine's selection cache (vLLM pages); None: full K
+    component_rule: str = "query"  # step 1's components: "query" (largest |q|) or "key_std"
 
     def resolve(self, seq_len: int, head_dim: int, layer_idx: int | None = None, *, dtype=None,
                 key_t_dtype=None) -> tuple[int, int, int]:
@@ -241,6 +243,10 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
     r, k, window = settings.resolve(key.shape[2], query.shape[-1], layer_idx, dtype=key.dtype,
                                     key_t_dtype=key_t_dtype)
     sinks = kwargs.get("s_aux")  # gpt-oss: the module's `sinks` parameter, in the model's dtype
+    weights = None
+    if settings.component_rule == "key_std":  # from the cache's running sums; else a full read
+        valid = None if mask is None else mask.expand(key.shape[0], 1, 1, key.shape[2])[:, 0, 0, :]
+        weights = layer.key_std() if layer is not None else key_channel_std(key, valid)
     with torch.no_grad():
         out = sparq_attention(
             query, key, value, r=r, k=k,
@@ -248,7 +254,8 @@ def sparq_attention_forward(module, query, key, value, attention_mask, dropout=0
             key_t_scale=layer.key_t_scale if layer is not None else None,
             value_mean=layer.value_mean() if layer is not None else None,
             attn_mask=mask, local_window=window, scale=scaling, softcap=kwargs.get("softcap"),
-            sinks=None if sinks is None else sinks.detach().to(device=query.device, dtype=torch.float32))
+            sinks=None if sinks is None else sinks.detach().to(device=query.device, dtype=torch.float32),
+            component_weights=weights)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -290,7 +297,7 @@ def _check_count(name, value, minimum):
 def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: int | None = None,
                  k: int | None = None, *, min_k: int = 0, split: str = "even",
                  split_file: str | os.PathLike | Split | None = None, key_t_dtype=None,
-                 attn_name: str = ATTN_NAME, attn_fn=None):
+                 component_rule: str = "query", attn_name: str = ATTN_NAME, attn_fn=None):
     """Run every one-token decode step of ``model`` with SparQ attention; returns ``model``.
 
     Args:
@@ -314,6 +321,12 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
             copy of the keys), and the even split spends the ratio's bytes on it (a larger ``r``,
             docs/design.md); ``None`` (the default): a copy in the model's dtype. Not with
             ``split="auto"`` (the splits are calibrated for a full-precision copy).
+        component_rule: how step 1 picks its ``r`` query components. ``"query"`` (the default,
+            the paper's rule): the largest ``|q_i|``. ``"key_std"``: the largest ``|q_i|`` times
+            key channel ``i``'s standard deviation over the cached positions (which the
+            :class:`sparq_ext.SparQCache` keeps as running sums, no extra reads per position):
+            a channel whose keys are large but nearly constant moves every logit alike and ranks
+            nothing. Same bytes per step; docs/accuracy.md has what it buys.
         attn_name, attn_fn: register a different decode function under another name (the accuracy
             benchmark's baselines use this); the default is SparQ.
 
@@ -337,6 +350,7 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
         raise ValueError("split_file needs split='auto'")
     if key_t_dtype not in (None, torch.int8):
         raise ValueError(f"key_t_dtype must be None or torch.int8, got {key_t_dtype!r}")
+    check_component_rule(component_rule)
     if key_t_dtype is not None and split == "auto":
         raise ValueError("key_t_dtype=torch.int8 is not calibrated for split='auto' (a split's r and k "
                          "are on a full-precision copy's budget): use split='even'")
@@ -345,7 +359,8 @@ def enable_sparq(model, ratio: float = 8, local_window: int | None = None, r: in
     if not layers:
         warnings.warn(f"{type(model).__name__} has no full-attention layer (all its layers use a sliding "
                       "window): enable_sparq changes nothing", stacklevel=2)
-    settings = SparQSettings(ratio=float(ratio), r=r, k=k, local_window=local_window, min_k=min_k)
+    settings = SparQSettings(ratio=float(ratio), r=r, k=k, local_window=local_window, min_k=min_k,
+                             component_rule=component_rule)
     if split == "auto" and split_file is not None:
         settings.split = split_file if isinstance(split_file, Split) else Split.load(split_file, ratio=ratio)
         where = f"split_file {split_file if not isinstance(split_file, Split) else '(Split)'}"

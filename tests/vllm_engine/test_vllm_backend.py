@@ -100,6 +100,8 @@ def test_settings_are_parsed():
     s = sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "split": "auto", "split_file": "smollm2-135m"}})
     assert s.split is not None and s.split.ratio == 8.0 and s.key_t_dtype is None
     assert sparq_vllm.settings_from_config({"sparq": {"key_t_dtype": "int8"}}).key_t_dtype == torch.int8
+    assert sparq_vllm.settings_from_config({"sparq": {}}).component_rule == "query"
+    assert sparq_vllm.settings_from_config({"sparq": {"component_rule": "key_std"}}).component_rule == "key_std"
 
 
 def test_settings_are_described_in_one_line():
@@ -107,6 +109,8 @@ def test_settings_are_described_in_one_line():
     assert describe(sparq_vllm.settings_from_config({"sparq": {"ratio": 8}})) == "ratio 8, split even"
     assert describe(sparq_vllm.settings_from_config({"sparq": {"ratio": 8, "key_t_dtype": "int8"}})) == \
         "ratio 8, 8-bit selection cache, split 8-bit"
+    assert describe(sparq_vllm.settings_from_config({"sparq": {"component_rule": "key_std"}})) == \
+        "ratio 8, components by key_std, split even"
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -119,6 +123,7 @@ def test_settings_are_described_in_one_line():
     ({"ratoi": 8}, r"ratoi"),
     ({"key_t_dtype": "fp8"}, r"\['key_t_dtype'\]"), ({"key_t_dtype": 8}, r"\['key_t_dtype'\]"),
     ({"key_t_dtype": "int8", "split": "auto", "split_file": "smollm2-135m"}, r"\['key_t_dtype'\]"),
+    ({"component_rule": "std"}, r"\['component_rule'\] must be one of"),
 ])
 def test_bad_settings_name_the_setting(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -134,6 +139,30 @@ def test_page_extra_bytes():
     # the 8-bit selection cache: K transposed in int8 and an fp32 scale per position
     assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32, torch.int8) == \
         3 * (128 * 64 * 4 + 64 * 4 + 128 * 64 + 128 * 4)
+    # the key spread: fp32 sums of K and K² per (block, KV head)
+    assert sparq_vllm.sparq_page_extra_bytes(3, 128, 64, torch.float32, component_rule="key_std") == \
+        3 * (128 * 64 * 4 + 64 * 4 + 2 * 64 * 4)
+
+
+def test_key_std_from_block_sums_is_the_rows_key_std():
+    """Per-block sums of K and K² over shuffled, shared and partial blocks give each row's
+    key_channel_std (blocks past a row's end, even holding NaN, are not read). As in vLLM, a
+    shared block is a full one (prefix caching shares whole blocks); a row's last block is its own."""
+    from sparq_testutil import page_table, to_pages
+
+    lens = torch.tensor([300, 0, 129, 40], dtype=torch.int32)
+    table, num_blocks = page_table(lens, 16, shared_blocks=2, seed=3)
+    S = table.shape[1] * 16
+    K = torch.randn(4, 2, S, 8) * 3 + 5
+    K[1:, :, :32] = K[:1, :, :32]
+    cache = to_pages(K, table, lens, num_blocks, 16).nan_to_num(nan=0.0)
+    spare = sorted(set(range(num_blocks)) - set(table[table < num_blocks].tolist()))[0]
+    table[table >= num_blocks] = spare  # entries past a row's last block name a block no row uses
+    cache[spare] = float("nan")
+    sums, sq_sums = cache.sum(2), cache.square().sum(2)
+    got = sparq_cpu.key_std_from_block_sums(sums, sq_sums, table, lens, 16)
+    valid = torch.arange(S)[None] < lens[:, None]
+    torch.testing.assert_close(got, sparq_ext.key_channel_std(K, valid), rtol=1e-4, atol=1e-4)
 
 
 def test_layer_index():
@@ -151,7 +180,8 @@ def test_page_regions_are_built_once_per_cache():
         return torch.zeros(num_blocks * page).as_strided(
             (num_blocks, heads, block_size, 2 * D), (page, block_size * 2 * D, 2 * D, 1))
 
-    impl = types.SimpleNamespace(_page=None, sparq_settings=types.SimpleNamespace(key_t_dtype=None))
+    impl = types.SimpleNamespace(_page=None, sparq_settings=types.SimpleNamespace(
+        key_t_dtype=None, component_rule="query"))
     impl._build_regions = lambda kv: sparq_cpu.SparQCPUBackendImpl._build_regions(impl, kv)
 
     def regions(kv):
@@ -302,10 +332,12 @@ def capture_decode_step(model_path, layer_name, additional_config, prompt_len, *
     return key, value, step
 
 
-def assert_step_equals_attention(key, value, step, ratio, key_t_dtype=None, **softmax_variant):
+def assert_step_equals_attention(key, value, step, ratio, key_t_dtype=None, component_rule="query",
+                                 **softmax_variant):
     """The captured step equals sparq_ext.attention at ``ratio`` on the contiguous cache (and is a
     real approximation: it differs from dense attention). ``key_t_dtype=torch.int8``: with the
-    8-bit selection cache made from the same keys."""
+    8-bit selection cache made from the same keys; ``component_rule="key_std"``: step 1 weighted
+    by the keys' channel spread."""
     S, D = key.shape[0], key.shape[2]
     query = step["query"].view(1, -1, 1, D)
     # chosen at the length rounded up to whole blocks
@@ -315,6 +347,8 @@ def assert_step_equals_attention(key, value, step, ratio, key_t_dtype=None, **so
     selection = {}
     if key_t_dtype is not None:
         selection["key_t"], selection["key_t_scale"] = sparq_ext.quantize_key_t(key)
+    if component_rule == "key_std":
+        selection["component_weights"] = sparq_ext.key_channel_std(key)
     expected = sparq_ext.attention(query, key, value, r=r, k=k, local_window=k // 4,
                                    scale=step["scale"], **selection, **softmax_variant)
     got = step["output"].view(1, -1, 1, D)
@@ -349,6 +383,18 @@ def test_decode_step_with_the_8bit_selection_cache_equals_attention(model_path):
     assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8)
     with pytest.raises(AssertionError):  # not the full-precision selection
         assert_step_equals_attention(key, value, step, 8)
+
+
+@pytest.mark.slow
+def test_decode_step_with_key_std_components_equals_attention(model_path):
+    """component_rule='key_std' (with the 8-bit selection cache): step 1's weights come from the
+    pages' per-block sums of K and K², and the step equals sparq_ext.attention given the keys'
+    channel std; not the paper's rule."""
+    config = {"sparq": {"ratio": 8, "key_t_dtype": "int8", "component_rule": "key_std"}}
+    key, value, step = capture_decode_step(model_path, "model.layers.7.", config, 1200)
+    assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8, component_rule="key_std")
+    with pytest.raises(AssertionError):
+        assert_step_equals_attention(key, value, step, 8, key_t_dtype=torch.int8)
 
 
 @pytest.mark.slow

