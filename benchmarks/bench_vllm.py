@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[4, 8])
     p.add_argument("--int8-ratios", type=float, nargs="*", default=[8],
                    help="ratios also run with the 8-bit selection cache (key_t_dtype 'int8')")
+    p.add_argument("--key-std-ratios", type=float, nargs="*", default=[],
+                   help="ratios also run with the 8-bit selection cache and component_rule 'key_std'")
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per cell")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output path without extension")
     p.add_argument("--quick", action="store_true", help="one small cell (a smoke run)")
     args = p.parse_args(argv)
-    for name in ("contexts", "batches", "ratios", "int8_ratios"):
+    for name in ("contexts", "batches", "ratios", "int8_ratios", "key_std_ratios"):
         if any(v <= 0 for v in getattr(args, name)):
             p.error(f"--{name} values must be > 0")
     if args.tokens < 1 or args.repeats < 1:
@@ -75,7 +77,8 @@ def kv_bytes_per_token(model: str, dtype: str, extra: dict, block_size: int = 12
     page = heads * 2 * D * torch.empty((), dtype=torch_dtype).element_size() * block_size
     if extra:
         key_t_dtype = torch.int8 if extra["sparq"].get("key_t_dtype") == "int8" else None
-        page += sparq_page_extra_bytes(heads, block_size, D, torch_dtype, key_t_dtype)
+        page += sparq_page_extra_bytes(heads, block_size, D, torch_dtype, key_t_dtype,
+                                       extra["sparq"].get("component_rule", "query"))
     return page * config["num_hidden_layers"] / block_size
 
 
@@ -96,7 +99,10 @@ def main(argv=None) -> int:
     max_batch, max_ctx = max(args.batches), max(args.contexts)
     modes = [("stock", {})] + [(f"sparq r{ratio:g}", {"sparq": {"ratio": ratio}}) for ratio in args.ratios] \
         + [(f"sparq r{ratio:g} int8", {"sparq": {"ratio": ratio, "key_t_dtype": "int8"}})
-           for ratio in args.int8_ratios]
+           for ratio in args.int8_ratios] \
+        + [(f"sparq r{ratio:g} int8 key_std",
+            {"sparq": {"ratio": ratio, "key_t_dtype": "int8", "component_rule": "key_std"}})
+           for ratio in args.key_std_ratios]
 
     # Each engine must keep one context's prompts of the largest batch cached, with room to decode.
     need_tokens = max_batch * (max_ctx + 256)

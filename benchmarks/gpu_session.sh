@@ -83,7 +83,7 @@ fi
 
 # 2. The CUDA tests (the slow long-cache ones too); a per-test limit where pytest-timeout is there.
 TESTS=(tests/test_cuda.py tests/test_backends.py tests/test_semantics.py tests/test_paged.py
-       tests/test_softmax_variants.py tests/test_int8_key_t.py -k cuda)
+       tests/test_softmax_variants.py tests/test_int8_key_t.py tests/test_component_weights.py -k cuda)
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=90)
 if (( DRY )); then

@@ -4,7 +4,8 @@ to take the kernels' multi-block and large-shared-memory paths.
 
 Correctness on every option, dtype, head dim, GQA group and layout is tested for every backend,
 CUDA included, in tests/test_backends.py and tests/test_semantics.py (softcap and sinks in
-tests/test_softmax_variants.py, the 8-bit selection cache in tests/test_int8_key_t.py).
+tests/test_softmax_variants.py, the 8-bit selection cache in tests/test_int8_key_t.py, step 1's
+component weights in tests/test_component_weights.py).
 Skipped without a CUDA device or the compiled CUDA kernels (failed where SPARQ_EXT_REQUIRE_NATIVE
 names cuda).
 """
