@@ -14,9 +14,9 @@ re-quantized). Step 1 then ranks from 8-bit keys; steps 2 and 3 still read ``K``
 exactly. Per token and KV head the cache holds ``2*D*e + D + 4`` bytes instead of ``3*D*e``
 (:meth:`SparQCache.memory_per_token`).
 
-Each layer also keeps running float64 sums of ``K`` and ``K²`` per (row, KV head, channel), so
-each key channel's standard deviation over the valid positions (:meth:`SparQCacheLayer.key_std`,
-``2·D`` reads) is at hand for step 1's ``component_weights`` (``component_rule="key_std"``).
+Once :meth:`SparQCacheLayer.key_std` is first asked for (``component_rule="key_std"``), a layer
+also keeps running float64 sums of ``K`` and ``K²`` per (row, KV head, channel): the first call
+reads the cached keys once, later ones ``2·D`` numbers, and until then no write pays for them.
 
 Two ways to hold a ragged batch:
 
@@ -83,7 +83,8 @@ class SparQCacheLayer(_HFLayer):
         key_t_scale: ``(B, Hkv, S)`` float32 view of each position's scale (int8 ``key_t``), else
             ``None``.
         value_sum: ``(B, Hkv, D)`` fp32, sum of ``V`` over valid positions.
-        key_sum, key_sq_sum: ``(B, Hkv, D)`` fp64, sums of ``K`` and ``K²`` over valid positions.
+        key_sum, key_sq_sum: ``(B, Hkv, D)`` fp64, sums of ``K`` and ``K²`` over valid positions,
+            kept from the first :meth:`key_std` on (``None`` before).
         valid: ``(B, S)`` bool, positions that may be attended.
         seq_lens: ``(B,)`` int64 per-row lengths in per-row mode, else ``None``.
     """
@@ -125,8 +126,6 @@ class SparQCacheLayer(_HFLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self._allocate(B, H, D, max(self._initial_capacity, _MIN_CAPACITY))
         self.value_sum = torch.zeros(B, H, D, dtype=torch.float32, device=self.device)
-        self.key_sum = torch.zeros(B, H, D, dtype=torch.float64, device=self.device)
-        self.key_sq_sum = torch.zeros_like(self.key_sum)
         self.is_initialized = True
 
     def _allocate(self, B, H, D, capacity):
@@ -172,18 +171,25 @@ class SparQCacheLayer(_HFLayer):
                 raise TypeError(f"key_states must have the cache dtype {self.dtype}, got {key_states.dtype}")
 
     def _accumulate(self, key_states, value_states, weight=None):
-        """Add positions ``(B, Hkv, T, D)`` into the running sums, each times ``weight`` ``(B, T)``
-        (a mask, or +-1 to add or remove one; default 1)."""
-        v32, k64 = value_states.to(torch.float32), key_states.to(torch.float64)
+        """Add positions ``(B, Hkv, T, D)`` into the running sums (the key sums once kept), each
+        times ``weight`` ``(B, T)`` (a mask, or +-1 to add or remove one; default 1)."""
+        v32 = value_states.to(torch.float32)
         if weight is None:
             self.value_sum += v32.sum(2)
-            self.key_sum += k64.sum(2)
-            self.key_sq_sum += k64.square().sum(2)
-            return
-        self.value_sum += (v32 * weight.to(torch.float32)[:, None, :, None]).sum(2)
-        w64 = weight.to(torch.float64)[:, None, :, None]
-        self.key_sum += (k64 * w64).sum(2)
-        self.key_sq_sum += (k64.square() * w64).sum(2)
+        else:
+            self.value_sum += (v32 * weight.to(torch.float32)[:, None, :, None]).sum(2)
+        if self.key_sum is not None:
+            self._add_keys(key_states, weight)
+
+    def _add_keys(self, key_states, weight=None):
+        """The key sums' part of :meth:`_accumulate`."""
+        k64 = key_states.to(torch.float64)
+        k64_sq = k64.square()
+        if weight is not None:
+            w64 = weight.to(torch.float64)[:, None, :, None]
+            k64, k64_sq = k64 * w64, k64_sq * w64
+        self.key_sum += k64.sum(2)
+        self.key_sq_sum += k64_sq.sum(2)
 
     # ------------------------------------------------------------------ writes
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, valid=None, **kwargs):
@@ -233,7 +239,8 @@ class SparQCacheLayer(_HFLayer):
         self._valid[:, : self._len] = valid
         self._refresh_views()
         for t in (self.value_sum, self.key_sum, self.key_sq_sum):
-            t.zero_()
+            if t is not None:
+                t.zero_()
         self._accumulate(self.keys, self.values, valid)
 
     def set_last_valid(self, valid_last: torch.Tensor) -> None:
@@ -306,7 +313,15 @@ class SparQCacheLayer(_HFLayer):
     def key_std(self) -> torch.Tensor:
         """``(B, Hkv, D)`` float32: each key channel's standard deviation over the valid
         positions (:func:`sparq_ext.key_channel_std` of the cache, from the running sums: ``2·D``
-        reads); zeros for a row without valid positions."""
+        reads; the first call sums the cached keys, ``S·D`` reads, and starts the sums); zeros for a
+        row without valid positions."""
+        if not self.is_initialized:
+            raise RuntimeError("key_std needs an initialised layer (write to it first)")
+        if self.key_sum is None:
+            B, H, _, D = self._k.shape
+            self.key_sum = torch.zeros(B, H, D, dtype=torch.float64, device=self.device)
+            self.key_sq_sum = torch.zeros_like(self.key_sum)
+            self._add_keys(self.keys, self.valid)
         count = self.valid.sum(-1) if self.seq_lens is None else self.seq_lens
         n = count.clamp_min(1).to(torch.float64)[:, None, None]
         mean = self.key_sum / n
@@ -398,7 +413,7 @@ class SparQCacheLayer(_HFLayer):
         if self.quantized:
             self._kt_scale = fn(self._kt_scale)
         self.value_sum, self.key_sum, self.key_sq_sum = (
-            fn(t) for t in (self.value_sum, self.key_sum, self.key_sq_sum))
+            None if t is None else fn(t) for t in (self.value_sum, self.key_sum, self.key_sq_sum))
         if self.seq_lens is not None:
             self.seq_lens = fn(self.seq_lens)
         self._refresh_views()

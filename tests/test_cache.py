@@ -285,9 +285,13 @@ def test_key_std_follows_every_write():
     k, v = _kv(40)
     k = k * 2 + torch.arange(D) * 0.5  # channel means far from 0, as real keys have
     layer = SparQCacheLayer(capacity=8)
+    with pytest.raises(RuntimeError, match="initialised"):
+        layer.key_std()
     valid = torch.rand(B, 40, generator=torch.Generator().manual_seed(5)) > 0.3
     layer.update(k, v, valid=valid)
+    assert layer.key_sum is None  # nothing kept (nor paid per write) until the spread is asked for
     torch.testing.assert_close(layer.key_std(), _std(k, valid), rtol=1e-5, atol=1e-6)
+    assert layer.key_sum is not None
     valid = torch.rand(B, 40, generator=torch.Generator().manual_seed(6)) > 0.5
     layer.set_valid(valid)
     torch.testing.assert_close(layer.key_std(), _std(k, valid), rtol=1e-5, atol=1e-6)
@@ -303,6 +307,15 @@ def test_key_std_follows_every_write():
                                rtol=1e-5, atol=1e-6)
     layer.set_valid(torch.zeros(B, 36, dtype=torch.bool))
     assert (layer.key_std() == 0).all()  # no valid position: zeros
+    # sums started late (after some appends) follow later writes as well
+    late = SparQCacheLayer()
+    late.update(k, v)
+    late.update(k1, v1)
+    late.key_std()
+    late.update(*_kv(3, seed=8))
+    late.crop(-2)
+    keys = late.keys
+    torch.testing.assert_close(late.key_std(), _std(keys, None), rtol=1e-5, atol=1e-6)
 
 
 def test_key_std_per_row_lengths_and_the_rule_reaches_the_op():

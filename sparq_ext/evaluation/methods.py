@@ -137,8 +137,10 @@ _RUNNING_SUMS = ("value_sum", "key_sum", "key_sq_sum")
 
 
 def _running_sums(layer):
-    """Copies of a SparQ layer's running sums (restored exactly, not by cropping's subtraction)."""
-    return tuple(getattr(layer, name).clone() for name in _RUNNING_SUMS)
+    """Copies of a SparQ layer's running sums (restored exactly, not by cropping's subtraction;
+    the key sums are None until a method asks for the keys' spread)."""
+    return tuple(None if getattr(layer, name) is None else getattr(layer, name).clone()
+                 for name in _RUNNING_SUMS)
 
 
 class PrefilledCache:
@@ -199,7 +201,7 @@ class PrefilledCache:
             extra = layer.get_seq_length() - self.length
             if extra:
                 layer.crop(-extra)
-            for now, then in zip(_RUNNING_SUMS, sums[i]):
-                getattr(layer, now).copy_(then)
+            for name, then in zip(_RUNNING_SUMS, sums[i]):
+                setattr(layer, name, None if then is None else then.clone())
         reset_h2o_state(cache)
         return cache
