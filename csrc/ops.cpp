@@ -90,7 +90,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("_approx_logit_scale", &sparq::approx_logit_scale);
   m.def("_value_mean_from_block_sums", &sparq::value_mean_from_block_sums,
-        "v_mean from per-block value sums, as the CUDA paged operator computes it (test hook)");
+        "the mean of per-block sums over each paged row, as the CUDA paged operator computes v_mean "
+        "(also the vLLM backend's key spread)");
 #ifdef SPARQ_WITH_CPU
   m.def("_cpu_select_topk", &sparq::select_topk_cpu, "the CPU kernel's exact top-k (test hook)",
         pybind11::arg("scores"), pybind11::arg("want"), pybind11::arg("histogram_only") = false);

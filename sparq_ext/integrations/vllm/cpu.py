@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
-from sparq_ext.reference import quantize_key_t
+from sparq_ext.reference import mean_from_block_sums, quantize_key_t
 from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
@@ -51,17 +51,19 @@ def key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens, block_
     """``(R, H, D)`` fp32: each row's key channel standard deviation over its ``seq_lens``
     positions, from per-block sums of ``K`` and ``K²`` ``(num_blocks, H, D)`` over the
     ``ceil(len / block_size)`` blocks the row uses (blocks fill in order and their sums are reset
-    when position 0 is written, so they cover exactly the row's positions). Zeros for an empty row."""
-    lens = seq_lens.long()
-    used = torch.arange(block_table.shape[1], device=lens.device) * block_size < lens[:, None]
-    ids = torch.where(used, block_table.long(), 0)
-    used = used[..., None, None]
-    zero = torch.zeros((), dtype=torch.float32, device=lens.device)
-    # where, not a product: a block past the row's end may hold anything, NaN included
-    n = lens.clamp_min(1).float()[:, None, None]
-    mean = torch.where(used, key_sums[ids], zero).sum(1) / n
-    mean_sq = torch.where(used, key_sq_sums[ids], zero).sum(1) / n
-    return (mean_sq - mean.square()).clamp_min(0).sqrt()
+    when position 0 is written, so they cover exactly the row's positions). Zeros for an empty row.
+
+    The means come from the same block-sum mean the operator computes ``v̄`` with (one native
+    call each where the extension is built, the reference otherwise)."""
+    mean = _mean_from_block_sums(key_sums, block_table, seq_lens, block_size)
+    mean_sq = _mean_from_block_sums(key_sq_sums, block_table, seq_lens, block_size)
+    return (mean_sq - mean.square()).clamp_min_(0).sqrt_()
+
+
+def _mean_from_block_sums(sums, block_table, seq_lens, block_size) -> torch.Tensor:
+    if sparq_ext.ops._C is not None:
+        return sparq_ext.ops._C._value_mean_from_block_sums(sums, block_table, seq_lens, block_size)
+    return mean_from_block_sums(sums, block_table, seq_lens, block_size)
 
 
 @dataclasses.dataclass
