@@ -95,6 +95,16 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SPARQ_WITH_CPU
   m.def("_cpu_select_topk", &sparq::select_topk_cpu, "the CPU kernel's exact top-k (test hook)",
         pybind11::arg("scores"), pybind11::arg("want"), pybind11::arg("histogram_only") = false);
+  m.def("_write_page_regions", &sparq::write_page_regions_cpu,
+        "an engine step's writes into SparQ's page regions, one call per layer (the vLLM CPU "
+        "backend; pure-torch definition: sparq_ext.reference.write_page_regions)",
+        pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("slot_mapping"),
+        pybind11::arg("key_rows"), pybind11::arg("value_sums"), pybind11::arg("key_t_int8") = pybind11::none(),
+        pybind11::arg("key_t_scale") = pybind11::none(), pybind11::arg("key_sums") = pybind11::none(),
+        pybind11::arg("key_sq_sums") = pybind11::none());
+  m.def("_key_std_from_block_sums", &sparq::key_std_from_block_sums_cpu,
+        "each paged row's key channel spread from per-block sums of K and K^2 (the vLLM CPU "
+        "backend's component_rule='key_std')");
 #endif
 }
 #endif  // SPARQ_NO_PYTHON

@@ -311,4 +311,22 @@ at::Tensor paged_attention_cuda(SPARQ_PAGED_ATTENTION_ARGS, SPARQ_SOFTMAX_VARIAN
                                 SPARQ_KEY_T_SCALE_ARG, SPARQ_VALUE_SUMS_ARG,
                                 SPARQ_COMPONENT_WEIGHTS_ARG);  // csrc/cuda/ (SPARQ_WITH_CUDA)
 
+// Page upkeep for an engine's paged cache (csrc/cpu/pages_cpu.cpp; the vLLM CPU backend). Each
+// token's key row into key_rows at its slot (negative slots are padding), its value added to its
+// block's float32 sum (a block's sums reset when its position 0 is written), with the 8-bit
+// selection cache its quantize_key_t codes and scale, with the key spread its key and key² added
+// to key_sums and key_sq_sums.
+void write_page_regions_cpu(const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& slot_mapping, const at::Tensor& key_rows,
+                            const at::Tensor& value_sums,
+                            const std::optional<at::Tensor>& key_t_int8,
+                            const std::optional<at::Tensor>& key_t_scale,
+                            const std::optional<at::Tensor>& key_sums,
+                            const std::optional<at::Tensor>& key_sq_sums);
+// Each paged row's key channel standard deviation (R, H, D) float32 from per-block sums of K and
+// K² over its ceil(len / block_size) blocks; zeros for an empty row.
+at::Tensor key_std_from_block_sums_cpu(const at::Tensor& key_sums, const at::Tensor& key_sq_sums,
+                                       const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                       int64_t block_size);
+
 }  // namespace sparq

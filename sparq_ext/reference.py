@@ -287,6 +287,50 @@ def mean_from_block_sums(value_sums_cache, block_table, seq_lens, block_size):
     return total / lens.clamp(min=1).float()[:, None, None]
 
 
+def key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens, block_size):
+    """``(R, H, D)`` float32: each paged row's key channel standard deviation over its
+    ``seq_lens`` positions, from per-block sums of ``K`` and ``K²`` ``(num_blocks, H, D)``
+    (:func:`write_page_regions`) over the ``ceil(len / block_size)`` blocks the row uses: the
+    spread :func:`key_channel_std` computes from the keys themselves. Zeros for an empty row."""
+    mean = mean_from_block_sums(key_sums, block_table, seq_lens, block_size)
+    mean_sq = mean_from_block_sums(key_sq_sums, block_table, seq_lens, block_size)
+    return (mean_sq - mean.square()).clamp_min_(0).sqrt_()
+
+
+def write_page_regions(key, value, slot_mapping, key_rows, value_sums, key_t_int8=None,
+                       key_t_scale=None, key_sums=None, key_sq_sums=None):
+    """An engine step's writes into SparQ's regions of a paged cache (the vLLM backend's page,
+    ``docs/vllm.md``), in place. Token ``t`` (the first ``len(slot_mapping)`` rows of ``key`` and
+    ``value`` ``(tokens, H, D)``) goes to slot ``slot_mapping[t]`` = block ``slot // block_size``,
+    offset ``slot % block_size``; a negative slot is padding. Its key row is written to
+    ``key_rows`` ``(num_blocks, H, block_size, D)``, its value added to its block's float32 sum
+    ``value_sums`` ``(num_blocks, H, D)``; with the 8-bit selection cache its
+    :func:`quantize_key_t` codes and scale go to ``key_t_int8`` ``(num_blocks, H, D, block_size)``
+    and ``key_t_scale`` ``(num_blocks, H, block_size)``; with the key spread its key and key²
+    are added to ``key_sums`` and ``key_sq_sums``. A block's sums cover the positions written
+    since its position 0 was (blocks fill in order; a reused block starts again at 0): writing
+    position 0 resets them, before any of the call's additions."""
+    block_size = key_rows.shape[2]
+    slots = slot_mapping.long()
+    kept = slots >= 0
+    slots = slots[kept]
+    key, value = key[:slot_mapping.shape[0]][kept], value[:slot_mapping.shape[0]][kept]
+    blocks, offsets = slots // block_size, slots % block_size
+    key_rows[blocks, :, offsets] = key.to(key_rows.dtype)
+    key32 = key.float()
+    sums = [(value_sums, value.float())]
+    if key_sums is not None:
+        sums += [(key_sums, key32), (key_sq_sums, key32.square())]
+    reset = blocks[offsets == 0]
+    for block_sums, added in sums:
+        block_sums[reset] = 0
+        block_sums.index_put_((blocks,), added, accumulate=True)
+    if key_t_int8 is not None:  # each token quantized on its own: earlier ones never change
+        codes, scale = quantize_key_t(key[:, :, None, :])  # (T, H, D, 1), (T, H, 1)
+        key_t_int8[blocks, :, :, offsets] = codes[..., 0]
+        key_t_scale[blocks, :, offsets] = scale[..., 0]
+
+
 def dense_attention_reference(query, key, value, seq_lens=None, attn_mask=None, scale=None,
                               softcap=None, sinks=None):
     """Dense attention for one query position, with logit softcapping and attention sinks as

@@ -12,11 +12,10 @@ from typing import NamedTuple
 
 import torch
 import sparq_ext.ops  # noqa: F401  (registers torch.ops.sparq_ext.paged_attention)
-from sparq_ext.reference import mean_from_block_sums, quantize_key_t
+from sparq_ext import reference
 from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -48,22 +47,24 @@ class PageRegions(NamedTuple):
 
 
 def key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens, block_size) -> torch.Tensor:
-    """``(R, H, D)`` fp32: each row's key channel standard deviation over its ``seq_lens``
-    positions, from per-block sums of ``K`` and ``K²`` ``(num_blocks, H, D)`` over the
-    ``ceil(len / block_size)`` blocks the row uses (blocks fill in order and their sums are reset
-    when position 0 is written, so they cover exactly the row's positions). Zeros for an empty row.
-
-    The means come from the same block-sum mean the operator computes ``v̄`` with (one native
-    call each where the extension is built, the reference otherwise)."""
-    mean = _mean_from_block_sums(key_sums, block_table, seq_lens, block_size)
-    mean_sq = _mean_from_block_sums(key_sq_sums, block_table, seq_lens, block_size)
-    return (mean_sq - mean.square()).clamp_min_(0).sqrt_()
-
-
-def _mean_from_block_sums(sums, block_table, seq_lens, block_size) -> torch.Tensor:
+    """Each row's key spread from its blocks' sums (``reference.key_std_from_block_sums``), in one
+    native call where the extension is built."""
     if sparq_ext.ops._C is not None:
-        return sparq_ext.ops._C._value_mean_from_block_sums(sums, block_table, seq_lens, block_size)
-    return mean_from_block_sums(sums, block_table, seq_lens, block_size)
+        return sparq_ext.ops._C._key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens,
+                                                         block_size)
+    return reference.key_std_from_block_sums(key_sums, key_sq_sums, block_table, seq_lens, block_size)
+
+
+def write_page_regions(key, value, slot_mapping, page: "PageRegions") -> None:
+    """A layer's writes into SparQ's page regions (``reference.write_page_regions``), in one native
+    call where the extension is built: inside the engine each small torch op costs tens of us, and
+    the pure-torch version is 4 (8-bit cache: 9; key spread: 5 more) of them per layer and step."""
+    regions = (page.key_rows, page.value_sums, page.key_t_int8, page.key_t_scale, page.key_sums,
+               page.key_sq_sums)
+    if sparq_ext.ops._C is not None:
+        sparq_ext.ops._C._write_page_regions(key, value, slot_mapping, *regions)
+    else:
+        reference.write_page_regions(key, value, slot_mapping, *regions)
 
 
 @dataclasses.dataclass
@@ -80,34 +81,12 @@ class SparQDecodeMetadata:
 
 
 @dataclasses.dataclass
-class SlotWrites:
-    """Where a step's new tokens go in SparQ's page region, worked out once for all layers."""
-
-    count: int  # entries of the slot mapping
-    kept: torch.Tensor | None  # the entries that are real tokens (slot >= 0), None = all
-    blocks: torch.Tensor  # int64 block of each written token
-    offsets: torch.Tensor  # int64 position inside its block
-    reset_blocks: torch.Tensor | None  # blocks whose position 0 is written (a new or reused block)
-
-    @classmethod
-    def from_slots(cls, slot_mapping: torch.Tensor, block_size: int) -> "SlotWrites":
-        slots, kept = slot_mapping.long(), None
-        if bool((slots < 0).any()):  # vLLM marks padding tokens with slot -1
-            kept = torch.nonzero(slots >= 0).flatten()
-            slots = slots[kept]
-        blocks, offsets = slots // block_size, slots % block_size
-        reset = blocks[offsets == 0]
-        return cls(slot_mapping.shape[0], kept, blocks, offsets, reset if reset.numel() else None)
-
-
-@dataclasses.dataclass
 class SparQCPUMetadata:
     """A batch split in two: SparQ's decode rows, then the stock backend's metadata for the rest."""
 
     num_actual_tokens: int
     decode: SparQDecodeMetadata | None
     prefill: CPUAttentionMetadata | None  # the stock metadata of the rows after the decode rows
-    writes: SlotWrites
 
 
 class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -157,9 +136,8 @@ class SparQCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if num_prefills:
             prefill = super().build(common_prefix_len, _rows_after(common, num_decodes,
                                                                    num_decode_tokens), fast_build)
-        writes = SlotWrites.from_slots(common.slot_mapping[:common.num_actual_tokens], self.block_size)
         return SparQCPUMetadata(num_actual_tokens=common.num_actual_tokens, decode=decode,
-                                prefill=prefill, writes=writes)
+                                prefill=prefill)
 
 
 def _runs_sparq(kv_cache_spec, vllm_config, layer_names) -> bool:
@@ -270,29 +248,7 @@ class SparQCPUBackendImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self.sparq_settings is None or slot_mapping.numel() == 0:
             return
-        page = self._regions(kv_cache)
-        meta = get_attention_context(layer.layer_name)[0]
-        writes = meta.writes if isinstance(meta, SparQCPUMetadata) \
-            and meta.writes.count == slot_mapping.shape[0] else \
-            SlotWrites.from_slots(slot_mapping, kv_cache.shape[2])
-        key, value = key[:writes.count], value[:writes.count]
-        if writes.kept is not None:
-            key, value = key[writes.kept], value[writes.kept]
-        page.key_rows[writes.blocks, :, writes.offsets] = key.to(page.key_rows.dtype)
-        # A block's sum covers exactly the positions written into it since its first position was:
-        # blocks fill in order, so writing position 0 means the block is new (or reused): reset it.
-        sums = [(page.value_sums, value.float())]
-        if page.key_sums is not None:
-            key32 = key.float()
-            sums += [(page.key_sums, key32), (page.key_sq_sums, key32.square())]
-        for block_sums, added in sums:
-            if writes.reset_blocks is not None:
-                block_sums[writes.reset_blocks] = 0
-            block_sums.index_put_((writes.blocks,), added, accumulate=True)
-        if page.key_t_int8 is not None:  # each token quantized on its own: old ones never change
-            key_t, scale = quantize_key_t(key[:, :, None, :])  # (T, H, D, 1), (T, H, 1)
-            page.key_t_int8[writes.blocks, :, :, writes.offsets] = key_t[..., 0]
-            page.key_t_scale[writes.blocks, :, writes.offsets] = scale[..., 0]
+        write_page_regions(key, value, slot_mapping, self._regions(kv_cache))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
