@@ -1,8 +1,10 @@
 """vLLM decode throughput: its stock attention against SparQ (sparq_ext's vLLM backend).
 
-Runs in the vLLM venv (``make bench-vllm``). All engines live in this one process (vLLM's
-in-process engine), so each cell is measured stock and SparQ side by side, interleaved, with the
-order rotated per repeat; the median is reported. Per context the same distinct prompts (slices
+Runs in the vLLM venv (``make bench-vllm``). All engines are started by this one process, each
+with its engine core (model, KV cache, threads) in a process of its own (vLLM's default), so each
+cell is measured stock and SparQ side by side, interleaved, with the order rotated per repeat;
+the median is reported. (Engine cores inside one process are not independent: a stock engine
+there runs 15-30% slower once a SparQ engine has been built beside it, docs/vllm.md.) Per context the same distinct prompts (slices
 of the Python language reference) are prefilled once per engine; a cell then times
 ``max_tokens = N + 1`` against ``max_tokens = 1`` on the cached prompts, so the difference is
 ``N`` decode steps of the whole batch (tokens/s = batch · N / that time; time per output token =
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # an engine core per process
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "sparq_ext": sparq_ext.__version__,
             "commit": os.environ.get("SPARQ_COMMIT") or git_commit(str(Path(__file__).resolve().parents[1])),
             "model": Path(model).name, "dtype": args.dtype, "threads_bind": args.threads_bind,
-            "tokens": args.tokens, "repeats": args.repeats, "enforce_eager": not args.compile}
+            "tokens": args.tokens, "repeats": args.repeats, "enforce_eager": not args.compile,
+            "engine_core_processes": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"}
     out = args.out or f"benchmarks/results/vllm_{device}"
     write_json(out + ".json", {"meta": meta, "capacity": capacity, "rows": rows})
     print_table(rows, capacity, meta)
