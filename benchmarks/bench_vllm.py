@@ -3,8 +3,8 @@
 Runs in the vLLM venv (``make bench-vllm``). All engines are started by this one process, each
 with its engine core (model, KV cache, threads) in a process of its own (vLLM's default), so each
 cell is measured stock and SparQ side by side, interleaved, with the order rotated per repeat;
-the median is reported. (Engine cores inside one process are not independent: a stock engine
-there runs 15-30% slower once a SparQ engine has been built beside it, docs/vllm.md.) Per context the same distinct prompts (slices
+the median is reported. (With engine cores inside this process, VLLM_ENABLE_V1_MULTIPROCESSING=0,
+SparQ's step is faster at batch 1 on a 2-vCPU machine and its ratio to stock higher: docs/vllm.md.) Per context the same distinct prompts (slices
 of the Python language reference) are prefilled once per engine; a cell then times
 ``max_tokens = N + 1`` against ``max_tokens = 1`` on the cached prompts, so the difference is
 ``N`` decode steps of the whole batch (tokens/s = batch · N / that time; time per output token =
