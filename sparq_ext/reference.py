@@ -317,9 +317,9 @@ def write_page_regions(key, value, slot_mapping, key_rows, value_sums, key_t_int
     key, value = key[:slot_mapping.shape[0]][kept], value[:slot_mapping.shape[0]][kept]
     blocks, offsets = slots // block_size, slots % block_size
     key_rows[blocks, :, offsets] = key.to(key_rows.dtype)
-    key32 = key.float()
     sums = [(value_sums, value.float())]
     if key_sums is not None:
+        key32 = key.float()
         sums += [(key_sums, key32), (key_sq_sums, key32.square())]
     reset = blocks[offsets == 0]
     for block_sums, added in sums:

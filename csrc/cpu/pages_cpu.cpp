@@ -3,8 +3,8 @@
 // Each is one native call per layer and step, because inside a serving engine every small torch
 // op costs tens of microseconds (docs/vllm.md, "Speed") and a layer's upkeep was 4 to 14 of them.
 // The pure-torch definitions are sparq_ext.reference.write_page_regions and
-// sparq_ext.integrations.vllm.cpu.key_std_from_block_sums; tests/test_paged.py checks these
-// against them.
+// sparq_ext.reference.key_std_from_block_sums; tests/test_page_writes.py checks these against
+// them.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
